@@ -1,0 +1,38 @@
+# Two commands for a fresh clone: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+EXTRAS ?= dev,nudenet
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+# Reinstall whenever pyproject.toml changes. torch==2.14.1 resolves from local disk here.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@command -v redis-server >/dev/null || (echo "installing redis-server" && \
+		(apt-get install -y -q redis-server >/dev/null 2>&1 || sudo apt-get install -y -q redis-server))
+	touch $@
+
+demo: install
+	$(PY) -m worker.samples demo --out .demo/images
+	$(VENV)/bin/modgate scan .demo/images --output .demo/verdicts.jsonl
+	@echo "verdicts written to .demo/verdicts.jsonl"
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(PY) bench/bench_core.py
+	$(PY) bench/bench_clip.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .demo .cache

@@ -1,0 +1,142 @@
+"""``modgate scan`` as a user runs it: a real subprocess over a directory of good and
+hostile files, and over an S3 prefix served by a real moto server."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.samples import bomb_png, photo
+
+MODGATE = [sys.executable, "-m", "worker.cli"]
+
+
+def run(args, env=None, **kw):
+    return subprocess.run(
+        [*MODGATE, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
+
+
+def jpeg_bytes(w, h, seed=0):
+    buf = io.BytesIO()
+    photo(w, h, seed).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hostile_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile")
+    good = jpeg_bytes(640, 480)
+    (d / "good.jpg").write_bytes(good)
+    (d / "nested").mkdir()
+    (d / "nested" / "big.jpg").write_bytes(jpeg_bytes(4000, 3000, seed=2))
+    photo(300, 300, 3).save(d / "nested" / "graphic.png")
+    photo(300, 200, 4).save(d / "pic.webp")
+    frames = [photo(160, 120, 10 + i) for i in range(20)]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:], duration=40)
+    (d / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (d / "zero.jpg").write_bytes(b"")
+    (d / "notes.txt").write_text("not an image")
+    (d / "bomb.png").write_bytes(bomb_png())
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2000))
+    (d / ".hidden.jpg").write_bytes(good)  # hidden files are skipped
+    return d
+
+
+EXPECTED = {
+    "good.jpg": ("ok", None),
+    "nested/big.jpg": ("ok", None),
+    "nested/graphic.png": ("ok", None),
+    "pic.webp": ("ok", None),
+    "anim.gif": ("ok", None),
+    "truncated.jpg": ("error", "corrupt_image"),
+    "zero.jpg": ("error", "empty_object"),
+    "notes.txt": ("error", "unsupported_format"),
+    "bomb.png": ("error", "image_too_large"),
+    "corrupt.png": ("error", "corrupt_image"),
+}
+
+
+def test_directory_with_hostile_files_scans_to_one_verdict_per_file(hostile_dir, tmp_path):
+    out = tmp_path / "v.jsonl"
+    proc = run(["scan", str(hostile_dir), "--output", str(out), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    verdicts = [json.loads(line) for line in out.read_text().splitlines()]
+    got = {
+        str(Path(v["source"]["path"]).relative_to(hostile_dir)): (v["status"], (v["error"] or {}).get("code"))
+        for v in verdicts
+    }
+    assert got == EXPECTED
+    assert len(verdicts) == len(EXPECTED)
+    by_name = {Path(v["source"]["path"]).name: v for v in verdicts}
+    anim = by_name["anim.gif"]
+    assert anim["image"]["frame_count"] == 20 and anim["frames"] == 8
+    big = by_name["big.jpg"]
+    assert big["image"] == {"format": "JPEG", "width": 4000, "height": 3000, "frame_count": 1}
+    for v in verdicts:
+        if v["status"] == "ok":
+            assert set(v["detectors"]) == {"open_nsfw", "nudenet"}
+            assert len(v["categories"]) == 11
+            assert v["decision"] in ("safe", "review", "unsafe")
+    assert "total" in proc.stderr and "images/s" in proc.stderr
+
+
+def test_fail_on_unsafe_exits_1_and_stdout_is_jsonl(hostile_dir, tmp_path):
+    cfg = tmp_path / "strict.yaml"
+    cfg.write_text("policy: {categories: {sexual: {threshold: 0.0, review: 0.0}}}\n")
+    proc = run(
+        [
+            "scan",
+            str(hostile_dir / "good.jpg"),
+            "--config",
+            str(cfg),
+            "--fail-on",
+            "unsafe",
+            "--no-progress",
+            "--detectors",
+            "open_nsfw",
+        ]
+    )
+    assert proc.returncode == 1, proc.stderr
+    verdict = json.loads(proc.stdout.strip())
+    assert verdict["decision"] == "unsafe" and verdict["primary_category"] == "sexual"
+    assert set(verdict["detectors"]) == {"open_nsfw"}
+    relaxed = run(["scan", str(hostile_dir / "good.jpg"), "--fail-on", "unsafe", "--no-progress"])
+    assert relaxed.returncode == 0, relaxed.stderr
+
+
+def test_usage_and_infrastructure_errors(tmp_path):
+    missing = run(["scan", str(tmp_path / "nope"), "--no-progress"])
+    assert missing.returncode == 3 and "nope" in missing.stderr
+    bad_weights = run(["scan", str(tmp_path), "--model", f"open_nsfw={tmp_path / 'w.onnx'}", "--no-progress"])
+    assert bad_weights.returncode == 3 and "w.onnx" in bad_weights.stderr
+    unknown = run(["scan", str(tmp_path), "--detectors", "nope", "--no-progress"])
+    assert unknown.returncode == 3 and "unknown detector" in unknown.stderr
+    bad_model_flag = run(["scan", str(tmp_path), "--model", "open_nsfw"])
+    assert bad_model_flag.returncode == 2
+
+
+def test_scan_an_s3_prefix(s3_client, bucket, s3_env, tmp_path):
+    keys = ["uploads/a b+c.jpg", "uploads/ünïcode/ß.jpg", "uploads/x/y/z.png", "other/skip.jpg"]
+    for i, key in enumerate(keys):
+        body = jpeg_bytes(320, 240, seed=i) if key.endswith(".jpg") else b"\x89PNG\r\n\x1a\nbroken"
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    out = tmp_path / "s3.jsonl"
+    proc = run(["scan", f"s3://{bucket}/uploads/", "-o", str(out), "--no-progress"], env=s3_env)
+    assert proc.returncode == 0, proc.stderr
+    verdicts = {v["source"]["key"]: v for v in map(json.loads, out.read_text().splitlines())}
+    assert set(verdicts) == set(keys[:3])
+    for key in keys[:2]:
+        v = verdicts[key]
+        assert v["status"] == "ok" and v["source"]["bucket"] == bucket and v["source"]["etag"]
+        assert v["source"]["uri"] == f"s3://{bucket}/{key}"
+    assert verdicts["uploads/x/y/z.png"]["error"]["code"] == "corrupt_image"

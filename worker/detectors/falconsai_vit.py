@@ -1,0 +1,89 @@
+"""``falconsai_vit``: Falconsai/nsfw_image_detection, a ViT-B/16 image classifier with
+labels ``normal`` / ``nsfw``, run through transformers (its own image processor, then
+one batched forward pass). Scores are the softmax over its labels, as the
+``image-classification`` pipeline reports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from worker.detectors.base import Detector, DetectorOutput
+from worker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from worker.decode import Frame
+    from worker.settings import Settings
+
+HUB_REPO = "Falconsai/nsfw_image_detection"
+HUB_REVISION = "main"  # see worker.models.SPECS: pin to a commit once one is verified
+
+
+def _local_dir(settings: Settings) -> Path | None:
+    explicit = settings.detectors.paths.get("falconsai_vit")
+    if explicit is not None:
+        if not (explicit / "config.json").is_file():
+            raise ConfigError(f"falconsai_vit: {explicit} (from settings) has no config.json")
+        return explicit
+    if (
+        settings.detectors.model_dir is not None
+        and (settings.detectors.model_dir / "falconsai_vit" / "config.json").is_file()
+    ):
+        return settings.detectors.model_dir / "falconsai_vit"
+    return None
+
+
+class FalconsaiViT(Detector):
+    id = "falconsai_vit"
+    min_side = 224
+
+    def __init__(self, model: Any, processor: Any, source: str, device: torch.device) -> None:
+        self.net = model.eval().to(device)
+        self.processor = processor
+        self.device = device
+        self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        self.model = HUB_REPO
+        self.revision = source
+
+    @classmethod
+    def load(cls, settings: Settings) -> FalconsaiViT:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        from worker.detectors.clip_backbone import torch_device
+
+        local = _local_dir(settings)
+        source: str | Path = local if local is not None else HUB_REPO
+        # The default detector set never downloads at start-up (an unreachable hub costs
+        # half a minute of retries): it uses local copies and the HF cache; `modgate models
+        # pull`, or enabling the detector explicitly, fetches from the hub.
+        online = local is None and settings.detectors.strict
+        kwargs: dict[str, Any] = {} if online else {"local_files_only": True}
+        if local is None:
+            kwargs["revision"] = HUB_REVISION
+        try:
+            model = AutoModelForImageClassification.from_pretrained(source, **kwargs)
+            processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+        except OSError as exc:
+            looked = (
+                str(local)
+                if local is not None
+                else "settings path, model dir, HF cache" + (", hub" if online else "")
+            )
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                f"falconsai_vit: cannot load {source} (looked in: {looked}): {reason}"
+            ) from None
+        return cls(model, processor, str(source), torch_device(settings))
+
+    def prepare(self, frame: Frame) -> torch.Tensor:
+        return self.processor(images=frame.image, return_tensors="pt")["pixel_values"][0]
+
+    def infer(self, inputs: Sequence[torch.Tensor]) -> list[DetectorOutput]:
+        with torch.inference_mode():
+            logits = self.net(pixel_values=torch.stack(list(inputs)).to(self.device)).logits
+            probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return [DetectorOutput(dict(zip(self.labels, map(float, row), strict=True))) for row in probs]

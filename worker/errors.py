@@ -1,0 +1,37 @@
+"""The error codes a verdict can carry, and the one exception type that carries them.
+
+Every failure that concerns a single image is turned into a ``ModerationError`` with a
+stable, machine-readable code; the pipeline turns it into an error verdict instead of
+failing the batch around it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    NOT_FOUND = "not_found"
+    ACCESS_DENIED = "access_denied"
+    TOO_LARGE = "too_large"  # object bytes above the configured cap
+    IMAGE_TOO_LARGE = "image_too_large"  # pixel count above the decompression-bomb guard
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    CORRUPT_IMAGE = "corrupt_image"
+    EMPTY_OBJECT = "empty_object"
+    FETCH_FAILED = "fetch_failed"
+    DETECTOR_FAILED = "detector_failed"
+    INVALID_MESSAGE = "invalid_message"
+    INTERNAL = "internal_error"
+
+
+class ModerationError(Exception):
+    """A per-image failure with a stable code and a message meant for humans."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConfigError(Exception):
+    """Bad settings or missing weights: an infrastructure problem, not an image's."""

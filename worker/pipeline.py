@@ -1,0 +1,305 @@
+"""The one place that wires the stages together: fetch → decode → dynamic batch →
+detectors → aggregate → verdict.
+
+Fetching runs on an I/O thread pool (many objects in flight), decoding on a small CPU
+pool, inference on the batcher's single thread, so decoding of the next images overlaps
+inference of the current batch. Every failure concerning one image becomes an error
+verdict for that image; ``submit`` never loses an item.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from worker.aggregator import assess, fuse_frames
+from worker.batcher import BatchInfo, DynamicBatcher
+from worker.decode import DecodedImage, Frame, decode_image
+from worker.detectors import LoadedDetectors, load_detectors
+from worker.detectors.base import DetectorOutput
+from worker.errors import ErrorCode, ModerationError
+from worker.fetch import Fetched, Fetcher
+from worker.settings import Settings
+from worker.verdict import DetectorResult, ImageInfo, Source, Verdict, error_verdict, verdict_id
+
+log = logging.getLogger(__name__)
+
+# Key of the CLIP backbone's preprocessed input in PreparedFrame.inputs.
+_CLIP = "clip_backbone"
+
+
+@dataclass(frozen=True)
+class PreparedFrame:
+    """A decoded frame with every detector's preprocessed input, built on a decode thread."""
+
+    frame: Frame
+    inputs: dict[str, Any]
+
+
+@dataclass
+class FrameResult:
+    outputs: dict[str, DetectorOutput]
+    errors: dict[str, str]
+    batch_size: int
+    queue_ms: float
+    infer_ms: float
+
+
+@dataclass
+class _Job:
+    source: Source
+    request_id: str | None
+    future: Future[Verdict] = field(default_factory=Future)
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        detectors: LoadedDetectors | None = None,
+        fetcher: Fetcher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.detectors = detectors if detectors is not None else load_detectors(settings)
+        self.fetcher = fetcher if fetcher is not None else Fetcher(settings.s3)
+        self.policy = settings.policy
+        self._loaded_ids = {d.id for d in self.detectors.detectors}
+        self._draft_side = self.detectors.draft_side(settings.decode.draft_always)
+        self._fetch_pool = ThreadPoolExecutor(settings.s3.max_concurrency, thread_name_prefix="modgate-fetch")
+        self._decode_pool = ThreadPoolExecutor(settings.decode.workers, thread_name_prefix="modgate-decode")
+        self._batcher: DynamicBatcher[PreparedFrame, FrameResult] = DynamicBatcher(
+            self._infer,
+            max_batch=settings.batch.max_batch,
+            max_wait_s=settings.batch.max_wait_ms / 1000.0,
+            name="modgate-batcher",
+        )
+
+    # -- public -------------------------------------------------------------------------
+
+    def submit(self, source: Source, request_id: str | None = None) -> Future[Verdict]:
+        """Moderate one image; the future always resolves to a verdict (ok or error)."""
+        job = _Job(source, request_id)
+        self._fetch_pool.submit(self._guard, job, self._fetch_stage, job)
+        return job.future
+
+    def moderate(self, sources: Iterable[Source], max_inflight: int | None = None) -> Iterator[Verdict]:
+        """Verdicts for ``sources`` in completion order, with at most ``max_inflight`` in
+        flight so a bucket of millions of keys does not queue up in memory."""
+        limit = max_inflight or max(4 * self.settings.batch.max_batch, self.settings.s3.max_concurrency)
+        inflight: set[Future[Verdict]] = set()
+        for source in sources:
+            inflight.add(self.submit(source))
+            if len(inflight) >= limit:
+                done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                yield from (f.result() for f in done)
+        while inflight:
+            done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+            yield from (f.result() for f in done)
+
+    def close(self) -> None:
+        self._fetch_pool.shutdown(wait=True)
+        self._decode_pool.shutdown(wait=True)
+        self._batcher.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- stages -------------------------------------------------------------------------
+
+    def _guard(self, job: _Job, stage, *args) -> None:  # type: ignore[no-untyped-def]
+        """Run a stage; turn whatever it raises into this job's error verdict."""
+        try:
+            stage(*args)
+        except ModerationError as exc:
+            self._fail(job, exc.code, exc.message)
+        except Exception as exc:
+            log.exception("internal error moderating %s", job.source.uri)
+            self._fail(job, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _fetch_stage(self, job: _Job) -> None:
+        t = time.perf_counter()
+        try:
+            fetched = self.fetcher.fetch(job.source)
+        finally:
+            job.timings["fetch_ms"] = _ms(time.perf_counter() - t)
+        job.source = fetched.source
+        self._decode_pool.submit(self._guard, job, self._decode_stage, job, fetched)
+
+    def _decode_stage(self, job: _Job, fetched: Fetched) -> None:
+        t = time.perf_counter()
+        try:
+            decoded = decode_image(fetched.data, self.settings.decode, self._draft_side)
+        finally:
+            job.timings["decode_ms"] = _ms(time.perf_counter() - t)
+        t = time.perf_counter()
+        prepared = [PreparedFrame(frame, self._prepare(frame)) for frame in decoded.frames]
+        job.timings["prepare_ms"] = _ms(time.perf_counter() - t)
+        futures = [self._batcher.submit(item) for item in prepared]
+        remaining = [len(futures)]
+        lock = threading.Lock()
+
+        def on_frame_done(_: Future[FrameResult]) -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                self._guard(job, self._finish, job, decoded, futures)
+
+        for f in futures:
+            f.add_done_callback(on_frame_done)
+
+    def _prepare(self, frame: Frame) -> dict[str, Any]:
+        inputs = {}
+        backbone = self.detectors.backbone
+        if backbone is not None:
+            inputs[_CLIP] = backbone.prepare(frame)
+        for detector in self.detectors.detectors:
+            if detector.input != "image":
+                continue
+            try:
+                inputs[detector.id] = detector.prepare(frame)
+            except Exception as exc:
+                raise ModerationError(
+                    ErrorCode.DETECTOR_FAILED,
+                    f"{detector.id}: preprocessing failed: {type(exc).__name__}: {exc}",
+                ) from None
+        return inputs
+
+    def _infer(self, frames: Sequence[PreparedFrame], info: BatchInfo) -> list[FrameResult]:
+        t = time.perf_counter()
+        outputs: list[dict[str, DetectorOutput]] = [{} for _ in frames]
+        errors: list[dict[str, str]] = [{} for _ in frames]
+        embeddings = self._embed(frames, errors)
+        for detector in self.detectors.detectors:
+            if detector.input == "clip_embedding":
+                inputs: list[Any] = embeddings
+            else:
+                inputs = [f.inputs[detector.id] for f in frames]
+            if all(x is not None for x in inputs):
+                try:
+                    batch_out = detector.infer(inputs)
+                except Exception as exc:
+                    log.warning(
+                        "%s failed on a batch of %d (%s); retrying one by one", detector.id, len(frames), exc
+                    )
+                    batch_out = self._infer_singly(detector, inputs, errors)
+            else:
+                batch_out = self._infer_singly(detector, inputs, errors)
+            for i, out in enumerate(batch_out):
+                if out is not None:
+                    outputs[i][detector.id] = out
+        infer_ms = _ms(time.perf_counter() - t)
+        return [
+            FrameResult(outputs[i], errors[i], info.size, _ms(info.waited_s[i]), infer_ms)
+            for i in range(len(frames))
+        ]
+
+    @staticmethod
+    def _infer_singly(detector: Any, inputs: list[Any], errors: list[dict[str, str]]) -> list[Any]:
+        """Isolate the frame that broke a batch; frames without input (failed upstream) get none."""
+        out: list[Any] = []
+        for i, one in enumerate(inputs):
+            if one is None:
+                out.append(None)
+                continue
+            try:
+                out.append(detector.infer([one])[0])
+            except Exception as exc:
+                errors[i][detector.id] = f"{type(exc).__name__}: {exc}"
+                out.append(None)
+        return out
+
+    def _embed(self, frames: Sequence[PreparedFrame], errors: list[dict[str, str]]) -> list[Any]:
+        """One backbone forward pass for the whole batch; every CLIP head reads its rows."""
+        backbone = self.detectors.backbone
+        if backbone is None:
+            return [None] * len(frames)
+        try:
+            return list(backbone.embed(np.stack([f.inputs[_CLIP] for f in frames])))
+        except Exception as exc:
+            log.warning("clip backbone failed on a batch of %d (%s); retrying one by one", len(frames), exc)
+        rows: list[Any] = []
+        for i, f in enumerate(frames):
+            try:
+                rows.append(backbone.embed(f.inputs[_CLIP][None])[0])
+            except Exception as exc:
+                rows.append(None)
+                for d in self.detectors.detectors:
+                    if d.input == "clip_embedding":
+                        errors[i][d.id] = f"clip backbone: {type(exc).__name__}: {exc}"
+        return rows
+
+    def _finish(self, job: _Job, decoded: DecodedImage, futures: list[Future[FrameResult]]) -> None:
+        t = time.perf_counter()
+        results = [f.result() for f in futures]
+        job.timings["queue_ms"] = max(r.queue_ms for r in results)
+        job.timings["infer_ms"] = max(r.infer_ms for r in results)
+        failures = {d: msg for r in results for d, msg in r.errors.items()}
+        detectors: dict[str, DetectorResult] = {}
+        for det in self.detectors.detectors:
+            per_frame = [r.outputs[det.id] for r in results if det.id in r.outputs]
+            if per_frame:
+                fused = fuse_frames(per_frame)
+                detectors[det.id] = DetectorResult(
+                    model=det.model, revision=det.revision, scores=fused.scores, details=fused.details
+                )
+        image = ImageInfo(
+            format=decoded.format, width=decoded.width, height=decoded.height, frame_count=decoded.frame_count
+        )
+        if failures:
+            message = "; ".join(f"{d}: {m}" for d, m in sorted(failures.items()))
+            self._fail(
+                job, ErrorCode.DETECTOR_FAILED, message, detectors=detectors, frames=len(results), image=image
+            )
+            return
+        assessment = assess({k: v.scores for k, v in detectors.items()}, self.policy, self._loaded_ids)
+        job.timings["aggregate_ms"] = _ms(time.perf_counter() - t)
+        job.timings["total_ms"] = _ms(time.perf_counter() - job.started)
+        job.future.set_result(
+            Verdict(
+                id=verdict_id(job.source, self.policy.version),
+                source=job.source,
+                status="ok",
+                decision=assessment.decision,
+                primary_category=assessment.primary_category,
+                categories=assessment.categories,
+                detectors=detectors,
+                image=image,
+                frames=len(results),
+                timings_ms=job.timings,
+                policy_version=self.policy.version,
+                request_id=job.request_id,
+            )
+        )
+
+    def _fail(self, job: _Job, code: ErrorCode, message: str, **extra: object) -> None:
+        if job.future.done():
+            return
+        job.timings["total_ms"] = _ms(time.perf_counter() - job.started)
+        job.future.set_result(
+            error_verdict(
+                job.source,
+                self.policy.version,
+                code,
+                message,
+                timings_ms=job.timings,
+                request_id=job.request_id,
+                **extra,
+            )
+        )

@@ -1,0 +1,103 @@
+"""The moderation policy: which categories count, their thresholds, and the declarative
+mapping from detector scores to the 11 UnsafeBench categories.
+
+The default policy ships as ``policy_default.yaml`` next to this module; a deployment
+overrides any part of it through its settings (YAML file or ``MODGATE_POLICY__...``).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Category = Literal[
+    "hate",
+    "harassment",
+    "violence",
+    "self_harm",
+    "sexual",
+    "shocking",
+    "illegal_activity",
+    "deception",
+    "political",
+    "public_health",
+    "spam",
+]
+CATEGORIES: tuple[str, ...] = Category.__args__  # type: ignore[attr-defined]
+
+DEFAULT_POLICY_FILE = Path(__file__).with_name("policy_default.yaml")
+
+
+class Evidence(BaseModel):
+    """One detector score that counts towards a category: ``weight * scores[score]``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detector: str
+    score: str
+    weight: float = Field(1.0, gt=0.0)
+
+
+class CategoryPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    counted: bool = True
+    threshold: float = Field(0.8, ge=0.0, le=1.0)
+    # Lower edge of the review band: scores in [review, threshold) ask for a human.
+    review: float | None = Field(0.5, ge=0.0, le=1.0)
+    evidence: list[Evidence] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _review_below_threshold(self) -> CategoryPolicy:
+        if self.review is not None and self.review > self.threshold:
+            raise ValueError(f"review band start {self.review} is above the threshold {self.threshold}")
+        return self
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    categories: dict[Category, CategoryPolicy]
+
+    @model_validator(mode="after")
+    def _all_categories(self) -> Policy:
+        missing = [c for c in CATEGORIES if c not in self.categories]
+        if missing:
+            raise ValueError(f"policy lacks categories: {', '.join(missing)}")
+        return self
+
+    def detectors_used(self) -> set[str]:
+        return {e.detector for c in self.categories.values() for e in c.evidence}
+
+
+@cache
+def _default_policy_dict() -> dict[str, Any]:
+    return yaml.safe_load(DEFAULT_POLICY_FILE.read_text())
+
+
+def default_policy_dict() -> dict[str, Any]:
+    """A fresh deep copy of the built-in policy as plain data, ready to be merged into."""
+    return deep_merge({}, _default_policy_dict())
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``override`` into a copy of ``base``; dicts merge key by key, anything else replaces."""
+    out: dict[str, Any] = {}
+    for key in base.keys() | override.keys():
+        if (
+            key in override
+            and key in base
+            and isinstance(base[key], dict)
+            and isinstance(override[key], dict)
+        ):
+            out[key] = deep_merge(base[key], override[key])
+        elif key in override:
+            out[key] = override[key]
+        else:
+            out[key] = base[key] if not isinstance(base[key], dict) else deep_merge(base[key], {})
+    return out

@@ -1,0 +1,116 @@
+"""Verdict schema v1: what modgate says about one image, as published everywhere.
+
+The same JSON goes to ``--output`` of ``modgate scan``, to the results stream and to
+webhooks. ``modgate schema`` prints its JSON Schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker.errors import ErrorCode
+
+SCHEMA_VERSION = "1"
+
+Decision = Literal["safe", "review", "unsafe"]
+
+
+class Source(BaseModel):
+    """Where the image came from. S3 objects carry bucket/key; local files path/sha256."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["s3", "file"]
+    uri: str
+    bucket: str | None = None
+    key: str | None = None
+    version_id: str | None = None
+    etag: str | None = None
+    path: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+
+    def identity(self) -> str:
+        """The part of the source that names one immutable image."""
+        if self.kind == "s3":
+            revision = self.version_id or (self.etag or "").strip('"')
+            return f"s3\x00{self.bucket}\x00{self.key}\x00{revision}"
+        # A local file is named by its content: the same bytes under another name are the same image.
+        return f"file\x00{self.sha256 or self.path}"
+
+
+def verdict_id(source: Source, policy_version: str) -> str:
+    """Stable id: the same object version judged under the same policy gets the same id."""
+    digest = hashlib.sha256(f"{source.identity()}\x00{policy_version}".encode()).hexdigest()
+    return digest[:32]
+
+
+class ErrorInfo(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class CategoryResult(BaseModel):
+    # None when no enabled detector covers the category.
+    score: float | None
+    flagged: bool
+    review: bool = False
+    covered: bool
+    # False when the policy does not count this category towards the decision.
+    counted: bool = True
+    # Detector score names (``detector.score``) at or above the review band start.
+    drivers: list[str] = Field(default_factory=list)
+
+
+class DetectorResult(BaseModel):
+    model: str
+    revision: str
+    # Every score the detector computes, fused over frames by max.
+    scores: dict[str, float]
+    # Detector-specific detail (e.g. NudeNet boxes), from the frame with the highest score.
+    details: dict[str, Any] | None = None
+
+
+class ImageInfo(BaseModel):
+    format: str
+    width: int
+    height: int
+    # Frames in the file; ``Verdict.frames`` counts the ones that were scored.
+    frame_count: int
+
+
+class Verdict(BaseModel):
+    """One image, one verdict. ``status=error`` verdicts have ``decision=null``."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    id: str
+    source: Source
+    status: Literal["ok", "error"]
+    error: ErrorInfo | None = None
+    decision: Decision | None = None
+    primary_category: str | None = None
+    categories: dict[str, CategoryResult] = Field(default_factory=dict)
+    detectors: dict[str, DetectorResult] = Field(default_factory=dict)
+    image: ImageInfo | None = None
+    frames: int = 0
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    policy_version: str
+    request_id: str | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+def error_verdict(
+    source: Source, policy_version: str, code: ErrorCode, message: str, **extra: Any
+) -> Verdict:
+    return Verdict(
+        id=verdict_id(source, policy_version),
+        source=source,
+        status="error",
+        error=ErrorInfo(code=code, message=message),
+        policy_version=policy_version,
+        **extra,
+    )
