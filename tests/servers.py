@@ -90,3 +90,99 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+class WebhookReceiver:
+    """A real HTTP endpoint that records every POST; ``responses`` scripts its status codes
+    (each request takes the next one; when they run out it answers ``default``)."""
+
+    def __init__(
+        self, port: int | None = None, responses: list[int] | None = None, default: int = 200
+    ) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[dict] = []
+        self.responses = list(responses or [])
+        self.default = default
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    status = receiver.responses.pop(0) if receiver.responses else receiver.default
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "status": status}
+                    )
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port or 0), Handler)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def delivered(self) -> list[dict]:
+        with self.lock:
+            return [r for r in self.requests if 200 <= r["status"] < 300]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class WorkerProcess:
+    """``modgate worker`` as a subprocess, started with ``env`` and ready once /readyz says so."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str = "modgate,modgate.webhooks") -> None:
+        import os
+
+        self.metrics_port = free_port()
+        self.env = {**os.environ, **env, "MODGATE_WORKER__METRICS_PORT": str(self.metrics_port)}
+        self.log_path = log_path
+        self.log = open(log_path, "ab")  # noqa: SIM115 (lives as long as the process)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "--queues", queues, "--loglevel", "INFO"],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.base = f"http://127.0.0.1:{self.metrics_port}"
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}: {self.tail()}")
+            return urllib.request.urlopen(self.base + "/readyz", timeout=1).status == 200
+
+        _wait(ready, "modgate worker", timeout=120)
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(self.base + "/metrics", timeout=5).read().decode()
+
+    def tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        return self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()

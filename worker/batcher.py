@@ -65,6 +65,9 @@ class DynamicBatcher(Generic[T, R]):
         self._queue.put(_Pending(item, future))
         return future
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self, timeout: float | None = None) -> None:
         """Run what is queued, then stop the batch thread."""
         if not self._closed:

@@ -61,18 +61,31 @@ def _settings(config: Path | None, overrides: dict[str, Any]) -> Any:
         raise typer.Exit(EXIT_INFRA) from None
 
 
+def _detector_overrides(detectors: str | None, model: list[str] | None) -> dict[str, Any]:
+    det: dict[str, Any] = {}
+    if detectors:
+        det["enabled"] = [d.strip() for d in detectors.split(",") if d.strip()]
+    if model:
+        det["paths"] = _parse_models(model)
+    return {"detectors": det} if det else {}
+
+
+DetectorsOpt = Annotated[
+    str | None, typer.Option("--detectors", "-d", help="Comma-separated detector ids to run.")
+]
+ModelOpt = Annotated[
+    list[str] | None, typer.Option("--model", "-m", help="Weights for a detector: ID=PATH (repeatable).")
+]
+
+
 @app.command()
 def scan(
     targets: Annotated[list[str], typer.Argument(help="Files, directories or s3://bucket/prefix URIs.")],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write JSONL verdicts here (default: stdout).")
     ] = None,
-    detectors: Annotated[
-        str | None, typer.Option("--detectors", "-d", help="Comma-separated detector ids to run.")
-    ] = None,
-    model: Annotated[
-        list[str] | None, typer.Option("--model", "-m", help="Weights for a detector: ID=PATH (repeatable).")
-    ] = None,
+    detectors: DetectorsOpt = None,
+    model: ModelOpt = None,
     fail_on: Annotated[
         FailOn, typer.Option("--fail-on", help="Exit 1 if any verdict is at least this bad.")
     ] = FailOn.never,
@@ -80,15 +93,7 @@ def scan(
     config: ConfigOpt = None,
 ) -> None:
     """Moderate images in-process (no Redis): one JSON verdict per line, then a summary."""
-    overrides: dict[str, Any] = {}
-    det: dict[str, Any] = {}
-    if detectors:
-        det["enabled"] = [d.strip() for d in detectors.split(",") if d.strip()]
-    if model:
-        det["paths"] = _parse_models(model)
-    if det:
-        overrides["detectors"] = det
-    settings = _settings(config, overrides)
+    settings = _settings(config, _detector_overrides(detectors, model))
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -233,6 +238,121 @@ def models_pull(
             typer.echo(f"{detector_id}: FAILED: {type(exc).__name__}: {exc}", err=True)
     if failed:
         raise typer.Exit(EXIT_INFRA)
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str, typer.Option("--queues", "-Q", help="Queues to consume, comma-separated.")
+    ] = "modgate,modgate.webhooks",
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", help="Messages in flight (default 2 × batch.max_batch).")
+    ] = None,
+    hostname: Annotated[str | None, typer.Option("--hostname", "-n", help="Celery node name.")] = None,
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+    detectors: DetectorsOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Consume the queues: moderate S3 keys (loading models first) and deliver webhooks.
+
+    SIGTERM drains: no new messages, in-flight ones get worker.drain_timeout_s, the rest go
+    back to the queue. `-Q modgate.webhooks` runs a CPU-only webhook dispatcher."""
+    overrides = _detector_overrides(detectors, model)
+    if concurrency:
+        overrides["worker"] = {"concurrency": concurrency}
+    settings = _settings(config, overrides)
+
+    from worker import celery_app
+
+    app_ = celery_app.create_app(settings)
+    celery_app.set_app(app_)
+    argv = [
+        "worker",
+        "--queues",
+        queues,
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(settings.worker.threads(settings.batch.max_batch)),
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if hostname:
+        argv += ["--hostname", hostname]
+    app_.worker_main(argv)
+
+
+webhooks_app = typer.Typer(help="Webhook dead letters: list them, replay them.")
+app.add_typer(webhooks_app, name="webhooks")
+
+
+@webhooks_app.command("dead")
+def webhooks_dead(
+    limit: Annotated[int, typer.Option(help="At most this many entries.")] = 100,
+    config: ConfigOpt = None,
+) -> None:
+    """List dead-lettered deliveries (JSON lines: entry id, url, attempts, last error)."""
+    import redis
+
+    from worker import keys
+
+    settings = _settings(config, {})
+    client = redis.Redis.from_url(settings.redis.url, decode_responses=True)
+    for entry_id, fields in client.xrange(keys.WEBHOOK_DEAD_STREAM, count=limit):
+        fields.pop("delivery", None)
+        typer.echo(json.dumps({"entry_id": entry_id, **fields}))
+
+
+@webhooks_app.command("replay")
+def webhooks_replay(
+    entry: Annotated[
+        list[str] | None, typer.Option("--id", help="Dead-letter entry id (repeatable).")
+    ] = None,
+    all_entries: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Send dead-lettered deliveries again, each as a fresh retry chain."""
+    if not entry and not all_entries:
+        raise typer.BadParameter("give --id ENTRY (repeatable) or --all")
+    import redis
+
+    from worker import celery_app
+    from worker.webhooks import Dispatcher
+
+    settings = _settings(config, {})
+    client = redis.Redis.from_url(settings.redis.url)
+    app_ = celery_app.create_app(settings)
+    dispatcher = Dispatcher(client, settings.webhook, celery_app.schedule_webhook(app_))
+    replayed = dispatcher.replay(entry or None)
+    typer.echo(f"replayed {len(replayed)} dead letter(s)")
+
+
+@app.command()
+def health(
+    hostname: Annotated[
+        str | None, typer.Option("--hostname", help="Whose heartbeat (default: this host).")
+    ] = None,
+    ready: Annotated[bool, typer.Option("--ready", help="Exit 1 unless the worker is ready.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Print a worker's heartbeat from Redis; exit 1 if it is missing (or not ready with --ready)."""
+    import socket
+
+    import redis
+
+    from worker.health import read_heartbeat
+
+    settings = _settings(config, {})
+    state = read_heartbeat(redis.Redis.from_url(settings.redis.url), hostname or socket.gethostname())
+    if state is None:
+        typer.echo("no heartbeat", err=True)
+        raise typer.Exit(1)
+    typer.echo(json.dumps(state))
+    if ready and not state.get("ready"):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -20,7 +20,8 @@ class ErrorCode(StrEnum):
     EMPTY_OBJECT = "empty_object"
     FETCH_FAILED = "fetch_failed"
     DETECTOR_FAILED = "detector_failed"
-    INVALID_MESSAGE = "invalid_message"
+    INVALID_MESSAGE = "invalid_message"  # a queue message that does not follow the contract
+    TIMEOUT = "timeout"  # not finished within worker.message_timeout_s
     INTERNAL = "internal_error"
 
 

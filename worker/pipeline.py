@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +26,7 @@ from worker.detectors import LoadedDetectors, load_detectors
 from worker.detectors.base import DetectorOutput
 from worker.errors import ErrorCode, ModerationError
 from worker.fetch import Fetched, Fetcher
+from worker.policy import Policy
 from worker.settings import Settings
 from worker.verdict import DetectorResult, ImageInfo, Source, Verdict, error_verdict, verdict_id
 
@@ -56,6 +57,7 @@ class FrameResult:
 class _Job:
     source: Source
     request_id: str | None
+    policy: Policy
     future: Future[Verdict] = field(default_factory=Future)
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
@@ -71,11 +73,13 @@ class Pipeline:
         settings: Settings,
         detectors: LoadedDetectors | None = None,
         fetcher: Fetcher | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.detectors = detectors if detectors is not None else load_detectors(settings)
         self.fetcher = fetcher if fetcher is not None else Fetcher(settings.s3)
         self.policy = settings.policy
+        self._on_batch = on_batch
         self._loaded_ids = {d.id for d in self.detectors.detectors}
         self._draft_side = self.detectors.draft_side(settings.decode.draft_always)
         self._fetch_pool = ThreadPoolExecutor(settings.s3.max_concurrency, thread_name_prefix="modgate-fetch")
@@ -89,9 +93,11 @@ class Pipeline:
 
     # -- public -------------------------------------------------------------------------
 
-    def submit(self, source: Source, request_id: str | None = None) -> Future[Verdict]:
+    def submit(
+        self, source: Source, request_id: str | None = None, policy: Policy | None = None
+    ) -> Future[Verdict]:
         """Moderate one image; the future always resolves to a verdict (ok or error)."""
-        job = _Job(source, request_id)
+        job = _Job(source, request_id, policy or self.policy)
         self._fetch_pool.submit(self._guard, job, self._fetch_stage, job)
         return job.future
 
@@ -108,6 +114,10 @@ class Pipeline:
         while inflight:
             done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
             yield from (f.result() for f in done)
+
+    def alive(self) -> bool:
+        """False once the inference thread has died: the process should be restarted."""
+        return self._batcher.alive()
 
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=True)
@@ -183,6 +193,8 @@ class Pipeline:
 
     def _infer(self, frames: Sequence[PreparedFrame], info: BatchInfo) -> list[FrameResult]:
         t = time.perf_counter()
+        if self._on_batch is not None:
+            self._on_batch(len(frames))
         outputs: list[dict[str, DetectorOutput]] = [{} for _ in frames]
         errors: list[dict[str, str]] = [{} for _ in frames]
         embeddings = self._embed(frames, errors)
@@ -268,12 +280,12 @@ class Pipeline:
                 job, ErrorCode.DETECTOR_FAILED, message, detectors=detectors, frames=len(results), image=image
             )
             return
-        assessment = assess({k: v.scores for k, v in detectors.items()}, self.policy, self._loaded_ids)
+        assessment = assess({k: v.scores for k, v in detectors.items()}, job.policy, self._loaded_ids)
         job.timings["aggregate_ms"] = _ms(time.perf_counter() - t)
         job.timings["total_ms"] = _ms(time.perf_counter() - job.started)
         job.future.set_result(
             Verdict(
-                id=verdict_id(job.source, self.policy.version),
+                id=verdict_id(job.source, job.policy.version),
                 source=job.source,
                 status="ok",
                 decision=assessment.decision,
@@ -283,7 +295,7 @@ class Pipeline:
                 image=image,
                 frames=len(results),
                 timings_ms=job.timings,
-                policy_version=self.policy.version,
+                policy_version=job.policy.version,
                 request_id=job.request_id,
             )
         )
@@ -295,7 +307,7 @@ class Pipeline:
         job.future.set_result(
             error_verdict(
                 job.source,
-                self.policy.version,
+                job.policy.version,
                 code,
                 message,
                 timings_ms=job.timings,

@@ -58,11 +58,33 @@ class CategoryPolicy(BaseModel):
         return self
 
 
+class QuarantineAction(BaseModel):
+    """Move objects out of the way: copy to ``bucket``/``prefix`` + key, verify, delete."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str | None = None  # None = the object's own bucket
+    prefix: str = "quarantine/"
+    decisions: list[Literal["unsafe", "review"]] = Field(default_factory=lambda: ["unsafe"])
+
+
+class PolicyActions(BaseModel):
+    """Optional changes the worker makes to the moderated S3 object after publishing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Tag every moderated object with its decision (merged into its existing tags).
+    tag: bool = False
+    tag_key: str = "modgate-decision"
+    quarantine: QuarantineAction | None = None
+
+
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str
     categories: dict[Category, CategoryPolicy]
+    actions: PolicyActions = Field(default_factory=PolicyActions)
 
     @model_validator(mode="after")
     def _all_categories(self) -> Policy:

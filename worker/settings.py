@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,6 +21,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from worker import keys
+from worker.contract import DEFAULT_MAX_ITEMS
 from worker.policy import Policy, deep_merge, default_policy_dict
 
 MiB = 1024 * 1024
@@ -106,6 +108,73 @@ class DetectorSettings(BaseModel):
         return list(self.enabled) if self.enabled is not None else list(DEFAULT_DETECTORS)
 
 
+class WorkerSettings(BaseModel):
+    """How ``modgate worker`` consumes: see README "Delivery guarantees" for how these relate."""
+
+    max_items: int = Field(DEFAULT_MAX_ITEMS, ge=1)
+    # Messages in flight at once (threads). None = 2 × batch.max_batch, so single-key
+    # messages still fill a batch while the previous one runs.
+    concurrency: int | None = Field(None, ge=1)
+    # Messages reserved beyond those running; 1 keeps redelivery after a crash small.
+    prefetch_multiplier: int = Field(1, ge=1)
+    # The longest one message may take; items not done by then get a ``timeout`` verdict.
+    message_timeout_s: float = Field(240.0, gt=0)
+    # Redis redelivers an unacknowledged message after this long (crash, OOM, node loss).
+    # Must exceed message_timeout_s, else a slow message would be handed out twice.
+    visibility_timeout_s: float = Field(300.0, gt=0)
+    # On SIGTERM: messages not finished within this are put back on the queue.
+    drain_timeout_s: float = Field(60.0, gt=0)
+    heartbeat_s: float = Field(5.0, gt=0)
+    # Prometheus /metrics plus /livez and /readyz; 0 disables the HTTP endpoint.
+    metrics_port: int = Field(9108, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _visibility_covers_a_message(self) -> WorkerSettings:
+        if self.visibility_timeout_s < self.message_timeout_s + 30:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must be at least message_timeout_s "
+                f"({self.message_timeout_s}) + 30 s, or slow messages would be redelivered while running"
+            )
+        return self
+
+    def threads(self, max_batch: int) -> int:
+        return self.concurrency or 2 * max_batch
+
+
+class ResultsSettings(BaseModel):
+    stream: str = keys.VERDICT_STREAM
+    # Approximate trim (XADD MAXLEN ~): Redis keeps at least this many entries.
+    stream_maxlen: int = Field(1_000_000, ge=1)
+    # How long a published verdict id suppresses duplicates (redeliveries, re-sent keys).
+    dedup_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    # Error verdicts that may pass (fetch_failed, timeout...) block a re-send only this long.
+    transient_dedup_ttl_s: int = Field(600, ge=1)
+
+
+class WebhookSettings(BaseModel):
+    # Signing secret when the tenant has none of its own.
+    secret: SecretStr | None = None
+    secrets: dict[str, SecretStr] = Field(default_factory=dict)  # tenant -> secret
+    # Receives every verdict, in addition to a message's own callback_url.
+    url: str | None = None
+    # Host patterns (fnmatch) a callback may name; "*" = any host that is not private.
+    hosts: list[str] = Field(default_factory=lambda: ["*"])
+    # Hosts or IPs allowed although they resolve to loopback/private/link-local addresses.
+    allow_hosts: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(10.0, gt=0)
+    max_attempts: int = Field(8, ge=1)
+    max_age_s: float = Field(24 * 3600.0, gt=0)
+    backoff_base_s: float = Field(2.0, gt=0)
+    backoff_max_s: float = Field(600.0, gt=0)
+
+    def secret_for(self, tenant: str | None) -> SecretStr | None:
+        if tenant is not None and tenant in self.secrets:
+            return self.secrets[tenant]
+        return self.secret
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MODGATE_",
@@ -119,12 +188,32 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     detectors: DetectorSettings = Field(default_factory=DetectorSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     # A policy file replaces parts of the built-in policy; inline ``policy`` entries
     # (YAML config or env) are merged on top of that.
     policy_file: Path | None = None
     policy: Policy = Field(default_factory=lambda: Policy.model_validate(default_policy_dict()))
+    # Named overlays on ``policy`` that a message selects with its ``policy`` field.
+    policies: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     _yaml_file: ClassVar[Path | None] = None
+
+    def named_policy(self, name: str | None) -> Policy:
+        """The default policy, or the overlay called ``name`` merged over it.
+
+        An overlay without its own ``version`` gets ``<base>+<name>``, so verdict ids under
+        different policies never collide."""
+        if name is None:
+            return self.policy
+        if name not in self.policies:
+            raise KeyError(name)
+        overlay = self.policies[name]
+        merged = deep_merge(self.policy.model_dump(), overlay)
+        if "version" not in overlay:
+            merged["version"] = f"{self.policy.version}+{name}"
+        return Policy.model_validate(merged)
 
     @model_validator(mode="before")
     @classmethod
@@ -142,6 +231,15 @@ class Settings(BaseSettings):
         elif isinstance(inline, Policy):
             merged = inline.model_dump()
         return {**data, "policy": merged}
+
+    @model_validator(mode="after")
+    def _named_policies_valid(self) -> Settings:
+        for name in self.policies:
+            try:
+                self.named_policy(name)
+            except ValueError as exc:
+                raise ValueError(f"policies.{name}: {exc}") from None
+        return self
 
     @field_validator("policy_file")
     @classmethod

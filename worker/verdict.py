@@ -20,11 +20,12 @@ Decision = Literal["safe", "review", "unsafe"]
 
 
 class Source(BaseModel):
-    """Where the image came from. S3 objects carry bucket/key; local files path/sha256."""
+    """Where the image came from. S3 objects carry bucket/key; local files path/sha256;
+    ``message`` marks the error record of a queue message that broke the contract."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["s3", "file"]
+    kind: Literal["s3", "file", "message"]
     uri: str
     bucket: str | None = None
     key: str | None = None
@@ -39,6 +40,8 @@ class Source(BaseModel):
         if self.kind == "s3":
             revision = self.version_id or (self.etag or "").strip('"')
             return f"s3\x00{self.bucket}\x00{self.key}\x00{revision}"
+        if self.kind == "message":
+            return f"message\x00{self.uri}\x00{self.bucket}\x00{self.key}"
         # A local file is named by its content: the same bytes under another name are the same image.
         return f"file\x00{self.sha256 or self.path}"
 
@@ -98,6 +101,8 @@ class Verdict(BaseModel):
     image: ImageInfo | None = None
     frames: int = 0
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    # S3 actions the policy asked for and what came of them (``tagged``, ``quarantined_to``, ``error``).
+    actions: dict[str, Any] | None = None
     policy_version: str
     request_id: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

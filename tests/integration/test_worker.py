@@ -1,0 +1,310 @@
+"""``modgate worker`` as deployed: real worker processes consuming a real redis-server,
+fetching from moto over HTTP, publishing to the results stream and POSTing webhooks to a
+real HTTP receiver."""
+
+import hashlib
+import hmac
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.servers import WebhookReceiver, WorkerProcess, free_port
+from worker import keys
+from worker.samples import photo
+from worker.webhooks import verify
+
+SECRET = "whsec-test-secret-4711"
+MODGATE = [sys.executable, "-m", "worker.cli"]
+
+
+def jpeg(seed, w=320, h=240):
+    buf = io.BytesIO()
+    photo(w, h, seed).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def r(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    return client
+
+
+@pytest.fixture
+def producer(redis_server):
+    app = Celery(broker=redis_server.url, set_as_current=False)
+    app.conf.task_serializer = "json"
+
+    def send(payload=None, *, args=None, kwargs=None):
+        app.send_task(
+            "modgate.moderate", args=args if args is not None else [payload], kwargs=kwargs, queue="modgate"
+        )
+
+    yield send
+    app.close()
+
+
+@pytest.fixture
+def env(s3_env, redis_server):
+    return {
+        **s3_env,
+        "MODGATE_REDIS__URL": redis_server.url,
+        "MODGATE_DETECTORS__ENABLED": '["open_nsfw"]',
+        "MODGATE_WEBHOOK__ALLOW_HOSTS": '["127.0.0.1"]',
+        "MODGATE_WEBHOOK__SECRET": SECRET,
+        "MODGATE_WEBHOOK__BACKOFF_BASE_S": "0.2",
+        "MODGATE_WEBHOOK__MAX_ATTEMPTS": "3",
+        "MODGATE_BATCH__MAX_WAIT_MS": "20",
+    }
+
+
+@pytest.fixture
+def workers(tmp_path):
+    started = []
+
+    def start(env, name="w", **kw):
+        w = WorkerProcess(env, tmp_path / f"{name}-{len(started)}.log", **kw)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+def verdicts(r):
+    return [json.loads(fields[b"verdict"]) for _, fields in r.xrange(keys.VERDICT_STREAM)]
+
+
+def wait_for(check, timeout=90.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def upload(s3_client, bucket, n, prefix="img"):
+    for i in range(n):
+        s3_client.put_object(Bucket=bucket, Key=f"{prefix}/{i:03d}.jpg", Body=jpeg(i))
+    return [f"{prefix}/{i:03d}.jpg" for i in range(n)]
+
+
+def test_every_key_gets_exactly_one_verdict_and_one_signed_webhook(
+    env, r, producer, workers, s3_client, bucket
+):
+    good = upload(s3_client, bucket, 10)
+    s3_client.put_object(Bucket=bucket, Key="bad/text.jpg", Body=b"this is not an image")
+    s3_client.put_object(Bucket=bucket, Key="bad/empty.jpg", Body=b"")
+    s3_client.put_object(Bucket=bucket, Key="bad/truncated.jpg", Body=jpeg(99)[:300])
+    bad = ["bad/text.jpg", "bad/empty.jpg", "bad/truncated.jpg", "bad/missing.jpg"]
+    hook = WebhookReceiver()
+    worker = workers(env)
+    # One-key messages and a multi-key message, mixed; a duplicate message on top.
+    for key in good[:6]:
+        producer({"items": [{"bucket": bucket, "key": key}], "callback_url": hook.url, "tenant": "acme"})
+    producer({"items": [{"bucket": bucket, "key": k} for k in good[6:] + bad], "callback_url": hook.url})
+    producer({"items": [{"bucket": bucket, "key": good[0]}], "callback_url": hook.url, "tenant": "acme"})
+    expected = len(good) + len(bad)
+    wait_for(
+        lambda: r.xlen(keys.VERDICT_STREAM) >= expected and len(hook.delivered()) >= expected, what="verdicts"
+    )
+    time.sleep(1.0)  # anything extra (a duplicate) would show up now
+
+    got = verdicts(r)
+    assert len(got) == expected
+    assert len({v["id"] for v in got}) == expected
+    by_key = {v["source"]["key"]: v for v in got}
+    assert set(by_key) == set(good) | set(bad)
+    assert all(
+        by_key[k]["status"] == "ok" and by_key[k]["decision"] in ("safe", "review", "unsafe") for k in good
+    )
+    assert all(set(by_key[k]["detectors"]) == {"open_nsfw"} for k in good)
+    codes = {k: by_key[k]["error"]["code"] for k in bad}
+    assert codes == {
+        "bad/text.jpg": "unsupported_format",
+        "bad/empty.jpg": "empty_object",
+        "bad/truncated.jpg": "corrupt_image",
+        "bad/missing.jpg": "not_found",
+    }
+
+    deliveries = hook.delivered()
+    assert len(deliveries) == expected
+    assert sorted(d["headers"]["Modgate-Event-Id"] for d in deliveries) == sorted(v["id"] for v in got)
+    for d in deliveries:
+        assert verify(SECRET.encode(), d["body"], d["headers"]["Modgate-Signature"])
+        assert json.loads(d["body"])["id"] == d["headers"]["Modgate-Event-Id"]
+
+    metrics = worker.metrics()
+    assert 'modgate_published_total{result="duplicate"} 1.0' in metrics
+    assert 'modgate_errors_total{code="not_found"} 1.0' in metrics
+    assert "modgate_batch_size_count" in metrics and "modgate_queue_depth" in metrics
+    assert SECRET not in worker.tail(10**7)
+    hook.stop()
+
+
+def test_invalid_messages_become_error_records_and_the_queue_moves_on(
+    env, r, producer, workers, s3_client, bucket
+):
+    (key,) = upload(s3_client, bucket, 1)
+    workers(env)
+    producer({"items": []})
+    producer({"items": [{"bucket": bucket}], "request_id": "req-1"})
+    producer({"items": [{"bucket": bucket, "key": key}], "policy": "no-such-policy"})
+    producer(args=[], kwargs={})
+    producer({"items": [{"bucket": bucket, "key": key}], "surprise": True})
+    producer({"items": [{"bucket": bucket, "key": key}], "request_id": "after"})
+    wait_for(lambda: any(v.get("request_id") == "after" for v in verdicts(r)), what="the valid message")
+    time.sleep(0.5)
+    got = verdicts(r)
+    invalid = [v for v in got if v["status"] == "error"]
+    assert len(invalid) == 5
+    assert all(v["error"]["code"] == "invalid_message" and v["source"]["kind"] == "message" for v in invalid)
+    reasons = " | ".join(v["error"]["message"] for v in invalid)
+    assert "items" in reasons and "unknown policy 'no-such-policy'" in reasons and "surprise" in reasons
+    assert any(v["request_id"] == "req-1" and v["source"]["bucket"] == bucket for v in invalid)
+    (ok,) = [v for v in got if v["status"] == "ok"]
+    assert ok["source"]["key"] == key and ok["request_id"] == "after"
+    assert r.llen("modgate") == 0
+
+
+def test_kill_9_mid_batch_loses_nothing_and_duplicates_nothing(env, r, producer, workers, s3_client, bucket):
+    env = {
+        **env,
+        "MODGATE_WORKER__MESSAGE_TIMEOUT_S": "5",
+        "MODGATE_WORKER__VISIBILITY_TIMEOUT_S": "35",
+        "MODGATE_BATCH__MAX_BATCH": "4",
+    }
+    n = 40
+    keys_ = upload(s3_client, bucket, n, prefix="crash")
+    hook = WebhookReceiver()
+    first = workers(env, name="first")
+    for key in keys_:
+        producer({"items": [{"bucket": bucket, "key": key}], "callback_url": hook.url})
+    wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= 3, what="the first verdicts")
+    first.kill()
+    assert r.xlen(keys.VERDICT_STREAM) < n, "the worker finished before it could be killed"
+    workers(env, name="second")
+    wait_for(
+        lambda: r.xlen(keys.VERDICT_STREAM) >= n and len(hook.delivered()) >= n,
+        timeout=150,
+        what="redelivery after the visibility timeout",
+    )
+    time.sleep(1.5)
+    got = verdicts(r)
+    assert len(got) == n and {v["source"]["key"] for v in got} == set(keys_)
+    events = [d["headers"]["Modgate-Event-Id"] for d in hook.delivered()]
+    assert len(events) == len(set(events)) == n
+    hook.stop()
+
+
+def test_webhook_500_then_200_is_delivered_once(env, r, producer, workers, s3_client, bucket):
+    (key,) = upload(s3_client, bucket, 1)
+    hook = WebhookReceiver(responses=[500, 503])
+    workers(env)
+    producer({"items": [{"bucket": bucket, "key": key}], "callback_url": hook.url})
+    wait_for(lambda: len(hook.delivered()) == 1, what="delivery after retries")
+    time.sleep(1.0)
+    assert [req["status"] for req in hook.requests] == [500, 503, 200]
+    final = hook.delivered()[0]
+    assert final["headers"]["Modgate-Delivery-Attempt"] == "3"
+    assert verify(SECRET.encode(), final["body"], final["headers"]["Modgate-Signature"])
+    assert r.xlen(keys.WEBHOOK_DEAD_STREAM) == 0
+    hook.stop()
+
+
+def test_endpoint_down_goes_to_dead_letters_and_replay_delivers(env, r, producer, workers, s3_client, bucket):
+    (key,) = upload(s3_client, bucket, 1)
+    port = free_port()  # nothing listens here yet: connection refused
+    url = f"http://127.0.0.1:{port}/hook"
+    workers(env)
+    producer({"items": [{"bucket": bucket, "key": key}], "callback_url": url})
+    wait_for(lambda: r.xlen(keys.WEBHOOK_DEAD_STREAM) == 1, what="the dead letter")
+    ((_, fields),) = r.xrange(keys.WEBHOOK_DEAD_STREAM)
+    assert fields[b"attempts"] == b"3" and b"Connection" in fields[b"last_error"]
+
+    listed = subprocess.run(
+        [*MODGATE, "webhooks", "dead"], capture_output=True, text=True, env={**os.environ, **env}
+    )
+    assert listed.returncode == 0 and url in listed.stdout
+
+    hook = WebhookReceiver(port=port)
+    replay = subprocess.run(
+        [*MODGATE, "webhooks", "replay", "--all"], capture_output=True, text=True, env={**os.environ, **env}
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert "replayed 1" in replay.stdout
+    wait_for(lambda: len(hook.delivered()) == 1, what="the replayed delivery")
+    (verdict,) = verdicts(r)
+    assert hook.delivered()[0]["headers"]["Modgate-Event-Id"] == verdict["id"]
+    assert r.xlen(keys.WEBHOOK_DEAD_STREAM) == 0
+    hook.stop()
+
+
+@pytest.mark.parametrize("target", ["169.254.169.254", "10.0.0.1"])
+def test_callbacks_to_metadata_and_private_addresses_are_refused(
+    target, env, r, producer, workers, s3_client, bucket
+):
+    (key,) = upload(s3_client, bucket, 1)
+    workers(env)
+    producer(
+        {"items": [{"bucket": bucket, "key": key}], "callback_url": f"http://{target}/latest/meta-data/"}
+    )
+    wait_for(lambda: r.xlen(keys.WEBHOOK_DEAD_STREAM) == 1, what="the refusal")
+    ((_, fields),) = r.xrange(keys.WEBHOOK_DEAD_STREAM)
+    assert fields[b"last_error"].startswith(b"refused:") and target.encode() in fields[b"last_error"]
+    assert fields[b"attempts"] == b"1"
+    assert len(verdicts(r)) == 1  # the verdict itself is still published
+
+
+def test_sigterm_drains_in_flight_messages_and_requeues_the_rest(
+    env, r, producer, workers, s3_client, bucket
+):
+    env = {**env, "MODGATE_WORKER__DRAIN_TIMEOUT_S": "0.5", "MODGATE_BATCH__MAX_BATCH": "2"}
+    n = 30
+    keys_ = upload(s3_client, bucket, n, prefix="drain")
+    first = workers(env, name="first")
+    for i in range(0, n, 3):
+        producer({"items": [{"bucket": bucket, "key": k} for k in keys_[i : i + 3]]})
+    wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= 2, what="the first verdicts")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(60) == 0
+    assert r.xlen(keys.VERDICT_STREAM) < n, "nothing was left to drain"
+    assert r.llen("modgate") > 0  # unfinished messages went back to the queue, not to 'unacked' limbo
+    workers(env, name="second")
+    wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= n, timeout=60, what="the requeued messages")
+    time.sleep(1.0)
+    got = verdicts(r)
+    assert len(got) == n and {v["source"]["key"] for v in got} == set(keys_)
+
+
+def test_health_key_and_probes(env, r, workers):
+    worker = workers(env)
+    import urllib.request
+
+    assert urllib.request.urlopen(worker.base + "/livez", timeout=5).status == 200
+    out = subprocess.run(
+        [*MODGATE, "health", "--ready"], capture_output=True, text=True, env={**os.environ, **env}
+    )
+    assert out.returncode == 0, out.stderr
+    state = json.loads(out.stdout)
+    assert state["ready"] and state["detectors"] == ["open_nsfw"] and "modgate" in state["queues"]
+    assert r.ttl(keys.health(state["hostname"])) > 0
+
+
+def test_signature_matches_the_documented_recipe():
+    body = b'{"id": "x"}'
+    from worker.webhooks import sign
+
+    header = sign(SECRET.encode(), body, 1_700_000_000)
+    t, v1 = (part.split("=", 1)[1] for part in header.split(","))
+    assert v1 == hmac.new(SECRET.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()

@@ -1,0 +1,116 @@
+"""Optional S3 actions on a moderated object, chosen by the policy: tag it with its
+decision, or move it to a quarantine location (copy, verify, then delete).
+
+Both are idempotent, because a redelivered message runs them again: tagging writes the
+same value, and a quarantine that already happened (copy present, original gone) is
+recognised and reported as done.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from worker.policy import PolicyActions
+from worker.verdict import Verdict
+
+log = logging.getLogger(__name__)
+
+
+class ActionError(Exception):
+    pass
+
+
+def _code(exc: Any) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+class ObjectActions:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def apply(self, verdict: Verdict, actions: PolicyActions) -> dict[str, Any] | None:
+        """Run the configured actions; returns what was done, for the verdict's ``actions`` field."""
+        source = verdict.source
+        if verdict.status != "ok" or source.kind != "s3" or verdict.decision is None:
+            return None
+        done: dict[str, Any] = {}
+        try:
+            if actions.tag:
+                self.tag(source.bucket, source.key, source.version_id, actions.tag_key, verdict.decision)
+                done["tagged"] = {actions.tag_key: verdict.decision}
+            q = actions.quarantine
+            if q is not None and verdict.decision in q.decisions:
+                done["quarantined_to"] = self.quarantine(
+                    source.bucket,
+                    source.key,
+                    source.version_id,
+                    source.etag,
+                    q.bucket or source.bucket,
+                    q.prefix,
+                )
+        except Exception as exc:
+            log.warning("S3 action on %s failed: %s", source.uri, exc)
+            done["error"] = f"{type(exc).__name__}: {exc}"
+        return done or None
+
+    def tag(
+        self, bucket: str | None, key: str | None, version_id: str | None, tag_key: str, value: str
+    ) -> None:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if version_id:
+            kwargs["VersionId"] = version_id
+        try:
+            existing = self.client.get_object_tagging(**kwargs)["TagSet"]
+        except Exception as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                return  # already quarantined by an earlier delivery of the same message
+            raise
+        tags = [t for t in existing if t["Key"] != tag_key] + [{"Key": tag_key, "Value": value}]
+        self.client.put_object_tagging(**kwargs, Tagging={"TagSet": tags})
+
+    def quarantine(
+        self,
+        bucket: str | None,
+        key: str | None,
+        version_id: str | None,
+        etag: str | None,
+        target_bucket: str | None,
+        prefix: str,
+    ) -> str:
+        target_key = f"{prefix}{key}"
+        if (target_bucket, target_key) == (bucket, key):
+            raise ActionError("quarantine location equals the object's own location")
+        copy_source: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if version_id:
+            copy_source["VersionId"] = version_id
+        kwargs: dict[str, Any] = {"Bucket": target_bucket, "Key": target_key, "CopySource": copy_source}
+        if etag and not version_id:
+            kwargs["CopySourceIfMatch"] = f'"{etag}"'  # never quarantine bytes we did not judge
+        try:
+            self.client.copy_object(**kwargs)
+        except Exception as exc:
+            if _code(exc) not in ("NoSuchKey", "404") or not self._present(target_bucket, target_key):
+                raise
+            return f"s3://{target_bucket}/{target_key}"  # moved by an earlier run
+        src = self.client.head_object(
+            Bucket=bucket, Key=key, **({"VersionId": version_id} if version_id else {})
+        )
+        dst = self.client.head_object(Bucket=target_bucket, Key=target_key)
+        if src["ContentLength"] != dst["ContentLength"]:
+            raise ActionError(
+                f"quarantine copy of s3://{bucket}/{key} has {dst['ContentLength']} bytes, "
+                f"the original {src['ContentLength']}: original kept"
+            )
+        delete: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if version_id:
+            delete["VersionId"] = version_id
+        self.client.delete_object(**delete)
+        return f"s3://{target_bucket}/{target_key}"
+
+    def _present(self, bucket: str | None, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception:
+            return False

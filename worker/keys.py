@@ -1,0 +1,38 @@
+"""Every Redis key modgate writes, in one place (queues are named in ``worker.contract``).
+
+Deployments and probes rely on these names; change them only with a migration note.
+"""
+
+from __future__ import annotations
+
+PREFIX = "modgate"
+
+# Results stream: one entry per verdict, field ``verdict`` holds the verdict JSON.
+VERDICT_STREAM = f"{PREFIX}:verdicts"
+# Webhook deliveries that ran out of attempts; ``modgate webhooks replay`` re-sends them.
+WEBHOOK_DEAD_STREAM = f"{PREFIX}:webhooks:dead"
+
+
+def published_marker(verdict_id: str) -> str:
+    """Set (NX, with a TTL) in the same script that adds the verdict to the stream."""
+    return f"{PREFIX}:published:{verdict_id}"
+
+
+def delivered_marker(delivery_id: str) -> str:
+    """Set once a webhook delivery got a 2xx (or was dead-lettered): later copies are no-ops."""
+    return f"{PREFIX}:webhook:done:{delivery_id}"
+
+
+def delivery_lease(delivery_id: str) -> str:
+    """Held while one process is POSTing a delivery, so two copies never POST at once."""
+    return f"{PREFIX}:webhook:lease:{delivery_id}"
+
+
+def retry_claim(delivery_id: str, chain: str, attempt: int) -> str:
+    """Claimed by whoever schedules ``attempt``: duplicate copies cannot fork the retry chain."""
+    return f"{PREFIX}:webhook:retry:{delivery_id}:{chain}:{attempt}"
+
+
+def health(hostname: str) -> str:
+    """Heartbeat of one worker process (JSON, expires unless refreshed)."""
+    return f"{PREFIX}:health:{hostname}"

@@ -1,0 +1,55 @@
+"""Logging setup: one JSON object per line (or plain text), with credentials scrubbed.
+
+Fields passed through ``extra=`` (``verdict_id``, ``decision``, ``code``, ``request_id``...)
+become top-level JSON keys, so log pipelines can join logs to verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+
+# user:password@ in URLs (redis://:secret@host, https://user:token@host).
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]*:[^/@\s]+@")
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+def scrub(text: str) -> str:
+    return _CREDENTIALS.sub("***@", text)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": scrub(record.getMessage()),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value if isinstance(value, (int, float, bool, type(None))) else scrub(str(value))
+        if record.exc_info:
+            out["exc"] = scrub(self.formatException(record.exc_info))
+        return json.dumps(out, ensure_ascii=False)
+
+
+class _ScrubbingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
+
+
+def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(_ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Celery logs every task's arguments and return value at INFO: whole verdicts, per message.
+    logging.getLogger("celery.app.trace").setLevel(max(level, logging.WARNING))
