@@ -85,17 +85,19 @@ class ObjectActions:
         if version_id:
             copy_source["VersionId"] = version_id
         kwargs: dict[str, Any] = {"Bucket": target_bucket, "Key": target_key, "CopySource": copy_source}
-        if etag and not version_id:
-            kwargs["CopySourceIfMatch"] = f'"{etag}"'  # never quarantine bytes we did not judge
+        version = {"VersionId": version_id} if version_id else {}
         try:
-            self.client.copy_object(**kwargs)
+            src = self.client.head_object(Bucket=bucket, Key=key, **version)
         except Exception as exc:
             if _code(exc) not in ("NoSuchKey", "404") or not self._present(target_bucket, target_key):
                 raise
             return f"s3://{target_bucket}/{target_key}"  # moved by an earlier run
-        src = self.client.head_object(
-            Bucket=bucket, Key=key, **({"VersionId": version_id} if version_id else {})
-        )
+        if etag and not version_id:
+            # Never quarantine bytes we did not judge: checked here, and atomically by S3 itself.
+            if src["ETag"].strip('"') != etag:
+                raise ActionError(f"s3://{bucket}/{key} changed since it was judged: not quarantined")
+            kwargs["CopySourceIfMatch"] = f'"{etag}"'
+        self.client.copy_object(**kwargs)
         dst = self.client.head_object(Bucket=target_bucket, Key=target_key)
         if src["ContentLength"] != dst["ContentLength"]:
             raise ActionError(

@@ -2,8 +2,6 @@
 fetching from moto over HTTP, publishing to the results stream and POSTing webhooks to a
 real HTTP receiver."""
 
-import hashlib
-import hmac
 import io
 import json
 import os
@@ -301,10 +299,14 @@ def test_health_key_and_probes(env, r, workers):
     assert r.ttl(keys.health(state["hostname"])) > 0
 
 
-def test_signature_matches_the_documented_recipe():
-    body = b'{"id": "x"}'
-    from worker.webhooks import sign
-
-    header = sign(SECRET.encode(), body, 1_700_000_000)
-    t, v1 = (part.split("=", 1)[1] for part in header.split(","))
-    assert v1 == hmac.new(SECRET.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+def test_a_named_policy_tags_the_object_and_gets_its_own_version(env, r, producer, workers, s3_client, bucket):
+    (key,) = upload(s3_client, bucket, 1)
+    workers({**env, "MODGATE_POLICIES": '{"tagging": {"actions": {"tag": true}}}'})
+    producer({"items": [{"bucket": bucket, "key": key}], "policy": "tagging"})
+    producer({"items": [{"bucket": bucket, "key": key}]})  # the default policy: a separate verdict
+    wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= 2, what="both verdicts")
+    tagged, plain = sorted(verdicts(r), key=lambda v: not v["policy_version"].endswith("+tagging"))
+    assert tagged["id"] != plain["id"] and plain["actions"] is None
+    assert tagged["actions"] == {"tagged": {"modgate-decision": tagged["decision"]}}
+    tags = s3_client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+    assert tags == [{"Key": "modgate-decision", "Value": tagged["decision"]}]
