@@ -103,11 +103,14 @@ def schedule_webhook(app: Celery) -> Any:
 
 
 @signals.setup_logging.connect
-def _setup_logging(**_: Any) -> None:
+def _setup_logging(loglevel: Any = logging.INFO, **_: Any) -> None:
     from worker.logs import setup_logging
 
     settings = _app.modgate_settings if _app is not None else None  # type: ignore[attr-defined]
-    setup_logging(settings.worker.log_format if settings is not None else "json")
+    level = (
+        logging.getLevelName(loglevel.upper()) if isinstance(loglevel, str) else (loglevel or logging.INFO)
+    )
+    setup_logging(settings.worker.log_format if settings is not None else "json", level)
 
 
 @signals.celeryd_after_setup.connect

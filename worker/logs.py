@@ -18,6 +18,8 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 
 def scrub(text: str) -> str:
+    if "@" not in text:  # the common case, on the per-verdict log path
+        return text
     return _CREDENTIALS.sub("***@", text)
 
 
@@ -51,5 +53,7 @@ def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Celery logs every task's arguments and return value at INFO: whole verdicts, per message.
-    logging.getLogger("celery.app.trace").setLevel(max(level, logging.WARNING))
+    # Celery logs every task's arguments at INFO, twice (received, succeeded): whole
+    # payloads, per message. Our own per-message line replaces them.
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))

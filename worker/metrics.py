@@ -5,6 +5,7 @@ Metric objects live at module level, as prometheus_client intends: one registry 
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +36,33 @@ WEBHOOKS = Counter("modgate_webhook_deliveries_total", "Webhook delivery attempt
 ACTIONS = Counter(
     "modgate_s3_actions_total", "S3 actions on moderated objects, by action and result.", ["action", "result"]
 )
+
+
+_STAGES = ("fetch_ms", "decode_ms", "prepare_ms", "queue_ms", "infer_ms", "total_ms")
+
+
+def record_published(verdicts: list[Any], duplicates: list[bool]) -> None:
+    """Count one publish round; labels are looked up once per round, not once per verdict."""
+    decisions: collections.Counter[str] = collections.Counter()
+    codes: collections.Counter[str] = collections.Counter()
+    for verdict, duplicate in zip(verdicts, duplicates, strict=True):
+        if duplicate:
+            continue
+        decisions[verdict.decision or "error"] += 1
+        if verdict.error is not None:
+            codes[verdict.error.code.value] += 1
+        for stage in _STAGES:
+            if stage in verdict.timings_ms:
+                STAGE_SECONDS.labels(stage[:-3]).observe(verdict.timings_ms[stage] / 1000.0)
+    new = len(verdicts) - sum(duplicates)
+    if new:
+        PUBLISHED.labels("new").inc(new)
+    if new < len(verdicts):
+        PUBLISHED.labels("duplicate").inc(len(verdicts) - new)
+    for decision, n in decisions.items():
+        VERDICTS.labels(decision).inc(n)
+    for code, n in codes.items():
+        ERRORS.labels(code).inc(n)
 
 
 class QueueDepthCollector(Collector):

@@ -58,18 +58,28 @@ class ResultPublisher:
         self._script = redis.register_script(_PUBLISH)
 
     def publish(self, verdict: Verdict) -> Published:
-        transient = verdict.error is not None and verdict.error.code in TRANSIENT
-        entry = self._script(
-            keys=[keys.published_marker(verdict.id), self.settings.stream],
-            args=[
-                self.settings.transient_dedup_ttl_s if transient else self.settings.dedup_ttl_s,
-                self.settings.stream_maxlen,
-                verdict.model_dump_json(),
-                verdict.id,
-                verdict.status,
-                verdict.decision or "",
-            ],
-        )
-        if isinstance(entry, bytes):
-            entry = entry.decode()
-        return Published(verdict.id, entry or None)
+        return self.publish_many([verdict])[0]
+
+    def publish_many(self, verdicts: list[Verdict]) -> list[Published]:
+        """Publish in one round trip (a pipeline of script calls); each stays atomic on its own."""
+        pipe = self.redis.pipeline(transaction=False)
+        for verdict in verdicts:
+            transient = verdict.error is not None and verdict.error.code in TRANSIENT
+            self._script(
+                keys=[keys.published_marker(verdict.id), self.settings.stream],
+                args=[
+                    self.settings.transient_dedup_ttl_s if transient else self.settings.dedup_ttl_s,
+                    self.settings.stream_maxlen,
+                    verdict.model_dump_json(),
+                    verdict.id,
+                    verdict.status,
+                    verdict.decision or "",
+                ],
+                client=pipe,
+            )
+        out = []
+        for verdict, entry in zip(verdicts, pipe.execute(), strict=True):
+            if isinstance(entry, bytes):
+                entry = entry.decode()
+            out.append(Published(verdict.id, entry or None))
+        return out

@@ -299,7 +299,9 @@ def test_health_key_and_probes(env, r, workers):
     assert r.ttl(keys.health(state["hostname"])) > 0
 
 
-def test_a_named_policy_tags_the_object_and_gets_its_own_version(env, r, producer, workers, s3_client, bucket):
+def test_a_named_policy_tags_the_object_and_gets_its_own_version(
+    env, r, producer, workers, s3_client, bucket
+):
     (key,) = upload(s3_client, bucket, 1)
     workers({**env, "MODGATE_POLICIES": '{"tagging": {"actions": {"tag": true}}}'})
     producer({"items": [{"bucket": bucket, "key": key}], "policy": "tagging"})
