@@ -29,6 +29,7 @@ test: install
 bench: install
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_clip.py
+	$(PY) bench/bench_queue.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -305,7 +305,12 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
-        "queue_noop": {"one_key_messages": single, "64_key_messages": multi, "goal_keys_per_s": 10_000},
+        "queue_noop": {
+            "one_key_messages": single,
+            "64_key_messages": multi,
+            "ratio_64_over_1": round(multi["keys_per_s"] / single["keys_per_s"], 2),
+            "goal_keys_per_s": 10_000,
+        },
         "latency_half_load": lat,
         "command": "python bench/bench_queue.py " + " ".join(sys.argv[1:]),
     }
