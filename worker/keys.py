@@ -28,9 +28,10 @@ def delivery_lease(delivery_id: str) -> str:
     return f"{PREFIX}:webhook:lease:{delivery_id}"
 
 
-def retry_claim(delivery_id: str, chain: str, attempt: int) -> str:
-    """Claimed by whoever schedules ``attempt``: duplicate copies cannot fork the retry chain."""
-    return f"{PREFIX}:webhook:retry:{delivery_id}:{chain}:{attempt}"
+def retry_claim(delivery_id: str, chain: str, attempt: int, hop: int = 0) -> str:
+    """Claimed by whoever schedules ``attempt`` (or one hop of its wait): duplicate copies
+    of a delivery cannot fork the retry chain."""
+    return f"{PREFIX}:webhook:retry:{delivery_id}:{chain}:{attempt}:{hop}"
 
 
 def health(hostname: str) -> str:

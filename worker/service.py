@@ -29,7 +29,7 @@ from worker.policy import Policy
 from worker.publisher import ResultPublisher
 from worker.settings import Settings
 from worker.verdict import Source, Verdict, error_verdict
-from worker.webhooks import Delivery, Dispatcher, Outcome, Schedule
+from worker.webhooks import MAX_HOP_S, Delivery, Dispatcher, Outcome, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,11 @@ class Service:
         self.redis = redis if redis is not None else redis_lib.Redis.from_url(settings.redis.url)
         self.publisher = ResultPublisher(self.redis, settings.results)
         self.dispatcher = Dispatcher(
-            self.redis, settings.webhook, schedule, marker_ttl_s=settings.results.dedup_ttl_s
+            self.redis,
+            settings.webhook,
+            schedule,
+            marker_ttl_s=settings.results.dedup_ttl_s,
+            max_hop_s=min(MAX_HOP_S, settings.worker.visibility_timeout_s / 2),
         )
         self.health = Health(self.redis, queues, settings.worker.heartbeat_s)
         self._pipeline_factory = pipeline_factory

@@ -49,7 +49,8 @@ SIGNATURE_HEADER = "Modgate-Signature"
 DELIVERY_HEADER = "Modgate-Delivery-Attempt"
 
 # Waits longer than this are split into hops: a Celery countdown beyond the Redis
-# visibility timeout would be handed out twice by kombu.
+# visibility timeout would be handed out twice by kombu. The service lowers it to half
+# the visibility timeout when that is shorter.
 MAX_HOP_S = 120.0
 
 Outcome = Literal["delivered", "retry", "dead", "duplicate", "busy", "waiting"]
@@ -260,6 +261,7 @@ class Dispatcher:
         dead_stream: str = keys.WEBHOOK_DEAD_STREAM,
         marker_ttl_s: int = 7 * 24 * 3600,
         resolver: Callable[..., Any] = socket.getaddrinfo,
+        max_hop_s: float = MAX_HOP_S,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -267,6 +269,7 @@ class Dispatcher:
         self.dead_stream = dead_stream
         self.marker_ttl_s = marker_ttl_s
         self.resolver = resolver
+        self.max_hop_s = max_hop_s
         self._release = redis.register_script(_RELEASE)
 
     def backoff(self, attempt: int) -> float:
@@ -325,7 +328,7 @@ class Dispatcher:
         )
         claim = keys.retry_claim(delivery.delivery_id, delivery.chain, following.attempt)
         if self.redis.set(claim, "1", nx=True, ex=self.marker_ttl_s):
-            self.schedule(following, min(wait, MAX_HOP_S))
+            self.schedule(following, min(wait, self.max_hop_s))
         return "retry"
 
     def _hop(self, delivery: Delivery, remaining: float) -> Outcome:
@@ -334,7 +337,7 @@ class Dispatcher:
             keys.retry_claim(delivery.delivery_id, delivery.chain, delivery.attempt) + f":hop{following.hop}"
         )
         if self.redis.set(claim, "1", nx=True, ex=self.marker_ttl_s):
-            self.schedule(following, min(remaining, MAX_HOP_S))
+            self.schedule(following, min(remaining, self.max_hop_s))
         return "waiting"
 
     def _dead(self, delivery: Delivery, done: str) -> Outcome:
