@@ -356,6 +356,178 @@ def health(
 
 
 @app.command()
+def enqueue(
+    target: Annotated[str, typer.Argument(help="s3://bucket/prefix to backfill.")],
+    suffix: Annotated[
+        str | None,
+        typer.Option("--suffix", help="Only keys ending in one of these (comma-separated, any case)."),
+    ] = None,
+    min_size: Annotated[
+        int | None, typer.Option("--min-size", help="Skip objects below this many bytes.")
+    ] = None,
+    max_size: Annotated[
+        int | None, typer.Option("--max-size", help="Skip objects above this many bytes.")
+    ] = None,
+    modified_since: Annotated[
+        str | None, typer.Option("--modified-since", help="ISO date/time; older objects are skipped.")
+    ] = None,
+    start_after: Annotated[
+        str | None, typer.Option("--start-after", help="Resume after this key (the last one a run printed).")
+    ] = None,
+    rate: Annotated[float | None, typer.Option("--rate", help="At most this many keys per second.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Keys a message (default worker.max_items).")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option("--tenant")] = None,
+    callback_url: Annotated[
+        str | None, typer.Option("--callback-url", help="Webhook for these verdicts.")
+    ] = None,
+    policy: Annotated[str | None, typer.Option("--policy", help="Named policy (MODGATE_POLICIES).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List and count, enqueue nothing.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress line on stderr.")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Backfill: enqueue every object under an S3 prefix (ETag and size from the listing)."""
+    import time
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+
+    from producers.backfill import Filters, backfill
+    from producers.enqueuer import Enqueuer
+    from worker.fetch import Fetcher, TargetError
+    from worker.settings import ProducerRoute
+
+    settings = _settings(config, {})
+    try:
+        bucket, prefix = Fetcher.parse_s3_uri(target)
+    except TargetError as exc:
+        raise typer.BadParameter(str(exc), param_hint="TARGET") from None
+    since = None
+    if modified_since:
+        try:
+            since = datetime.fromisoformat(modified_since)
+        except ValueError:
+            raise typer.BadParameter(
+                "expected an ISO date, e.g. 2026-11-01", param_hint="--modified-since"
+            ) from None
+        since = since if since.tzinfo else since.replace(tzinfo=UTC)
+    filters = Filters(
+        suffixes=tuple(x.strip().lower() for x in suffix.split(",") if x.strip()) if suffix else (),
+        min_size=min_size,
+        max_size=max_size,
+        modified_since=since,
+    )
+    route = None
+    if tenant or callback_url or policy:
+        route = ProducerRoute(
+            bucket=bucket, prefix=prefix, tenant=tenant, callback_url=callback_url, policy=policy
+        )
+    console = Console(stderr=True)
+    enqueuer = None if dry_run else Enqueuer(settings)
+
+    started = time.perf_counter()
+
+    def show(result: Any) -> None:
+        if progress:
+            per_s = result.enqueued / max(1e-6, time.perf_counter() - started)
+            line = f"listed {result.listed}, enqueued {result.enqueued} ({per_s:.0f} keys/s)"
+            line += f", last {result.last_key}"
+            console.print(line, end="\r", highlight=False)
+
+    try:
+        result = backfill(
+            enqueuer,
+            Fetcher(settings.s3).client,
+            bucket,
+            prefix,
+            filters,
+            start_after=start_after,
+            rate=rate,
+            route=route,
+            dry_run=dry_run,
+            progress=show,
+            batch_size=batch_size or settings.worker.max_items,
+        )
+    except Exception as exc:
+        console.print(f"\n[red]modgate: backfill stopped: {type(exc).__name__}: {exc}[/red]")
+        raise typer.Exit(EXIT_INFRA) from None
+    verb = "would enqueue" if dry_run else "enqueued"
+    console.print(
+        f"\nlisted {result.listed}, matched {result.matched}, {verb} {result.enqueued} keys in "
+        f"{result.messages} messages, {result.seconds:.1f} s; last key: {result.last_key}",
+        highlight=False,
+    )
+    typer.echo(
+        json.dumps(
+            {
+                "listed": result.listed,
+                "matched": result.matched,
+                "enqueued": result.enqueued,
+                "messages": result.messages,
+                "last_key": result.last_key,
+                "dry_run": dry_run,
+            }
+        )
+    )
+
+
+listen_app = typer.Typer(help="Consume S3 event notifications and enqueue the created objects.")
+app.add_typer(listen_app, name="listen")
+
+
+@listen_app.command("sqs")
+def listen_sqs(
+    queue_url: Annotated[str, typer.Argument(help="SQS queue URL receiving S3 (or SNS/EventBridge) events.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Long-poll SQS; delete each message only after its keys are on the Redis queue."""
+    import signal
+
+    from producers.enqueuer import Enqueuer
+    from producers.sqs import SqsListener
+    from worker.logs import setup_logging
+
+    settings = _settings(config, {})
+    setup_logging(settings.worker.log_format)
+    if settings.producer.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.producer.metrics_port)
+    listener = SqsListener(queue_url, Enqueuer(settings))
+
+    def stop(signum: int, _frame: Any) -> None:
+        logging.getLogger("producers.sqs").info("signal %d: finishing the current batch", signum)
+        listener.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    listener.run()
+
+
+@app.command("serve-events")
+def serve_events(
+    host: Annotated[str, typer.Option("--host")] = "0.0.0.0",
+    port: Annotated[int, typer.Option("--port")] = 8080,
+    config: ConfigOpt = None,
+) -> None:
+    """HTTP receiver for S3/MinIO event notifications: POST /events, GET /healthz, /openapi.json."""
+    import uvicorn
+
+    from producers.receiver import create_app
+    from worker.logs import setup_logging
+
+    settings = _settings(config, {})
+    setup_logging(settings.worker.log_format)
+    try:
+        api = create_app(settings)
+    except ValueError as exc:
+        typer.echo(f"modgate: {exc}", err=True)
+        raise typer.Exit(EXIT_INFRA) from None
+    uvicorn.run(api, host=host, port=port, log_config=None, timeout_graceful_shutdown=10)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of the verdict (v1)."""
     from worker.verdict import Verdict

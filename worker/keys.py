@@ -37,3 +37,9 @@ def retry_claim(delivery_id: str, chain: str, attempt: int, hop: int = 0) -> str
 def health(hostname: str) -> str:
     """Heartbeat of one worker process (JSON, expires unless refreshed)."""
     return f"{PREFIX}:health:{hostname}"
+
+
+def event_marker(fingerprint: str) -> str:
+    """Set by producers after enqueueing an object event: repeated notifications within
+    ``producer.dedup_ttl_s`` are enqueued once."""
+    return f"{PREFIX}:event:{fingerprint}"

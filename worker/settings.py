@@ -175,6 +175,47 @@ class WebhookSettings(BaseModel):
         return self.secret
 
 
+class ProducerRoute(BaseModel):
+    """What to attach to keys under ``bucket``/``prefix`` (the longest matching prefix wins)."""
+
+    bucket: str
+    prefix: str = ""
+    tenant: str | None = None
+    callback_url: str | None = None
+    policy: str | None = None
+
+
+class ProducerSettings(BaseModel):
+    # Buckets events may name; events for others are refused and counted. None = any.
+    buckets: list[str] | None = None
+    routes: list[ProducerRoute] = Field(default_factory=list)
+    # Repeated notifications for the same (bucket, key, version/ETag) within this window
+    # are enqueued once.
+    dedup_ttl_s: int = Field(3600, ge=1)
+    # SQS: long-poll wait, messages per receive, and how soon a message whose keys could
+    # not be enqueued (Redis down) becomes visible again.
+    sqs_wait_s: int = Field(20, ge=0, le=20)
+    sqs_max_messages: int = Field(10, ge=1, le=10)
+    sqs_retry_after_s: int = Field(10, ge=0, le=43200)
+    # Prometheus /metrics of `modgate listen sqs`; 0 = off.
+    metrics_port: int = Field(0, ge=0, le=65535)
+
+    def route(self, bucket: str, key: str) -> ProducerRoute | None:
+        matches = [r for r in self.routes if r.bucket == bucket and key.startswith(r.prefix)]
+        return max(matches, key=lambda r: len(r.prefix)) if matches else None
+
+
+class ReceiverSettings(BaseModel):
+    """``modgate serve-events``: S3/MinIO event notifications over HTTP."""
+
+    # Bearer token (MinIO's webhook ``auth_token``) and/or an HMAC secret for a
+    # ``Modgate-Signature`` header; at least one is required unless ``allow_anonymous``.
+    token: SecretStr | None = None
+    hmac_secret: SecretStr | None = None
+    allow_anonymous: bool = False
+    max_body_bytes: int = Field(1 * MiB, ge=1024)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MODGATE_",
@@ -191,6 +232,8 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    producer: ProducerSettings = Field(default_factory=ProducerSettings)
+    receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     # A policy file replaces parts of the built-in policy; inline ``policy`` entries
     # (YAML config or env) are merged on top of that.
     policy_file: Path | None = None

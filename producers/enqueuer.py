@@ -1,0 +1,138 @@
+"""Puts keys on the queue: the one place producers send ``modgate.moderate``.
+
+It applies the producer policy shared by every producer: the bucket allowlist, the
+tenant/callback/policy route per bucket and prefix, dedup of repeated notifications, and
+``worker.max_items`` keys a message. Tasks are sent by name, as JSON, through a Celery
+app that knows nothing of the worker's code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
+
+from worker import keys
+from worker.contract import MODERATE_QUEUE, MODERATE_TASK, Item, ModerateMessage, chunk_items
+from worker.settings import ProducerRoute, Settings
+
+log = logging.getLogger(__name__)
+
+EVENTS = Counter(
+    "modgate_producer_events_total",
+    "Object events seen by producers, by outcome (enqueued, duplicate, refused, ignored).",
+    ["outcome"],
+)
+MESSAGES = Counter("modgate_producer_messages_total", "modgate.moderate messages sent.")
+
+
+@dataclass
+class EnqueueResult:
+    enqueued: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    messages: int = 0
+
+    def add(self, other: EnqueueResult) -> None:
+        self.enqueued += other.enqueued
+        self.duplicates += other.duplicates
+        self.refused += other.refused
+        self.messages += other.messages
+
+
+def celery_producer(redis_url: str) -> Any:
+    from celery import Celery
+
+    app = Celery("modgate-producer", broker=redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        # Fail within ~1 s when Redis is down, so callers can leave the event for redelivery.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.3},
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+class Enqueuer:
+    def __init__(self, settings: Settings, app: Any = None, redis: Any = None) -> None:
+        import redis as redis_lib
+
+        self.settings = settings
+        self.producer = settings.producer
+        self.app = app if app is not None else celery_producer(settings.redis.url)
+        self.redis = redis if redis is not None else redis_lib.Redis.from_url(settings.redis.url)
+
+    def allowed(self, bucket: str) -> bool:
+        return self.producer.buckets is None or bucket in self.producer.buckets
+
+    def send(self, items: list[Item], route: ProducerRoute | None) -> int:
+        """Send ``items`` in messages of at most ``worker.max_items``; returns messages sent."""
+        sent = 0
+        for chunk in chunk_items(items, self.settings.worker.max_items):
+            message = ModerateMessage(
+                items=chunk,
+                tenant=route.tenant if route else None,
+                callback_url=route.callback_url if route else None,
+                policy=route.policy if route else None,
+            )
+            self.app.send_task(MODERATE_TASK, args=[message.model_dump(mode="json")], queue=MODERATE_QUEUE)
+            sent += 1
+        MESSAGES.inc(sent)
+        return sent
+
+    def enqueue_events(self, events: Iterable[Any]) -> EnqueueResult:
+        """Enqueue object events; raises (leaving nothing marked) when Redis does not accept them.
+
+        Dedup markers are written only after the send succeeded, so a failed attempt never
+        hides an event from its redelivery; a duplicate that slips through is harmless (the
+        worker publishes each verdict once)."""
+        result = EnqueueResult()
+        fresh = []
+        for event in events:
+            if not self.allowed(event.bucket):
+                result.refused += 1
+                log.warning("event for bucket %s refused: not in producer.buckets", event.bucket)
+                continue
+            fresh.append(event)
+        markers = [
+            keys.event_marker(hashlib.sha256(e.fingerprint().encode()).hexdigest()[:32]) for e in fresh
+        ]
+        seen = self.redis.mget(markers) if markers else []
+        groups: dict[tuple[str | None, str | None, str | None], list[Item]] = defaultdict(list)
+        routes: dict[tuple[str | None, str | None, str | None], ProducerRoute | None] = {}
+        todo: list[str] = []
+        for event, marker, present in zip(fresh, markers, seen, strict=True):
+            if present is not None or marker in todo:
+                result.duplicates += 1
+                continue
+            route = self.producer.route(event.bucket, event.key)
+            group = (route.tenant, route.callback_url, route.policy) if route else (None, None, None)
+            routes[group] = route
+            groups[group].append(
+                Item(
+                    bucket=event.bucket,
+                    key=event.key,
+                    version_id=event.version_id,
+                    etag=event.etag,
+                    size=event.size,
+                )
+            )
+            todo.append(marker)
+        for group, items in groups.items():
+            result.messages += self.send(items, routes[group])
+        result.enqueued = len(todo)
+        if todo:
+            pipe = self.redis.pipeline(transaction=False)
+            for marker in todo:
+                pipe.set(marker, "1", ex=self.producer.dedup_ttl_s)
+            pipe.execute()
+        EVENTS.labels("enqueued").inc(result.enqueued)
+        EVENTS.labels("duplicate").inc(result.duplicates)
+        EVENTS.labels("refused").inc(result.refused)
+        return result

@@ -1,0 +1,364 @@
+"""Producers against real components: moto in server mode emits S3 event notifications
+into SQS (directly, through SNS, through EventBridge) when objects are put; a real
+redis-server receives the tasks; the HTTP receiver runs as `modgate serve-events`."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import boto3
+import pytest
+import redis
+
+from producers.enqueuer import Enqueuer
+from producers.events import ObjectEvent
+from producers.sqs import SqsListener
+from tests.servers import RedisServer, free_port
+from worker.settings import load_settings
+
+MODGATE = [sys.executable, "-m", "worker.cli"]
+TRICKY = [
+    "dir/a b.jpg",
+    "dir/c+d.jpg",
+    "dir/100%.jpg",
+    "dir/ünï cødé 🐱.jpg",
+    "deep/n/e/s/t/x.jpg",
+    "q?x=1&y.jpg",
+]
+
+
+def queued(client, queue="modgate"):
+    """The modgate.moderate payloads waiting in a Celery queue on Redis, oldest first."""
+    out = []
+    for raw in reversed(client.lrange(queue, 0, -1)):
+        envelope = json.loads(raw)
+        assert envelope["headers"]["task"] == "modgate.moderate"
+        assert envelope["content-type"] == "application/json"
+        args, _kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+        out.append(args[0])
+    return out
+
+
+def queued_keys(client):
+    return [item["key"] for message in queued(client) for item in message["items"]]
+
+
+@pytest.fixture
+def aws(moto_server, s3_env):
+    kw = {"endpoint_url": moto_server.url, "region_name": "us-east-1"}
+    return {name: boto3.client(name, **kw) for name in ("s3", "sqs", "sns", "events")}
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def settings_for(redis_url, **producer):
+    return load_settings(
+        redis={"url": redis_url}, producer={"sqs_wait_s": 1, "sqs_retry_after_s": 1, **producer}
+    )
+
+
+def make_queue(sqs, **attributes):
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    url = sqs.create_queue(QueueName=name, Attributes={k: str(v) for k, v in attributes.items()})["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    return url, arn
+
+
+def drain(listener, until, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listener.poll_once()
+        if until():
+            return
+    raise AssertionError("listener did not get there in time")
+
+
+def sqs_count(sqs, url):
+    attrs = sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def test_s3_to_sqs_keys_arrive_exactly_as_written_and_test_event_is_ignored(aws, bucket, own_redis):
+    url, arn = make_queue(aws["sqs"])
+    aws["s3"].put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={
+            "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]
+        },
+    )
+    for key in TRICKY:
+        aws["s3"].put_object(Bucket=bucket, Key=key, Body=b"img")
+    aws["s3"].delete_object(Bucket=bucket, Key=TRICKY[0])  # not a create event: no notification configured
+    r = redis.Redis.from_url(own_redis.url)
+    listener = SqsListener(url, Enqueuer(settings_for(own_redis.url)), client=aws["sqs"])
+    drain(listener, lambda: sqs_count(aws["sqs"], url) == 0)
+    assert sorted(queued_keys(r)) == sorted(TRICKY)
+    assert listener.stats.ignored >= 1  # the s3:TestEvent sent when notifications were configured
+    assert all(i["etag"] and i["size"] == 3 for m in queued(r) for i in m["items"])
+
+
+def test_sns_wrapped_and_eventbridge_notifications(aws, bucket, own_redis):
+    url, arn = make_queue(aws["sqs"])
+    topic = aws["sns"].create_topic(Name=f"t-{uuid.uuid4().hex[:8]}")["TopicArn"]
+    aws["sns"].subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn)  # not raw: SNS envelope
+    aws["s3"].put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={
+            "TopicConfigurations": [{"TopicArn": topic, "Events": ["s3:ObjectCreated:*"]}],
+            "EventBridgeConfiguration": {},
+        },
+    )
+    rule = f"r-{uuid.uuid4().hex[:8]}"
+    aws["events"].put_rule(Name=rule, EventPattern=json.dumps({"source": ["aws.s3"]}))
+    aws["events"].put_targets(Rule=rule, Targets=[{"Id": "q", "Arn": arn}])
+    aws["s3"].put_object(Bucket=bucket, Key="via both/x y.jpg", Body=b"img")
+    r = redis.Redis.from_url(own_redis.url)
+    listener = SqsListener(url, Enqueuer(settings_for(own_redis.url)), client=aws["sqs"])
+    drain(listener, lambda: sqs_count(aws["sqs"], url) == 0)
+    assert listener.stats.malformed == 0
+    # The same object announced twice (SNS and EventBridge): enqueued once.
+    assert queued_keys(r) == ["via both/x y.jpg"]
+    assert listener.stats.duplicates == 1
+
+
+def test_redis_down_keeps_every_sqs_message_until_it_returns(aws, bucket, own_redis):
+    url, arn = make_queue(aws["sqs"])
+    aws["s3"].put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={
+            "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]
+        },
+    )
+    listener = SqsListener(url, Enqueuer(settings_for(own_redis.url)), client=aws["sqs"])
+    drain(listener, lambda: sqs_count(aws["sqs"], url) == 0)  # consume the TestEvent
+    own_redis.stop()
+    keys = [f"down/{i}.jpg" for i in range(8)]
+    for key in keys:
+        aws["s3"].put_object(Bucket=bucket, Key=key, Body=b"img")
+    for _ in range(3):
+        listener.poll_once()
+    assert listener.stats.failed >= 1 and listener.stats.deleted == 1  # only the TestEvent
+    assert sqs_count(aws["sqs"], url) == len(keys)
+    own_redis.start()
+    r = redis.Redis.from_url(own_redis.url)
+    drain(listener, lambda: sqs_count(aws["sqs"], url) == 0, timeout=60)
+    assert sorted(queued_keys(r)) == sorted(keys)
+
+
+def test_malformed_messages_are_left_for_the_redrive_policy(aws, own_redis):
+    dlq_url, dlq_arn = make_queue(aws["sqs"])
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"})
+    url, _ = make_queue(aws["sqs"], VisibilityTimeout=1, RedrivePolicy=redrive)
+    aws["sqs"].send_message(QueueUrl=url, MessageBody="this is not an S3 event")
+    listener = SqsListener(url, Enqueuer(settings_for(own_redis.url)), client=aws["sqs"])
+    drain(listener, lambda: sqs_count(aws["sqs"], dlq_url) == 1, timeout=30)
+    assert listener.stats.malformed >= 2 and listener.stats.deleted == 0
+
+
+def test_allowlist_routes_and_dedup(own_redis):
+    settings = settings_for(
+        own_redis.url,
+        buckets=["ok-bucket"],
+        routes=[
+            {"bucket": "ok-bucket", "prefix": "", "tenant": "default-tenant"},
+            {
+                "bucket": "ok-bucket",
+                "prefix": "vip/",
+                "tenant": "vip",
+                "callback_url": "https://h.example/x",
+                "policy": "strict",
+            },
+        ],
+    )
+    enqueuer = Enqueuer(settings)
+    events = [
+        ObjectEvent("ok-bucket", "a.jpg", etag="1"),
+        ObjectEvent("ok-bucket", "vip/b.jpg", etag="2"),
+        ObjectEvent("other-bucket", "c.jpg", etag="3"),
+        ObjectEvent("ok-bucket", "a.jpg", etag="1"),  # repeated notification
+    ]
+    first = enqueuer.enqueue_events(events)
+    again = enqueuer.enqueue_events([*events[:2], ObjectEvent("ok-bucket", "a.jpg", etag="changed")])
+    assert (first.enqueued, first.duplicates, first.refused) == (2, 1, 1)
+    assert (again.enqueued, again.duplicates) == (1, 2)  # a new ETag is a new version
+    messages = queued(redis.Redis.from_url(own_redis.url))
+    by_tenant = {m["tenant"]: m for m in messages[:2]}
+    assert (
+        by_tenant["vip"]["policy"] == "strict" and by_tenant["vip"]["callback_url"] == "https://h.example/x"
+    )
+    assert by_tenant["default-tenant"]["items"] == [
+        {"bucket": "ok-bucket", "key": "a.jpg", "version_id": None, "etag": "1", "size": None}
+    ]
+
+
+def run_cli(args, env):
+    return subprocess.run(
+        [*MODGATE, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
+
+
+def test_backfill_enqueues_each_key_exactly_once_and_resumes(aws, bucket, own_redis, s3_env):
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [f"bf/{i:04d}.jpg" for i in range(1000)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: aws["s3"].put_object(Bucket=bucket, Key=k, Body=b"x" * 10), keys))
+        list(
+            pool.map(
+                lambda k: aws["s3"].put_object(Bucket=bucket, Key=k, Body=b"x"), ["bf/notes.txt", "bf/z.PNG"]
+            )
+        )
+    env = {**s3_env, "MODGATE_REDIS__URL": own_redis.url}
+    r = redis.Redis.from_url(own_redis.url)
+
+    dry = run_cli(
+        ["enqueue", f"s3://{bucket}/bf/", "--suffix", ".jpg,.png", "--dry-run", "--no-progress"], env
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["enqueued"] == 1001 and r.llen("modgate") == 0
+
+    out = run_cli(["enqueue", f"s3://{bucket}/bf/", "--suffix", ".jpg", "--min-size", "5"], env)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["enqueued"] == 1000 and summary["listed"] == 1002 and summary["last_key"] == keys[-1]
+    got = queued_keys(r)
+    assert len(got) == 1000 and sorted(got) == keys
+    assert max(len(m["items"]) for m in queued(r)) == 64 and summary["messages"] == 16
+    assert "keys/s" in out.stderr
+
+    r.delete("modgate")
+    resumed = run_cli(
+        [
+            "enqueue",
+            f"s3://{bucket}/bf/",
+            "--suffix",
+            ".jpg",
+            "--start-after",
+            keys[899],
+            "--tenant",
+            "t1",
+            "--rate",
+            "500",
+        ],
+        env,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert queued_keys(r) == keys[900:]
+    assert {m["tenant"] for m in queued(r)} == {"t1"}
+
+
+@pytest.fixture
+def receiver(own_redis, s3_env):
+    port = free_port()
+    env = {
+        **os.environ,
+        **s3_env,
+        "MODGATE_REDIS__URL": own_redis.url,
+        "MODGATE_RECEIVER__TOKEN": "tok-123",
+        "MODGATE_RECEIVER__MAX_BODY_BYTES": "4096",
+        "MODGATE_PRODUCER__BUCKETS": '["allowed"]',
+    }
+    proc = subprocess.Popen(
+        [*MODGATE, "serve-events", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(base + "/healthz", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+def post(url, body, token="tok-123"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json"}
+    )
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def minio_body(keys, bucket="allowed"):
+    from urllib.parse import quote_plus
+
+    return {
+        "EventName": "s3:ObjectCreated:Put",
+        "Key": f"{bucket}/x",
+        "Records": [
+            {
+                "eventVersion": "2.0",
+                "eventSource": "minio:s3",
+                "eventName": "s3:ObjectCreated:Put",
+                "s3": {
+                    "bucket": {"name": bucket},
+                    "object": {"key": quote_plus(k), "size": 3, "eTag": "e" + str(i)},
+                },
+            }
+            for i, k in enumerate(keys)
+        ],
+    }
+
+
+def test_http_receiver_answers_each_case(receiver, own_redis):
+    r = redis.Redis.from_url(own_redis.url)
+    status, body, _ = post(receiver + "/events", minio_body(TRICKY))
+    assert status == 202 and body == {"enqueued": len(TRICKY), "duplicates": 0, "refused": 0, "ignored": 0}
+    assert sorted(queued_keys(r)) == sorted(TRICKY)
+    assert post(receiver + "/events", minio_body(["a.jpg"], bucket="forbidden"))[1]["refused"] == 1
+    assert post(receiver + "/events", minio_body(TRICKY))[1]["duplicates"] == len(TRICKY)
+    assert post(receiver + "/events", minio_body(["a.jpg"]), token=None)[0] == 401
+    assert post(receiver + "/events", minio_body(["a.jpg"]), token="wrong")[0] == 403
+    status, body, _ = post(receiver + "/events", b"{not json")
+    assert status == 400 and "malformed" in body["error"]
+    assert post(receiver + "/events", minio_body([f"k{i}" * 20 for i in range(100)]))[0] == 413
+    openapi = json.loads(urllib.request.urlopen(receiver + "/openapi.json", timeout=5).read())
+    assert "/events" in openapi["paths"] and "/healthz" in openapi["paths"]
+    own_redis.stop()
+    status, body, headers = post(receiver + "/events", minio_body(["later.jpg"]))
+    assert status == 503 and headers.get("retry-after") == "5"
+    own_redis.start()
+    assert post(receiver + "/events", minio_body(["later.jpg"]))[0] == 202
+
+
+def test_lambda_handler_direct_and_sqs_batch(own_redis, monkeypatch):
+    import producers.lambda_handler as lambda_handler
+
+    monkeypatch.setenv("MODGATE_REDIS__URL", own_redis.url)
+    monkeypatch.setattr(lambda_handler, "_enqueuer", None)
+    direct = minio_body(["lambda a.jpg"])
+    assert lambda_handler.handler(direct)["enqueued"] == 1
+    batch = {
+        "Records": [
+            {"eventSource": "aws:sqs", "messageId": "m1", "body": json.dumps(minio_body(["lambda b.jpg"]))},
+            {"eventSource": "aws:sqs", "messageId": "m2", "body": "garbage"},
+        ]
+    }
+    out = lambda_handler.handler(batch)
+    assert out["batchItemFailures"] == [{"itemIdentifier": "m2"}] and out["enqueued"] == 1
+    assert sorted(queued_keys(redis.Redis.from_url(own_redis.url))) == ["lambda a.jpg", "lambda b.jpg"]
