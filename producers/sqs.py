@@ -45,8 +45,16 @@ class SqsListener:
 
     def run(self) -> ListenStats:
         log.info("listening on %s", self.queue_url)
+        failures = 0
         while not self.stop.is_set():
-            self.poll_once()
+            try:
+                self.poll_once()
+                failures = 0
+            except Exception as exc:  # SQS unreachable or throttling: back off, keep going
+                failures += 1
+                wait = min(60.0, 2.0**failures)
+                log.error("SQS receive failed (%s); retrying in %.0f s", exc, wait)
+                self.stop.wait(wait)
         log.info("stopped", extra=self.stats.__dict__)
         return self.stats
 

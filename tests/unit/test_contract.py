@@ -51,3 +51,12 @@ def test_contract_imports_nothing_heavy():
     code = "import sys, worker.contract; print({'torch', 'celery', 'boto3', 'numpy'} & set(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"
+
+
+def test_producers_never_import_torch():
+    code = (
+        "import sys, producers.sqs, producers.receiver, producers.backfill, producers.lambda_handler; "
+        "print({'torch', 'torchvision', 'transformers', 'onnxruntime', 'open_clip'} & set(sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "set()"
