@@ -6,6 +6,8 @@ import pytest
 
 from tests.servers import MotoServer, RedisServer
 
+REPO = Path(__file__).resolve().parents[1]
+
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

@@ -10,8 +10,9 @@ Delivery guarantees, and how the settings relate (README "Delivery guarantees"):
 * ``task_acks_late``: a message is acknowledged when its task returns, i.e. after every
   verdict of the message is on the stream; a crash before that leaves it unacknowledged.
 * ``visibility_timeout`` (``worker.visibility_timeout_s``, default 300 s): Redis hands an
-  unacknowledged message out again after this long. Settings refuse a value that is not
-  at least ``worker.message_timeout_s`` + 30 s, the longest a message can take.
+  unacknowledged message out again after this long (plus at most one 5 s sweep). Settings
+  refuse a value that is not at least ``worker.message_timeout_s`` + 30 s, the longest a
+  message can take.
 * ``worker_prefetch_multiplier`` 1 with ``worker.concurrency`` threads (default
   2 × ``batch.max_batch``): enough one-key messages in flight to fill a batch while the
   previous one runs, and little reserved work to redeliver after a crash.
@@ -61,7 +62,14 @@ def create_app(settings: Settings | None = None, pipeline_factory: Any = None) -
         worker_prefetch_multiplier=settings.worker.prefetch_multiplier,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.worker.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.worker.visibility_timeout_s,
+            # kombu sweeps for expired unacknowledged messages every interval × throttle
+            # seconds (default 10 × 10): with these a crashed worker's messages are back
+            # within the visibility timeout + at most 5 s, not + 100 s.
+            "unacked_restore_interval": max(1.0, min(5.0, settings.worker.visibility_timeout_s / 20)),
+            "unacked_restore_throttle": 1,
+        },
     )
     app.modgate_settings = settings  # type: ignore[attr-defined]
     app.modgate_pipeline_factory = pipeline_factory  # type: ignore[attr-defined]

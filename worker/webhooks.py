@@ -287,7 +287,11 @@ class Dispatcher:
         lease = keys.delivery_lease(delivery.delivery_id)
         token = uuid.uuid4().hex
         if not self.redis.set(lease, token, nx=True, ex=int(self.settings.timeout_s) + 30):
-            return "busy"  # another copy is POSTing right now; it owns the outcome
+            # Another copy is POSTing right now. Look again once its lease runs out: if its
+            # process died, nobody else would ever finish this delivery.
+            remaining_ms = self.redis.pttl(lease)
+            self.schedule(delivery, min(self.max_hop_s, max(1.0, remaining_ms / 1000.0 + 1.0)))
+            return "busy"
         try:
             if self.redis.exists(done):  # finished between our check and the lease
                 return "duplicate"

@@ -160,6 +160,9 @@ def test_invalid_messages_become_error_records_and_the_queue_moves_on(
     producer({"items": [{"bucket": bucket, "key": key}], "policy": "no-such-policy"})
     producer(args=[], kwargs={})
     producer({"items": [{"bucket": bucket, "key": key}], "surprise": True})
+    pickler = Celery(broker=env["MODGATE_REDIS__URL"], set_as_current=False)
+    pickler.conf.update(task_serializer="pickle", accept_content=["pickle"])
+    pickler.send_task("modgate.moderate", args=[{"items": [{"bucket": bucket, "key": key}]}], queue="modgate")
     producer({"items": [{"bucket": bucket, "key": key}], "request_id": "after"})
     wait_for(lambda: any(v.get("request_id") == "after" for v in verdicts(r)), what="the valid message")
     time.sleep(0.5)
@@ -170,9 +173,9 @@ def test_invalid_messages_become_error_records_and_the_queue_moves_on(
     reasons = " | ".join(v["error"]["message"] for v in invalid)
     assert "items" in reasons and "unknown policy 'no-such-policy'" in reasons and "surprise" in reasons
     assert any(v["request_id"] == "req-1" and v["source"]["bucket"] == bucket for v in invalid)
-    (ok,) = [v for v in got if v["status"] == "ok"]
+    (ok,) = [v for v in got if v["status"] == "ok"]  # none from the pickled message
     assert ok["source"]["key"] == key and ok["request_id"] == "after"
-    assert r.llen("modgate") == 0
+    assert r.llen("modgate") == 0 and r.hlen("unacked") == 0
 
 
 def test_kill_9_mid_batch_loses_nothing_and_duplicates_nothing(env, r, producer, workers, s3_client, bucket):
@@ -182,16 +185,18 @@ def test_kill_9_mid_batch_loses_nothing_and_duplicates_nothing(env, r, producer,
         "MODGATE_WORKER__VISIBILITY_TIMEOUT_S": "35",
         "MODGATE_BATCH__MAX_BATCH": "4",
     }
-    n = 40
+    n = 60
     keys_ = upload(s3_client, bucket, n, prefix="crash")
     hook = WebhookReceiver()
-    first = workers(env, name="first")
+    # The deployed topology: a GPU worker for moderation, webhooks on a CPU dispatcher.
+    workers(env, name="dispatcher", queues="modgate.webhooks")
+    first = workers(env, name="first", queues="modgate")
     for key in keys_:
         producer({"items": [{"bucket": bucket, "key": key}], "callback_url": hook.url})
     wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= 3, what="the first verdicts")
     first.kill()
     assert r.xlen(keys.VERDICT_STREAM) < n, "the worker finished before it could be killed"
-    workers(env, name="second")
+    workers(env, name="second", queues="modgate")
     wait_for(
         lambda: r.xlen(keys.VERDICT_STREAM) >= n and len(hook.delivered()) >= n,
         timeout=150,
@@ -268,7 +273,7 @@ def test_sigterm_drains_in_flight_messages_and_requeues_the_rest(
     env, r, producer, workers, s3_client, bucket
 ):
     env = {**env, "MODGATE_WORKER__DRAIN_TIMEOUT_S": "0.5", "MODGATE_BATCH__MAX_BATCH": "2"}
-    n = 30
+    n = 60
     keys_ = upload(s3_client, bucket, n, prefix="drain")
     first = workers(env, name="first")
     for i in range(0, n, 3):

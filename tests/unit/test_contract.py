@@ -53,10 +53,12 @@ def test_contract_imports_nothing_heavy():
     assert out.stdout.strip() == "set()"
 
 
-def test_producers_never_import_torch():
+def test_producers_and_the_webhook_dispatcher_never_import_model_code():
     code = (
         "import sys, producers.sqs, producers.receiver, producers.backfill, producers.lambda_handler; "
-        "print({'torch', 'torchvision', 'transformers', 'onnxruntime', 'open_clip'} & set(sys.modules))"
+        "import worker.celery_app, worker.service, worker.cli; "  # the webhook dispatcher's path
+        "print({'torch', 'torchvision', 'transformers', 'onnxruntime', 'open_clip', 'numpy', 'PIL'} "
+        "& set(sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"

@@ -148,13 +148,17 @@ def test_delivered_once_even_when_copies_arrive(r):
     hook.stop()
 
 
-def test_a_copy_finding_the_lease_held_does_not_post(r):
+def test_a_copy_finding_the_lease_held_does_not_post_but_looks_again_later(r):
     hook = WebhookReceiver()
-    dispatcher, _ = make(r)
+    dispatcher, scheduled = make(r)
     d = Delivery.new("verdict-2", hook.url, "{}", tenant=None)
-    r.set(keys.delivery_lease(d.delivery_id), "someone-else")
+    r.set(keys.delivery_lease(d.delivery_id), "a-process-that-died", px=1500)
     assert dispatcher.deliver(d) == "busy"
     assert hook.requests == []
+    ((again, countdown),) = scheduled  # not dropped: the holder may be dead
+    assert again == d and 1.0 <= countdown <= 2.6
+    time.sleep(1.6)  # the dead holder's lease runs out
+    assert dispatcher.deliver(again) == "delivered" and len(hook.requests) == 1
     hook.stop()
 
 

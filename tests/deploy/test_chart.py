@@ -1,0 +1,185 @@
+"""The Helm chart, rendered and linted by the real Helm library (helm-python-sdk), every
+manifest validated against the Kubernetes schemas of a current release."""
+
+import json
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+CHART = REPO / "helm" / "modgate"
+KUBE = kubernetes_validate.latest_version()
+CRDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}  # no upstream schema to check against
+BASE = {
+    "secrets": {
+        "redisUrl": "redis://redis-master.redis:6379/0",
+        "webhookSecret": "whsec-xyz",
+        "receiverToken": "tok-abc",
+        "awsSecretAccessKey": "aws-secret-123",
+    }
+}
+
+VALUE_SETS = {
+    "default": BASE,
+    "keda": {
+        **BASE,
+        "keda": {
+            "enabled": True,
+            "address": "redis-master.redis:6379",
+            "passwordSecretKey": "REDIS_PASSWORD",
+        },
+    },
+    "hpa": {**BASE, "hpa": {"enabled": True, "maxReplicas": 3}},
+    "ingress": {
+        **BASE,
+        "receiver": {
+            "ingress": {
+                "enabled": True,
+                "className": "nginx",
+                "host": "events.acme.example",
+                "tls": [{"secretName": "events-tls", "hosts": ["events.acme.example"]}],
+            }
+        },
+    },
+    "model-pvc": {
+        **BASE,
+        "models": {"pvc": {"enabled": True, "size": "80Gi"}, "initPull": {"enabled": True}},
+    },
+    "existing-secret": {
+        "existingSecret": "modgate-prod-env",
+        "sqsListener": {"enabled": True, "queueUrl": "https://sqs.eu-west-1.amazonaws.com/1/q"},
+        "serviceMonitor": {"enabled": True},
+    },
+    "examples-aws": yaml.safe_load((REPO / "helm" / "examples" / "values-aws.yaml").read_text()),
+    "examples-minio": yaml.safe_load((REPO / "helm" / "examples" / "values-minio.yaml").read_text()),
+}
+
+
+def render(values):
+    chart = helm.Chart.load(str(CHART))
+    rendered = chart.render(values, name="mg", namespace="moderation", is_install=True)
+    docs = []
+    for path, text in rendered.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def by_kind(docs, kind):
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_lint_clean_and_every_manifest_valid(name):
+    values = VALUE_SETS[name]
+    report = helm.lint(str(CHART), values, strict=True)
+    assert report["errors"] == [] and all(m["severity"] < 2 for m in report["messages"]), report
+    docs = render(values)
+    assert docs
+    for doc in docs:
+        if doc["kind"] in CRDS:
+            assert doc["apiVersion"].split("/")[0] in ("keda.sh", "monitoring.coreos.com")
+            continue
+        kubernetes_validate.validate(doc, KUBE, strict=True)
+
+
+def containers(deployment):
+    spec = deployment["spec"]["template"]["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def test_worker_gpu_probes_grace_and_security():
+    docs = render(BASE)
+    worker = by_kind(docs, "Deployment")["mg-modgate-worker"]
+    pod = worker["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert (
+        c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        and c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    )
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 600
+    config = yaml.safe_load(by_kind(docs, "ConfigMap")["mg-modgate-config"]["data"]["modgate.yaml"])
+    assert pod["terminationGracePeriodSeconds"] > config["worker"]["drain_timeout_s"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    for deployment in by_kind(docs, "Deployment").values():
+        spec = deployment["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for container in containers(deployment):
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+    dispatcher = by_kind(docs, "Deployment")["mg-modgate-dispatcher"]
+    assert dispatcher["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "worker",
+        "--queues",
+        "modgate.webhooks",
+    ]
+    assert "nvidia.com/gpu" not in json.dumps(dispatcher)
+
+
+def test_no_secret_values_outside_secrets():
+    for name, values in VALUE_SETS.items():
+        docs = render(values)
+        text = json.dumps([d for d in docs if d["kind"] != "Secret"])
+        for secret in ("whsec-xyz", "tok-abc", "aws-secret-123", "redis://"):
+            assert secret not in text, (name, secret)
+    existing = render(VALUE_SETS["existing-secret"])
+    assert not by_kind(existing, "Secret")
+    worker = by_kind(existing, "Deployment")["mg-modgate-worker"]
+    assert worker["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "modgate-prod-env"}}
+    ]
+
+
+def test_grace_period_must_exceed_drain_timeout():
+    with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds"):
+        render({**BASE, "worker": {"drainTimeoutSeconds": 120, "terminationGracePeriodSeconds": 60}})
+
+
+def test_schema_rejects_typos_and_bad_values():
+    chart = helm.Chart.load(str(CHART))
+    chart.validate_schema(BASE)
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({**BASE, "wroker": {}})
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({**BASE, "worker": {"gpus": -1}})
+
+
+def test_keda_scales_the_worker_on_the_queue_and_hpa_is_the_fallback():
+    keda = render(VALUE_SETS["keda"])
+    (scaled,) = by_kind(keda, "ScaledObject").values()
+    trigger = scaled["spec"]["triggers"][0]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "mg-modgate-worker"
+    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == "modgate"
+    assert "replicas" not in by_kind(keda, "Deployment")["mg-modgate-worker"]["spec"]
+    assert not by_kind(keda, "HorizontalPodAutoscaler")
+    hpa = render(VALUE_SETS["hpa"])
+    assert by_kind(hpa, "HorizontalPodAutoscaler")["mg-modgate-worker"]["spec"]["maxReplicas"] == 3
+
+
+def test_models_pvc_and_init_pull():
+    docs = render(VALUE_SETS["model-pvc"])
+    assert (
+        by_kind(docs, "PersistentVolumeClaim")["mg-modgate-models"]["spec"]["resources"]["requests"][
+            "storage"
+        ]
+        == "80Gi"
+    )
+    pod = by_kind(docs, "Deployment")["mg-modgate-worker"]["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["args"][:2] == ["models", "pull"]
+    models = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert models["persistentVolumeClaim"]["claimName"] == "mg-modgate-models"
+
+
+def test_ingress_routes_events_to_the_receiver():
+    docs = render(VALUE_SETS["ingress"])
+    (ingress,) = by_kind(docs, "Ingress").values()
+    path = ingress["spec"]["rules"][0]["http"]["paths"][0]
+    assert path["path"] == "/events" and path["backend"]["service"]["name"] == "mg-modgate-receiver"
+    assert by_kind(docs, "PodDisruptionBudget") and by_kind(docs, "NetworkPolicy")
