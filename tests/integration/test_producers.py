@@ -75,6 +75,18 @@ def make_queue(sqs, **attributes):
     return url, arn
 
 
+def notifying_queue(aws, bucket):
+    """A queue that the bucket's object-created notifications go to (moto emits them itself)."""
+    url, arn = make_queue(aws["sqs"])
+    aws["s3"].put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={
+            "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]
+        },
+    )
+    return url
+
+
 def drain(listener, until, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -92,13 +104,7 @@ def sqs_count(sqs, url):
 
 
 def test_s3_to_sqs_keys_arrive_exactly_as_written_and_test_event_is_ignored(aws, bucket, own_redis):
-    url, arn = make_queue(aws["sqs"])
-    aws["s3"].put_bucket_notification_configuration(
-        Bucket=bucket,
-        NotificationConfiguration={
-            "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]
-        },
-    )
+    url = notifying_queue(aws, bucket)
     for key in TRICKY:
         aws["s3"].put_object(Bucket=bucket, Key=key, Body=b"img")
     aws["s3"].delete_object(Bucket=bucket, Key=TRICKY[0])  # not a create event: no notification configured
@@ -135,13 +141,7 @@ def test_sns_wrapped_and_eventbridge_notifications(aws, bucket, own_redis):
 
 
 def test_redis_down_keeps_every_sqs_message_until_it_returns(aws, bucket, own_redis):
-    url, arn = make_queue(aws["sqs"])
-    aws["s3"].put_bucket_notification_configuration(
-        Bucket=bucket,
-        NotificationConfiguration={
-            "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]
-        },
-    )
+    url = notifying_queue(aws, bucket)
     listener = SqsListener(url, Enqueuer(settings_for(own_redis.url)), client=aws["sqs"])
     drain(listener, lambda: sqs_count(aws["sqs"], url) == 0)  # consume the TestEvent
     own_redis.stop()
