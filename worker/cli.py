@@ -231,7 +231,7 @@ def models_pull(
         if detector_id not in SPECS:
             continue
         try:
-            for pulled_id, what in pull([detector_id], to):
+            for pulled_id, what in pull([detector_id], to, settings):
                 typer.echo(f"{pulled_id}: {what}")
         except Exception as exc:  # one unreachable source must not hide the others
             failed = True

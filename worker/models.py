@@ -35,6 +35,9 @@ class WeightSpec:
     hub_revision: str = "main"
     licence: str = ""
 
+    def revision(self, settings: Settings) -> str:
+        return settings.detectors.revisions.get(self.detector_id, self.hub_revision)
+
 
 SPECS: dict[str, WeightSpec] = {
     s.detector_id: s
@@ -67,13 +70,27 @@ SPECS: dict[str, WeightSpec] = {
             ),
             licence="none stated",
         ),
+        # Hub checkpoints are pinned to commits, so `models pull` today and next year fetch
+        # the same bytes. These are commits other projects pin or cache (the hub itself is
+        # unreachable from where they were chosen); `MODGATE_DETECTORS__REVISIONS` overrides.
         WeightSpec(
             "sd_safety_checker",
             hub_repo="CompVis/stable-diffusion-safety-checker",
+            hub_revision="cb41f3a270d63d454d385fc2e4f571c487c253c5",
             licence="CreativeML OpenRAIL-M",
         ),
-        WeightSpec("clip", hub_repo="openai/clip-vit-large-patch14", licence="MIT"),
-        WeightSpec("falconsai_vit", hub_repo="Falconsai/nsfw_image_detection", licence="Apache-2.0"),
+        WeightSpec(
+            "clip",
+            hub_repo="openai/clip-vit-large-patch14",
+            hub_revision="32bd64288804d66eefd0ccbe215aa642df71cc41",
+            licence="MIT",
+        ),
+        WeightSpec(
+            "falconsai_vit",
+            hub_repo="Falconsai/nsfw_image_detection",
+            hub_revision="96cb0d0342c7afb80cab76ecc58b265fa44da256",
+            licence="Apache-2.0",
+        ),
     )
 }
 CLIP_HEADS = {"sd_safety_checker", "laion_nsfw", "q16", "multiheaded", "laion_violence", "clip_zeroshot"}
@@ -141,10 +158,9 @@ def status(detector_id: str, settings: Settings) -> WeightStatus:
                 detector_id, f"package {spec.package}: {found}", True, _size(found), _sha(found), looked
             )
     if spec.hub_repo:
-        looked.append(f"hub {spec.hub_repo}@{spec.hub_revision}")
-        return WeightStatus(
-            detector_id, f"hub {spec.hub_repo}@{spec.hub_revision}", False, 0, spec.hub_revision, looked
-        )
+        revision = spec.revision(settings)
+        looked.append(f"hub {spec.hub_repo}@{revision}")
+        return WeightStatus(detector_id, f"hub {spec.hub_repo}@{revision}", False, 0, revision, looked)
     if spec.urls:
         looked.append(spec.urls[0])
         return WeightStatus(detector_id, f"download {spec.urls[0]}", False, 0, "", looked)
@@ -159,7 +175,7 @@ def needed(detector_ids: list[str]) -> list[str]:
     return out
 
 
-def pull(detector_ids: list[str], to: Path) -> Iterator[tuple[str, str]]:
+def pull(detector_ids: list[str], to: Path, settings: Settings | None = None) -> Iterator[tuple[str, str]]:
     """Fetch these weight sets into ``to`` (see ``needed``); yields (id, what happened)."""
     to.mkdir(parents=True, exist_ok=True)
     for detector_id in detector_ids:
@@ -176,13 +192,14 @@ def pull(detector_ids: list[str], to: Path) -> Iterator[tuple[str, str]]:
         elif spec.hub_repo:
             from huggingface_hub import snapshot_download
 
+            revision = spec.revision(settings) if settings is not None else spec.hub_revision
             snapshot_download(
                 spec.hub_repo,
-                revision=spec.hub_revision,
+                revision=revision,
                 local_dir=target,
                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
             )
-            yield detector_id, f"downloaded {spec.hub_repo}@{spec.hub_revision}"
+            yield detector_id, f"downloaded {spec.hub_repo}@{revision}"
         else:
             for name, url in zip(spec.files, spec.urls, strict=True):
                 _download(url, target / name)

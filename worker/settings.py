@@ -99,6 +99,9 @@ class DetectorSettings(BaseModel):
     backbone_space: str | None = None
     # open_clip architecture of a backbone given as a weights file (--model clip=FILE).
     backbone_arch: str = "ViT-L-14"
+    # Hub commit per checkpoint id (sd_safety_checker, clip, falconsai_vit), replacing the
+    # pinned defaults in worker/models.py.
+    revisions: dict[str, str] = Field(default_factory=dict)
 
     @property
     def strict(self) -> bool:

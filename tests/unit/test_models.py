@@ -96,3 +96,15 @@ def test_an_explicitly_enabled_head_downloads_into_the_cache_once(tmp_path, monk
         server.shutdown()
     again = LaionViolence.load(strict, backbone)  # server gone: served from the cache
     assert again.revision == head.revision
+
+
+def test_hub_checkpoints_are_pinned_to_commits_and_settings_can_repin(tmp_path):
+    import re
+
+    settings = load_settings(detectors={"cache_dir": str(tmp_path)})
+    for detector_id in ("sd_safety_checker", "clip", "falconsai_vit"):
+        st = models.status(detector_id, settings)
+        assert re.fullmatch(r"[0-9a-f]{40}", st.revision), (detector_id, st.revision)
+        assert st.source.endswith("@" + st.revision)
+    repinned = load_settings(detectors={"cache_dir": str(tmp_path), "revisions": {"clip": "abc123"}})
+    assert models.status("clip", repinned).revision == "abc123"

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 HUB_REPO = "Falconsai/nsfw_image_detection"
-HUB_REVISION = "main"  # see worker.models.SPECS: pin to a commit once one is verified
 
 
 def _local_dir(settings: Settings) -> Path | None:
@@ -63,7 +62,9 @@ class FalconsaiViT(Detector):
         online = local is None and settings.detectors.strict
         kwargs: dict[str, Any] = {} if online else {"local_files_only": True}
         if local is None:
-            kwargs["revision"] = HUB_REVISION
+            from worker.models import SPECS
+
+            kwargs["revision"] = SPECS["falconsai_vit"].revision(settings)
         try:
             model = AutoModelForImageClassification.from_pretrained(source, **kwargs)
             processor = AutoImageProcessor.from_pretrained(source, **kwargs)
