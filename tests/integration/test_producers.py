@@ -260,16 +260,15 @@ def test_backfill_enqueues_each_key_exactly_once_and_resumes(aws, bucket, own_re
     assert {m["tenant"] for m in queued(r)} == {"t1"}
 
 
-@pytest.fixture
-def receiver(own_redis, s3_env):
+def start_receiver(redis_url, s3_env, auth):
     port = free_port()
     env = {
         **os.environ,
         **s3_env,
-        "MODGATE_REDIS__URL": own_redis.url,
-        "MODGATE_RECEIVER__TOKEN": "tok-123",
+        "MODGATE_REDIS__URL": redis_url,
         "MODGATE_RECEIVER__MAX_BODY_BYTES": "4096",
         "MODGATE_PRODUCER__BUCKETS": '["allowed"]',
+        **auth,
     }
     proc = subprocess.Popen(
         [*MODGATE, "serve-events", "--host", "127.0.0.1", "--port", str(port)],
@@ -285,6 +284,12 @@ def receiver(own_redis, s3_env):
             break
         except OSError:
             time.sleep(0.1)
+    return proc, base
+
+
+@pytest.fixture
+def receiver(own_redis, s3_env):
+    proc, base = start_receiver(own_redis.url, s3_env, {"MODGATE_RECEIVER__TOKEN": "tok-123"})
     yield base
     proc.terminate()
     proc.wait(10)
@@ -362,3 +367,37 @@ def test_lambda_handler_direct_and_sqs_batch(own_redis, monkeypatch):
     out = lambda_handler.handler(batch)
     assert out["batchItemFailures"] == [{"itemIdentifier": "m2"}] and out["enqueued"] == 1
     assert sorted(queued_keys(redis.Redis.from_url(own_redis.url))) == ["lambda a.jpg", "lambda b.jpg"]
+
+
+def test_http_receiver_with_hmac_signatures(own_redis, s3_env):
+    from worker.webhooks import sign
+
+    proc, base = start_receiver(own_redis.url, s3_env, {"MODGATE_RECEIVER__HMAC_SECRET": "hmac-key"})
+    try:
+        body = json.dumps(minio_body(["signed.jpg"])).encode()
+
+        def send(signature):
+            request = urllib.request.Request(base + "/events", data=body, method="POST")
+            if signature:
+                request.add_header("Modgate-Signature", signature)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert send(None) == 401
+        assert send(sign(b"wrong-key", body, int(time.time()))) == 403
+        assert send(sign(b"hmac-key", body, int(time.time()) - 3600)) == 403  # replayed an hour later
+        assert send(sign(b"hmac-key", body, int(time.time()))) == 202
+        assert queued_keys(redis.Redis.from_url(own_redis.url)) == ["signed.jpg"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_receiver_refuses_to_start_without_auth(own_redis, s3_env):
+    out = run_cli(
+        ["serve-events", "--port", str(free_port())], {**s3_env, "MODGATE_REDIS__URL": own_redis.url}
+    )
+    assert out.returncode == 3 and "MODGATE_RECEIVER__TOKEN" in out.stderr
