@@ -58,6 +58,14 @@ def list_objects(client: Any, bucket: str, prefix: str, start_after: str | None)
         yield from page.get("Contents", [])
 
 
+class BackfillStopped(Exception):
+    """Listing or enqueueing failed part-way; ``result.last_key`` is where to resume."""
+
+    def __init__(self, result: BackfillResult, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.result = result
+
+
 class RateLimiter:
     """At most ``rate`` keys per second, on average, from the first key on."""
 
@@ -114,18 +122,22 @@ def backfill(
         if progress is not None:
             progress(result)
 
-    for obj in list_objects(client, bucket, prefix, start_after):
-        result.listed += 1
-        if not filters.accept(obj):
-            continue
-        result.matched += 1
-        r = route
-        if r is None and enqueuer is not None:
-            r = enqueuer.producer.route(bucket, obj["Key"])
-        etag = obj.get("ETag", "").strip('"') or None
-        pending.append((r, Item(bucket=bucket, key=obj["Key"], etag=etag, size=obj.get("Size"))))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+    try:
+        for obj in list_objects(client, bucket, prefix, start_after):
+            result.listed += 1
+            if not filters.accept(obj):
+                continue
+            result.matched += 1
+            r = route
+            if r is None and enqueuer is not None:
+                r = enqueuer.producer.route(bucket, obj["Key"])
+            etag = obj.get("ETag", "").strip('"') or None
+            pending.append((r, Item(bucket=bucket, key=obj["Key"], etag=etag, size=obj.get("Size"))))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    except Exception as exc:
+        result.seconds = time.perf_counter() - started
+        raise BackfillStopped(result, exc) from exc
     result.seconds = time.perf_counter() - started
     return result

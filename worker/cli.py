@@ -393,7 +393,7 @@ def enqueue(
 
     from rich.console import Console
 
-    from producers.backfill import Filters, backfill
+    from producers.backfill import BackfillStopped, Filters, backfill
     from producers.enqueuer import Enqueuer
     from worker.fetch import Fetcher, TargetError
     from worker.settings import ProducerRoute
@@ -449,8 +449,13 @@ def enqueue(
             progress=show,
             batch_size=batch_size or settings.worker.max_items,
         )
-    except Exception as exc:
-        console.print(f"\n[red]modgate: backfill stopped: {type(exc).__name__}: {exc}[/red]")
+    except BackfillStopped as exc:
+        done = exc.result
+        resume = f"resume with --start-after {done.last_key!r}" if done.last_key else "nothing was enqueued"
+        console.print(
+            f"\n[red]modgate: backfill stopped after {done.enqueued} keys: {exc}; {resume}[/red]",
+            highlight=False,
+        )
         raise typer.Exit(EXIT_INFRA) from None
     verb = "would enqueue" if dry_run else "enqueued"
     console.print(

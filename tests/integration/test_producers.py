@@ -259,6 +259,11 @@ def test_backfill_enqueues_each_key_exactly_once_and_resumes(aws, bucket, own_re
     assert queued_keys(r) == keys[900:]
     assert {m["tenant"] for m in queued(r)} == {"t1"}
 
+    own_redis.stop()  # Redis gone mid-backfill: a clear error and where to resume
+    stopped = run_cli(["enqueue", f"s3://{bucket}/bf/", "--no-progress"], env)
+    assert stopped.returncode == 3 and "backfill stopped after 0 keys" in stopped.stderr
+    own_redis.start()
+
 
 def start_receiver(redis_url, s3_env, auth):
     port = free_port()
