@@ -335,23 +335,25 @@ def health(
     hostname: Annotated[
         str | None, typer.Option("--hostname", help="Whose heartbeat (default: this host).")
     ] = None,
-    ready: Annotated[bool, typer.Option("--ready", help="Exit 1 unless the worker is ready.")] = False,
+    ready: Annotated[bool, typer.Option("--ready", help="Exit 1 unless a worker is ready.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Print a worker's heartbeat from Redis; exit 1 if it is missing (or not ready with --ready)."""
+    """Print the heartbeats of the worker processes on a host (JSON lines); exit 1 if there
+    are none (or, with --ready, if none is ready)."""
     import socket
 
     import redis
 
-    from worker.health import read_heartbeat
+    from worker.health import read_heartbeats
 
     settings = _settings(config, {})
-    state = read_heartbeat(redis.Redis.from_url(settings.redis.url), hostname or socket.gethostname())
-    if state is None:
+    states = read_heartbeats(redis.Redis.from_url(settings.redis.url), hostname or socket.gethostname())
+    if not states:
         typer.echo("no heartbeat", err=True)
         raise typer.Exit(1)
-    typer.echo(json.dumps(state))
-    if ready and not state.get("ready"):
+    for state in states:
+        typer.echo(json.dumps(state))
+    if ready and not any(state.get("ready") for state in states):
         raise typer.Exit(1)
 
 

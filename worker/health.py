@@ -5,7 +5,7 @@ Two mechanisms, for two kinds of probe:
 * an HTTP endpoint (``worker.metrics_port``): ``/metrics`` (Prometheus), ``/livez`` (the
   process and its inference thread are alive) and ``/readyz`` (models loaded, Redis
   reachable) — what the Helm chart's probes call;
-* a heartbeat key ``modgate:health:<hostname>`` in Redis, refreshed every
+* a heartbeat key ``modgate:health:<hostname>:<pid>`` in Redis, refreshed every
   ``worker.heartbeat_s`` and expiring after three missed beats — what ``modgate health``
   and operators read.
 """
@@ -70,7 +70,9 @@ class Health:
 
     def beat(self) -> None:
         self.redis.set(
-            keys.health(self.hostname), json.dumps(self.state()), ex=max(1, int(3 * self.heartbeat_s))
+            keys.health(self.hostname, os.getpid()),
+            json.dumps(self.state()),
+            ex=max(1, int(3 * self.heartbeat_s)),
         )
         self.last_beat = time.time()
 
@@ -89,12 +91,17 @@ class Health:
     def stop(self) -> None:
         self._stop.set()
         with contextlib.suppress(Exception):  # Redis down at exit: the key expires anyway
-            self.redis.delete(keys.health(self.hostname))
+            self.redis.delete(keys.health(self.hostname, os.getpid()))
 
 
-def read_heartbeat(redis: Any, hostname: str) -> dict[str, Any] | None:
-    raw = redis.get(keys.health(hostname))
-    return json.loads(raw) if raw else None
+def read_heartbeats(redis: Any, hostname: str) -> list[dict[str, Any]]:
+    """Every live worker process's heartbeat on ``hostname``."""
+    found = []
+    for key in redis.scan_iter(match=keys.health(hostname, "*"), count=100):
+        raw = redis.get(key)
+        if raw:
+            found.append(json.loads(raw))
+    return sorted(found, key=lambda state: state["pid"])
 
 
 def serve(health: Health, host: str, port: int) -> ThreadingHTTPServer:

@@ -34,9 +34,10 @@ def retry_claim(delivery_id: str, chain: str, attempt: int, hop: int = 0) -> str
     return f"{PREFIX}:webhook:retry:{delivery_id}:{chain}:{attempt}:{hop}"
 
 
-def health(hostname: str) -> str:
-    """Heartbeat of one worker process (JSON, expires unless refreshed)."""
-    return f"{PREFIX}:health:{hostname}"
+def health(hostname: str, pid: int | str) -> str:
+    """Heartbeat of one worker process (JSON, expires unless refreshed); one key per
+    process, so several workers on one host do not overwrite each other."""
+    return f"{PREFIX}:health:{hostname}:{pid}"
 
 
 def event_marker(fingerprint: str) -> str:

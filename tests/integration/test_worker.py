@@ -299,9 +299,9 @@ def test_health_key_and_probes(env, r, workers):
         [*MODGATE, "health", "--ready"], capture_output=True, text=True, env={**os.environ, **env}
     )
     assert out.returncode == 0, out.stderr
-    state = json.loads(out.stdout)
+    (state,) = [json.loads(line) for line in out.stdout.splitlines()]
     assert state["ready"] and state["detectors"] == ["open_nsfw"] and "modgate" in state["queues"]
-    assert r.ttl(keys.health(state["hostname"])) > 0
+    assert state["pid"] == worker.proc.pid and r.ttl(keys.health(state["hostname"], state["pid"])) > 0
 
 
 def test_a_named_policy_tags_the_object_and_gets_its_own_version(
