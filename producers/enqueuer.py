@@ -9,7 +9,10 @@ app that knows nothing of the worker's code.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -81,7 +84,15 @@ class Enqueuer:
                 callback_url=route.callback_url if route else None,
                 policy=route.policy if route else None,
             )
-            self.app.send_task(MODERATE_TASK, args=[message.model_dump(mode="json")], queue=MODERATE_QUEUE)
+            payload = message.model_dump(mode="json")
+            task_id = str(uuid.uuid4())
+            # The outbox entry first: if the send or the message is lost later, the
+            # workers' reconciler re-sends it (see worker.keys.OUTBOX).
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(keys.OUTBOX_PAYLOADS, task_id, json.dumps(payload))
+            pipe.zadd(keys.OUTBOX, {task_id: time.time()})
+            pipe.execute()
+            self.app.send_task(MODERATE_TASK, args=[payload], queue=MODERATE_QUEUE, task_id=task_id)
             sent += 1
         MESSAGES.inc(sent)
         return sent

@@ -110,6 +110,13 @@ def schedule_webhook(app: Celery) -> Any:
     return schedule
 
 
+def resend_moderation(app: Celery) -> Any:
+    def resend(task_id: str, payload: Any) -> None:
+        app.send_task(MODERATE_TASK, args=[payload], queue=MODERATE_QUEUE, task_id=task_id)
+
+    return resend
+
+
 @signals.setup_logging.connect
 def _setup_logging(loglevel: Any = logging.INFO, **_: Any) -> None:
     from worker.logs import setup_logging
@@ -132,7 +139,13 @@ def _start_service(sender: str, instance: Any, **_: Any) -> None:
     if settings is None:
         return  # not a modgate app
     queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
-    _service = Service(settings, queues, schedule_webhook(app), pipeline_factory=app.modgate_pipeline_factory)
+    _service = Service(
+        settings,
+        queues,
+        schedule_webhook(app),
+        pipeline_factory=app.modgate_pipeline_factory,
+        resend=resend_moderation(app),
+    )
     _service.start()
 
 

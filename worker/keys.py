@@ -13,6 +13,15 @@ VERDICT_STREAM = f"{PREFIX}:verdicts"
 WEBHOOK_DEAD_STREAM = f"{PREFIX}:webhooks:dead"
 
 
+# Messages producers have sent and no worker has finished: task id -> last seen (zset) and
+# task id -> payload (hash). Workers remove an entry when the message is done; the
+# reconciler re-sends entries that went quiet (kombu can lose a message a worker popped
+# but had not yet recorded as unacknowledged when it was killed).
+OUTBOX = f"{PREFIX}:outbox"
+OUTBOX_PAYLOADS = f"{PREFIX}:outbox:payloads"
+RECONCILE_LOCK = f"{PREFIX}:outbox:reconcile-lock"
+
+
 def published_marker(verdict_id: str) -> str:
     """Set (NX, with a TTL) in the same script that adds the verdict to the stream."""
     return f"{PREFIX}:published:{verdict_id}"

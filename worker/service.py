@@ -11,6 +11,7 @@ the stream.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker import metrics
+from worker import keys, metrics
 from worker.actions import ObjectActions
 from worker.contract import MODERATE_QUEUE, Item, ModerateMessage, validate_message
 from worker.errors import ErrorCode
@@ -53,6 +54,7 @@ class Service:
         schedule: Schedule,
         redis: Any = None,
         pipeline_factory: Callable[[Settings], Any] | None = None,
+        resend: Callable[[str, Any], None] | None = None,
     ) -> None:
         import redis as redis_lib
 
@@ -69,6 +71,8 @@ class Service:
         )
         self.health = Health(self.redis, queues, settings.worker.heartbeat_s)
         self._pipeline_factory = pipeline_factory
+        self._resend = resend
+        self._stop = threading.Event()
         self.pipeline: Any = None
         self._actions: ObjectActions | None = None
         self._policies: dict[str | None, Policy] = {None: settings.policy}
@@ -90,6 +94,8 @@ class Service:
         self.health.start()
         if MODERATE_QUEUE in self.queues:
             self.pipeline = self._build_pipeline()
+            if self._resend is not None:
+                threading.Thread(target=self._reconcile_loop, name="modgate-reconcile", daemon=True).start()
             self.health.live_checks.append(self.pipeline.alive)
             self.health.detectors = sorted(getattr(self.pipeline, "_loaded_ids", []))
         self.health.ready = True
@@ -113,6 +119,7 @@ class Service:
         log.info("draining", extra={"drain_timeout_s": self.settings.worker.drain_timeout_s})
 
     def close(self) -> None:
+        self._stop.set()
         self.health.stop()
         if self._http is not None:
             self._http.shutdown()
@@ -122,6 +129,16 @@ class Service:
     # -- modgate.moderate ---------------------------------------------------------------
 
     def moderate(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, int]:
+        # Seen alive: the reconciler leaves a running message alone.
+        self.redis.zadd(keys.OUTBOX, {task_id: time.time()}, xx=True)
+        counts = self._moderate(task_id, args, kwargs)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(keys.OUTBOX, task_id)
+        pipe.hdel(keys.OUTBOX_PAYLOADS, task_id)
+        pipe.execute()
+        return counts
+
+    def _moderate(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, int]:
         message, rejected = self._parse(task_id, args, kwargs)
         counts = {"items": 0, "published": 0, "duplicates": 0, "rejected": len(rejected)}
         self._publish(rejected, None, counts)
@@ -161,6 +178,44 @@ class Service:
         metrics.MESSAGES.labels("done").inc()
         log.info("message done", extra={"task_id": task_id, "request_id": message.request_id, **counts})
         return counts
+
+    def _reconcile_loop(self) -> None:
+        interval = min(30.0, self.settings.worker.visibility_timeout_s / 2)
+        while not self._stop.wait(interval):
+            try:
+                self.reconcile()
+            except Exception as exc:  # Redis down: try again next round
+                log.warning("outbox reconcile failed: %s", exc)
+
+    def reconcile(self, now: float | None = None) -> list[str]:
+        """Re-send messages that went quiet while the queue is empty (see ``keys.OUTBOX``).
+
+        One worker at a time does this (a lock). Re-sending is safe: verdicts are published
+        once, whatever number of copies of a message runs."""
+        if not self.redis.set(keys.RECONCILE_LOCK, "1", nx=True, ex=60):
+            return []
+        try:
+            if self.redis.llen(MODERATE_QUEUE) > 0:
+                return []  # anything quiet may still be waiting its turn
+            cutoff = (now if now is not None else time.time()) - self.settings.worker.reconcile_after_s
+            resent = []
+            for raw in self.redis.zrangebyscore(keys.OUTBOX, "-inf", cutoff, start=0, num=500):
+                task_id = raw.decode() if isinstance(raw, bytes) else raw
+                payload = self.redis.hget(keys.OUTBOX_PAYLOADS, task_id)
+                if payload is None:
+                    self.redis.zrem(keys.OUTBOX, task_id)
+                    continue
+                self.redis.zadd(keys.OUTBOX, {task_id: time.time()}, xx=True)
+                self._resend(task_id, json.loads(payload))  # type: ignore[misc]
+                resent.append(task_id)
+            if resent:
+                metrics.MESSAGES.labels("resent").inc(len(resent))
+                log.warning(
+                    "re-sent %d message(s) lost in transit", len(resent), extra={"task_ids": ",".join(resent)}
+                )
+            return resent
+        finally:
+            self.redis.delete(keys.RECONCILE_LOCK)
 
     def _policy(self, name: str | None) -> Policy:
         with self._lock:

@@ -145,6 +145,13 @@ class WorkerSettings(BaseModel):
     def threads(self, max_batch: int) -> int:
         return self.concurrency or 2 * max_batch
 
+    @property
+    def reconcile_after_s(self) -> float:
+        """An outbox entry quiet this long, with the queue empty, was lost in transit: by
+        then a queued message would have been consumed, a running one finished or timed
+        out, and an unacknowledged one restored by the visibility timeout."""
+        return self.visibility_timeout_s + self.message_timeout_s + 30
+
 
 class ResultsSettings(BaseModel):
     stream: str = keys.VERDICT_STREAM

@@ -14,9 +14,12 @@ import pytest
 import redis
 from celery import Celery
 
+from producers.enqueuer import Enqueuer
 from tests.servers import WebhookReceiver, WorkerProcess, free_port
 from worker import keys
+from worker.contract import Item
 from worker.samples import photo
+from worker.settings import ProducerRoute, load_settings
 from worker.webhooks import verify
 
 SECRET = "whsec-test-secret-4711"
@@ -191,8 +194,11 @@ def test_kill_9_mid_batch_loses_nothing_and_duplicates_nothing(env, r, producer,
     # The deployed topology: a GPU worker for moderation, webhooks on a CPU dispatcher.
     workers(env, name="dispatcher", queues="modgate.webhooks")
     first = workers(env, name="first", queues="modgate")
+    # Sent the way producers send (with the outbox entry that lets a lost message be re-sent).
+    enqueuer = Enqueuer(load_settings(redis={"url": env["MODGATE_REDIS__URL"]}))
+    route = ProducerRoute(bucket=bucket, callback_url=hook.url)
     for key in keys_:
-        producer({"items": [{"bucket": bucket, "key": key}], "callback_url": hook.url})
+        enqueuer.send([Item(bucket=bucket, key=key)], route)
     wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= 3, what="the first verdicts")
     first.kill()
     assert r.xlen(keys.VERDICT_STREAM) < n, "the worker finished before it could be killed"
@@ -207,6 +213,7 @@ def test_kill_9_mid_batch_loses_nothing_and_duplicates_nothing(env, r, producer,
     assert len(got) == n and {v["source"]["key"] for v in got} == set(keys_)
     events = [d["headers"]["Modgate-Event-Id"] for d in hook.delivered()]
     assert len(events) == len(set(events)) == n
+    assert r.zcard(keys.OUTBOX) == 0 and r.hlen(keys.OUTBOX_PAYLOADS) == 0  # every message finished
     hook.stop()
 
 
