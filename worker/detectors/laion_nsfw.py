@@ -76,9 +76,13 @@ class LaionNSFWHead(nn.Module):
                 x[:, column] = torch.tensor([float(vocab.get(f"{v:f}", 0)) for v in x[:, column].tolist()])
         return x.to(torch.float32).to(self.mean.device)
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        x = (self.encode(embeddings) - self.mean) / self.std
+    def network(self, encoded: torch.Tensor) -> torch.Tensor:
+        """The continuous part: normalisation and the dense layers on ``encode``'s output."""
+        x = (encoded - self.mean) / self.std
         return torch.sigmoid(self.mlp(x)).squeeze(-1)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.network(self.encode(embeddings))
 
 
 def load_laion_nsfw(path: str | Path) -> LaionNSFWHead:
