@@ -9,6 +9,7 @@ under the same policy.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,8 +17,11 @@ from datetime import datetime
 from typing import Any
 
 from producers.enqueuer import Enqueuer
+from producers.events import InvalidRecord, ObjectEvent
 from worker.contract import Item
 from worker.settings import ProducerRoute
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Filters:
 class BackfillResult:
     listed: int = 0
     matched: int = 0
+    invalid: int = 0  # keys the queue refuses (control characters): logged, skipped
     enqueued: int = 0
     messages: int = 0
     last_key: str | None = None
@@ -132,7 +137,13 @@ def backfill(
             if r is None and enqueuer is not None:
                 r = enqueuer.producer.route(bucket, obj["Key"])
             etag = obj.get("ETag", "").strip('"') or None
-            pending.append((r, Item(bucket=bucket, key=obj["Key"], etag=etag, size=obj.get("Size"))))
+            try:
+                item = ObjectEvent(bucket, obj["Key"], etag=etag, size=obj.get("Size")).to_item()
+            except InvalidRecord as exc:
+                result.invalid += 1
+                log.warning("key %r skipped: %s", obj["Key"], exc)
+                continue
+            pending.append((r, item))
             if len(pending) >= batch_size:
                 flush()
         flush()

@@ -20,6 +20,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from producers.events import InvalidRecord, ObjectEvent
 from worker import keys
 from worker.contract import MODERATE_QUEUE, MODERATE_TASK, Item, ModerateMessage, chunk_items
 from worker.settings import ProducerRoute, Settings
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 EVENTS = Counter(
     "modgate_producer_events_total",
-    "Object events seen by producers, by outcome (enqueued, duplicate, refused, ignored).",
+    "Object events seen by producers, by outcome "
+    "(enqueued, duplicate, refused, ignored, invalid, malformed, timed_out, shed).",
     ["outcome"],
 )
 MESSAGES = Counter("modgate_producer_messages_total", "modgate.moderate messages sent.")
@@ -39,12 +41,14 @@ class EnqueueResult:
     enqueued: int = 0
     duplicates: int = 0
     refused: int = 0
+    invalid: int = 0
     messages: int = 0
 
     def add(self, other: EnqueueResult) -> None:
         self.enqueued += other.enqueued
         self.duplicates += other.duplicates
         self.refused += other.refused
+        self.invalid += other.invalid
         self.messages += other.messages
 
 
@@ -97,43 +101,43 @@ class Enqueuer:
         MESSAGES.inc(sent)
         return sent
 
-    def enqueue_events(self, events: Iterable[Any]) -> EnqueueResult:
+    def enqueue_events(self, events: Iterable[ObjectEvent]) -> EnqueueResult:
         """Enqueue object events; raises (leaving nothing marked) when Redis does not accept them.
 
+        An event the queue model refuses is counted as invalid and left out, never raised:
+        only Redis trouble may raise, so callers can tell "retry later" from "bad input".
         Dedup markers are written only after the send succeeded, so a failed attempt never
         hides an event from its redelivery; a duplicate that slips through is harmless (the
         worker publishes each verdict once)."""
         result = EnqueueResult()
-        fresh = []
+        fresh: list[tuple[ObjectEvent, Item]] = []
         for event in events:
+            try:
+                item = event.to_item()
+            except InvalidRecord as exc:
+                result.invalid += 1
+                log.warning("object event left out: %s", exc)
+                continue
             if not self.allowed(event.bucket):
                 result.refused += 1
-                log.warning("event for bucket %s refused: not in producer.buckets", event.bucket)
+                log.warning("event for bucket %r refused: not in producer.buckets", event.bucket)
                 continue
-            fresh.append(event)
+            fresh.append((event, item))
         markers = [
-            keys.event_marker(hashlib.sha256(e.fingerprint().encode()).hexdigest()[:32]) for e in fresh
+            keys.event_marker(hashlib.sha256(e.fingerprint().encode()).hexdigest()[:32]) for e, _ in fresh
         ]
         seen = self.redis.mget(markers) if markers else []
         groups: dict[tuple[str | None, str | None, str | None], list[Item]] = defaultdict(list)
         routes: dict[tuple[str | None, str | None, str | None], ProducerRoute | None] = {}
         todo: list[str] = []
-        for event, marker, present in zip(fresh, markers, seen, strict=True):
+        for (event, item), marker, present in zip(fresh, markers, seen, strict=True):
             if present is not None or marker in todo:
                 result.duplicates += 1
                 continue
             route = self.producer.route(event.bucket, event.key)
             group = (route.tenant, route.callback_url, route.policy) if route else (None, None, None)
             routes[group] = route
-            groups[group].append(
-                Item(
-                    bucket=event.bucket,
-                    key=event.key,
-                    version_id=event.version_id,
-                    etag=event.etag,
-                    size=event.size,
-                )
-            )
+            groups[group].append(item)
             todo.append(marker)
         for group, items in groups.items():
             result.messages += self.send(items, routes[group])
@@ -146,4 +150,5 @@ class Enqueuer:
         EVENTS.labels("enqueued").inc(result.enqueued)
         EVENTS.labels("duplicate").inc(result.duplicates)
         EVENTS.labels("refused").inc(result.refused)
+        EVENTS.labels("invalid").inc(result.invalid)
         return result

@@ -1,47 +1,175 @@
 """``modgate serve-events``: an HTTP receiver for S3-compatible event notifications (a
 MinIO or Ceph webhook target, or anything that POSTs S3 ``Records`` JSON).
 
-Answers so that the sender's own retries do the right thing: 202 once the keys are on the
-queue, 400 (with the reason) for a body that is not a notification, 401/403 for missing
-or wrong credentials, 413 for a body above ``receiver.max_body_bytes``, 503 with
-``Retry-After`` while Redis does not accept work. OpenAPI at ``/openapi.json``.
+Answers so that the sender's own retries do the right thing: 202 once the valid keys are
+on the queue (records that are not valid object events are counted and named in the
+answer, never retried), 400 (with the reason) for a body in which nothing is valid,
+401/403 for missing or wrong credentials, 408 for a body that does not arrive within
+``receiver.body_timeout_s``, 413 for a body above ``receiver.max_body_bytes``, 503 with
+``Retry-After`` only while Redis does not accept work or while the bodies being read
+already hold ``receiver.max_buffered_bytes``.
+
+Unauthenticated clients cost nothing: the bearer token (and the form and age of a
+``Modgate-Signature``) are checked from the headers before any body byte is read, and an
+early answer closes the connection. ``/openapi.json`` declares the body models and the
+security schemes; ``/docs`` and ``/redoc`` only with ``receiver.docs``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
-from typing import Any
+import re
+import time
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from producers.enqueuer import EVENTS, Enqueuer
-from producers.events import MalformedEvent, parse
+from producers.events import MalformedEvent, Parsed, parse
 from worker.settings import Settings
 from worker.webhooks import verify
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "Modgate-Signature"
+# Invalid records named in one answer or logged one by one; the rest are only counted.
+MAX_NAMED = 50
+# Same tolerance as worker.webhooks.verify, checked before the body is read.
+SIGNATURE_TOLERANCE_S = 300
+_FIELD = re.compile(r"[a-z0-9]{1,16}=[\x21-\x2b\x2d-\x7e]{1,256}")
+
+
+# -- the request body, as documented for the OpenAPI schema (parsing is events.parse) -----
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class S3Bucket(_Open):
+    name: str = Field(min_length=3, max_length=255)
+
+
+class S3Object(_Open):
+    key: str = Field(
+        min_length=1,
+        max_length=3072,
+        description="URL-encoded by AWS and MinIO (space as '+'), as stored by Ceph RGW.",
+    )
+    size: int | None = Field(None, ge=0)
+    eTag: str | None = Field(None, max_length=256)
+    versionId: str | None = Field(None, max_length=1024)
+
+
+class S3Entity(_Open):
+    bucket: S3Bucket
+    object: S3Object
+
+
+class S3Record(_Open):
+    eventName: str = Field(
+        description="ObjectCreated:* (AWS) or s3:ObjectCreated:* (MinIO, Ceph) are moderated; "
+        "MinIO's PutTagging, DeleteTagging, PutRetention, PutLegalHold and any other event are ignored."
+    )
+    eventSource: str | None = Field(None, description="aws:s3, minio:s3, ceph:s3, …")
+    s3: S3Entity
+
+
+class S3Notification(_Open):
+    """S3 ``Records`` as AWS, MinIO and Ceph RGW send them."""
+
+    Records: list[S3Record]
+
+
+class SnsEnvelope(_Open):
+    """An S3 notification delivered through SNS; ``Message`` is its JSON."""
+
+    Type: Literal["Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"]
+    Message: str
+
+
+class EventBridgeObject(_Open):
+    key: str = Field(min_length=1, max_length=1024)
+    size: int | None = Field(None, ge=0)
+    etag: str | None = Field(None, max_length=256)
+
+
+class EventBridgeDetail(_Open):
+    bucket: S3Bucket
+    object: EventBridgeObject
+
+
+class EventBridgeEvent(_Open):
+    """An EventBridge "Object Created" event (others are ignored)."""
+
+    source: str
+    detail_type: str = Field(alias="detail-type")
+    detail: EventBridgeDetail
+
+
+NotificationBody = S3Notification | SnsEnvelope | EventBridgeEvent
+
+
+# -- answers ------------------------------------------------------------------------------
+
+
+class InvalidRecordOut(BaseModel):
+    record: str = Field(description="Where the record is in the body, e.g. Records[3].")
+    reason: str
 
 
 class Accepted(BaseModel):
     enqueued: int
     duplicates: int
-    refused: int
-    ignored: int
+    refused: int = Field(description="Events for buckets outside producer.buckets.")
+    ignored: int = Field(description="Records that are no upload (test events, deletes, tagging…).")
+    invalid: int = Field(0, description="Records that are not valid object events; not retried.")
+    invalid_records: list[InvalidRecordOut] = Field(
+        default_factory=list, description=f"The first {MAX_NAMED} invalid records and why."
+    )
 
 
 class Problem(BaseModel):
     error: str
+    invalid_records: list[InvalidRecordOut] | None = None
 
 
-def _problem(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _problem(
+    status: int, message: str, headers: dict[str, str] | None = None, close: bool = False, **extra: Any
+) -> JSONResponse:
+    headers = dict(headers or {})
+    if close:
+        # The body was not (fully) read: closing is the only way to stop reading it.
+        headers["Connection"] = "close"
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+def _named(parsed: Parsed) -> list[dict[str, str]]:
+    return [{"record": r.record, "reason": r.reason} for r in parsed.invalid[:MAX_NAMED]]
+
+
+def _signature_time(header: str) -> int | None:
+    """The ``t`` of a well-formed ``t=<unix>,v1=<hex>[,…]`` header, else None (no exception:
+    a non-ASCII or garbled header is the sender's error, a 401, never a 500)."""
+    if len(header) > 4096 or not header.isascii():
+        return None
+    fields = header.split(",")
+    if not all(_FIELD.fullmatch(f) for f in fields):
+        return None
+    pairs = [f.split("=", 1) for f in fields]
+    times = [v for k, v in pairs if k == "t"]
+    if len(times) != 1 or not times[0].isdigit() or len(times[0]) > 12:
+        return None
+    if not any(k == "v1" and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in pairs):
+        return None
+    return int(times[0])
 
 
 def create_app(settings: Settings, enqueuer: Enqueuer | None = None) -> FastAPI:
@@ -52,62 +180,119 @@ def create_app(settings: Settings, enqueuer: Enqueuer | None = None) -> FastAPI:
             "(or MODGATE_RECEIVER__ALLOW_ANONYMOUS=true behind a trusted proxy)"
         )
     enq = enqueuer if enqueuer is not None else Enqueuer(settings)
+    raw_key_sources = tuple(settings.producer.raw_key_sources)
     app = FastAPI(
         title="modgate event receiver",
         version="1",
-        description="S3/MinIO event notifications in; the created objects onto the moderation queue.",
+        description="S3/MinIO/Ceph event notifications in; the created objects onto the moderation queue.",
+        docs_url="/docs" if receiver.docs else None,
+        redoc_url="/redoc" if receiver.docs else None,
     )
 
-    def authenticate(request: Request, body: bytes) -> JSONResponse | None:
+    def check_headers(request: Request) -> JSONResponse | None:
+        """Everything about the credentials that the headers alone can tell."""
         if receiver.token is not None:
             given = request.headers.get("authorization")
             if not given:
-                return _problem(401, "missing Authorization header", {"WWW-Authenticate": "Bearer"})
+                return _problem(401, "missing Authorization header", {"WWW-Authenticate": "Bearer"}, True)
             token = given[7:] if given.lower().startswith("bearer ") else given
             if not hmac.compare_digest(token.encode(), receiver.token.get_secret_value().encode()):
-                return _problem(403, "wrong token")
+                return _problem(403, "wrong token", close=True)
         if receiver.hmac_secret is not None:
             signature = request.headers.get(SIGNATURE_HEADER)
             if not signature:
-                return _problem(401, f"missing {SIGNATURE_HEADER} header")
-            if not verify(receiver.hmac_secret.get_secret_value().encode(), body, signature):
-                return _problem(403, "bad or expired signature")
+                return _problem(401, f"missing {SIGNATURE_HEADER} header", close=True)
+            timestamp = _signature_time(signature)
+            if timestamp is None:
+                return _problem(401, f"malformed {SIGNATURE_HEADER} header", close=True)
+            if abs(time.time() - timestamp) > SIGNATURE_TOLERANCE_S:
+                return _problem(403, "bad or expired signature", close=True)
         return None
+
+    # Body bytes held by all requests being read (one event loop: no lock needed).
+    buffered = [0]
+
+    async def read_body(request: Request) -> bytes | JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > receiver.max_body_bytes:
+            return _problem(413, f"body above {receiver.max_body_bytes} bytes", close=True)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(receiver.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > receiver.max_body_bytes:  # no or a lying Content-Length
+                        return _problem(413, f"body above {receiver.max_body_bytes} bytes", close=True)
+                    if buffered[0] + len(chunk) > receiver.max_buffered_bytes:
+                        EVENTS.labels("shed").inc()
+                        return _problem(503, "too many bodies in flight", {"Retry-After": "5"}, True)
+                    buffered[0] += len(chunk)
+                    chunks.append(chunk)
+        except TimeoutError:
+            EVENTS.labels("timed_out").inc()
+            return _problem(408, f"body not received within {receiver.body_timeout_s:g} s", close=True)
+        finally:
+            buffered[0] -= sum(map(len, chunks))
+        return b"".join(chunks)
 
     @app.post(
         "/events",
         status_code=202,
         response_model=Accepted,
         responses={
-            400: {"model": Problem},
-            401: {"model": Problem},
-            403: {"model": Problem},
-            413: {"model": Problem},
-            503: {"model": Problem},
+            400: {"model": Problem, "description": "Not a notification, or no valid record in it."},
+            401: {"model": Problem, "description": "Missing or malformed credentials."},
+            403: {"model": Problem, "description": "Wrong token or signature."},
+            408: {"model": Problem, "description": "The body did not arrive in time."},
+            413: {"model": Problem, "description": "Body above receiver.max_body_bytes."},
+            503: {
+                "model": Problem,
+                "description": "Redis does not accept work, or too many bodies are in flight; "
+                "retry after Retry-After.",
+            },
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "anyOf": [
+                                {"$ref": f"#/components/schemas/{m.__name__}"}
+                                for m in (S3Notification, SnsEnvelope, EventBridgeEvent)
+                            ]
+                        }
+                    }
+                },
+            }
         },
     )
     async def events(request: Request) -> Any:
-        """S3/MinIO notification JSON (``Records``, SNS envelope or EventBridge event)."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > receiver.max_body_bytes:
-            return _problem(413, f"body above {receiver.max_body_bytes} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > receiver.max_body_bytes:  # no or a lying Content-Length
-                return _problem(413, f"body above {receiver.max_body_bytes} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        denied = authenticate(request, body)
+        """S3/MinIO/Ceph notification JSON (``Records``, SNS envelope or EventBridge event)."""
+        denied = check_headers(request)
         if denied is not None:
             return denied
+        body = await read_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        if receiver.hmac_secret is not None:
+            secret = receiver.hmac_secret.get_secret_value().encode()
+            if not verify(secret, body, request.headers[SIGNATURE_HEADER]):
+                return _problem(403, "bad or expired signature")
         try:
-            parsed = parse(body)
+            # Off the event loop: a 1 MiB body of records takes a while to validate.
+            parsed = await run_in_threadpool(parse, body, raw_key_sources)
         except MalformedEvent as exc:
             EVENTS.labels("malformed").inc()
             return _problem(400, f"malformed notification: {exc}")
         EVENTS.labels("ignored").inc(len(parsed.ignored))
+        if parsed.invalid:
+            EVENTS.labels("invalid").inc(len(parsed.invalid))
+            for rejected in parsed.invalid[:MAX_NAMED]:
+                log.warning("invalid record %s left out: %s", rejected.record, rejected.reason)
+            if not parsed.events and not parsed.ignored:
+                return _problem(400, "no valid record in the notification", invalid_records=_named(parsed))
         try:
             result = await run_in_threadpool(enq.enqueue_events, parsed.events)
         except Exception as exc:
@@ -118,9 +303,11 @@ def create_app(settings: Settings, enqueuer: Enqueuer | None = None) -> FastAPI:
             duplicates=result.duplicates,
             refused=result.refused,
             ignored=len(parsed.ignored),
+            invalid=len(parsed.invalid) + result.invalid,
+            invalid_records=_named(parsed),
         )
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "Redis does not answer."}})
     def healthz() -> JSONResponse:
         """200 while Redis answers, 503 otherwise."""
         try:
@@ -129,8 +316,39 @@ def create_app(settings: Settings, enqueuer: Enqueuer | None = None) -> FastAPI:
             ok = False
         return JSONResponse({"status": "ok" if ok else "redis unavailable"}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    if receiver.metrics:
+        # Unauthenticated like every Prometheus target: counters only, no body read, and
+        # the chart's Ingress routes /events alone, so it is reachable in-cluster only.
+        @app.get("/metrics", include_in_schema=False)
+        def metrics() -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = schema.setdefault("components", {})
+            body_schema = TypeAdapter(NotificationBody).json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            components.setdefault("schemas", {}).update(body_schema.get("$defs", {}))
+            schemes: dict[str, Any] = {}
+            if receiver.token is not None:
+                schemes["bearerToken"] = {"type": "http", "scheme": "bearer"}
+            if receiver.hmac_secret is not None:
+                schemes["modgateSignature"] = {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": SIGNATURE_HEADER,
+                    "description": 't=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>',
+                }
+            if schemes:
+                components["securitySchemes"] = schemes
+                # All configured schemes are required together (one requirement object).
+                schema["paths"]["/events"]["post"]["security"] = [{name: [] for name in schemes}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

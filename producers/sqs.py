@@ -1,9 +1,12 @@
 """``modgate listen sqs QUEUE_URL``: S3 event notifications from SQS onto the queue.
 
 A message is deleted from SQS only after Redis accepted every key in it. When Redis is
-down the message stays, and is made visible again after ``producer.sqs_retry_after_s``;
-a malformed message is logged and left alone, so SQS's redrive policy moves it to the
-dead-letter queue after ``maxReceiveCount`` receipts. Never silently dropped.
+down the message stays, and is made visible again after ``producer.sqs_retry_after_s``.
+A malformed message, or one with records that are not valid object events (the valid
+records in it are enqueued all the same), is logged and left alone, so SQS's redrive
+policy moves it to the dead-letter queue after ``maxReceiveCount`` receipts. Each message
+is handled on its own: one that fails in any way never keeps the others of its batch
+from being deleted. Never silently dropped.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class ListenStats:
     received: int = 0
     deleted: int = 0
     malformed: int = 0
+    invalid: int = 0
     failed: int = 0
     enqueued: int = 0
     duplicates: int = 0
@@ -68,21 +72,28 @@ class SqsListener:
         done = []
         for message in response.get("Messages", []):
             self.stats.received += 1
-            if self.handle(message):
-                done.append(message)
+            try:
+                if self.handle(message):
+                    done.append(message)
+            except Exception:  # a bug or a shape nobody foresaw: this message stays in SQS
+                self.stats.failed += 1
+                log.exception("SQS message %s left in the queue", message.get("MessageId"))
         for start in range(0, len(done), 10):
             batch = done[start : start + 10]
-            self.client.delete_message_batch(
+            response = self.client.delete_message_batch(
                 QueueUrl=self.queue_url,
                 Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)],
             )
-            self.stats.deleted += len(batch)
+            failed = response.get("Failed", [])
+            for entry in failed:  # comes back after its visibility timeout; dedup absorbs it
+                log.warning("could not delete SQS message %s: %s", entry.get("Id"), entry.get("Message"))
+            self.stats.deleted += len(batch) - len(failed)
 
     def handle(self, message: dict[str, Any]) -> bool:
         """True when the message may be deleted (its keys are on the queue, or nothing in it counts)."""
         receipts = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
         try:
-            parsed = parse(message.get("Body", ""))
+            parsed = parse(message.get("Body", ""), self.settings.raw_key_sources)
         except MalformedEvent as exc:
             self.stats.malformed += 1
             EVENTS.labels("malformed").inc()
@@ -104,6 +115,20 @@ class SqsListener:
             return False
         self.stats.enqueued += result.enqueued
         self.stats.duplicates += result.duplicates
+        if parsed.invalid:
+            # The valid records are on the queue (a redelivery finds them deduplicated); the
+            # message itself goes to the dead-letter queue so the bad records are kept.
+            self.stats.invalid += len(parsed.invalid)
+            EVENTS.labels("invalid").inc(len(parsed.invalid))
+            for rejected in parsed.invalid[:20]:
+                log.warning(
+                    "SQS message %s left for the redrive policy (receipt %s): invalid record %s: %s",
+                    message.get("MessageId"),
+                    receipts,
+                    rejected.record,
+                    rejected.reason,
+                )
+            return False
         return True
 
     def _retry_soon(self, message: dict[str, Any]) -> None:

@@ -48,6 +48,21 @@ class DecodeSettings(BaseModel):
     max_pixels: int = Field(64_000_000, gt=0)
     # Animated images: at most this many frames, evenly spaced, are scored.
     max_frames: int = Field(8, ge=1)
+    # Decode budget, checked from the container's blocks before decoding; over it the
+    # image gets the error verdict image_too_complex. Frames in the file:
+    max_decode_frames: int = Field(1000, ge=1)
+    # Frames decoded × canvas pixels per image. Each sampled frame is decoded from the
+    # nearest keyframe before it (a frame that replaces the whole canvas), else from frame
+    # 0: a 4000×4000 GIF of 120 tiny frames is 1.9 Gpx of compositing; 500 Mpx is ~250
+    # frames of 1080p.
+    max_decode_pixels: int = Field(500_000_000, gt=0)
+    # Wall clock per image for decode (+ detector preprocessing in a decode process):
+    # checked between frames, and a decode process past it is killed and replaced.
+    max_decode_s: float = Field(10.0, gt=0)
+    # Decode animated and non-JPEG images (and run detector preprocessing) in `workers`
+    # child processes, so a decoder that hangs or crashes costs one image, not the worker.
+    # JPEGs decode on threads (libjpeg is bounded by the pixel cap; no copy back).
+    processes: bool = True
     # JPEG draft mode: decode at 1/2, 1/4 or 1/8 scale when the result still covers the
     # largest input any enabled detector needs.
     draft: bool = True
@@ -71,6 +86,16 @@ class RuntimeSettings(BaseModel):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     # Intra-op threads for torch/onnxruntime; None lets the runtime choose.
     threads: int | None = Field(None, ge=1)
+    # Threads one OpenCV call may use (NudeNet's preprocessing). Images are already
+    # preprocessed in parallel on the decode threads; more here only oversubscribes the
+    # cores, and OpenCV's pool busy-waits (measured: 2 → 1 halves NudeNet's preprocessing
+    # CPU, 14.5 → 7.5 core-ms a photo; worker/runtime.py).
+    preprocess_threads: int = Field(1, ge=1)
+    # What runs the ONNX detectors (open_nsfw, nudenet): auto = torch modules converted
+    # from the ONNX files on CUDA (same device and CUDA context as the other models;
+    # open_nsfw follows `precision`), onnxruntime on CPU (faster there). "torch" forces
+    # the conversion on CPU too.
+    onnx: Literal["auto", "onnxruntime", "torch"] = "auto"
 
 
 DEFAULT_DETECTORS: tuple[str, ...] = (
@@ -132,6 +157,17 @@ class WorkerSettings(BaseModel):
     metrics_port: int = Field(9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     log_format: Literal["json", "text"] = "json"
+    # Buckets (fnmatch patterns) whose objects this worker moderates, whatever produced the
+    # message; items of other buckets get ``bucket_not_allowed``. None = any (warned at start).
+    buckets: list[str] | None = None
+    # A message that times out goes back to the queue (timeouts are transient) at most this
+    # many times, counted per task id; then its unfinished items get ``timeout`` verdicts.
+    timeout_retries: int = Field(2, ge=0)
+    # Backpressure: images in the pipeline at once per process (fetch to verdict), None =
+    # max(4 × batch.max_batch, 32); submitting threads wait for a free slot.
+    max_inflight: int | None = Field(None, ge=1)
+    # Fetched bytes waiting for a decode thread, per process; fetch threads wait above it.
+    max_buffered_bytes: int = Field(256 * MiB, ge=1)
 
     @model_validator(mode="after")
     def _visibility_covers_a_message(self) -> WorkerSettings:
@@ -144,6 +180,9 @@ class WorkerSettings(BaseModel):
 
     def threads(self, max_batch: int) -> int:
         return self.concurrency or 2 * max_batch
+
+    def inflight(self, max_batch: int) -> int:
+        return self.max_inflight or max(4 * max_batch, 32)
 
     @property
     def reconcile_after_s(self) -> float:
@@ -164,25 +203,55 @@ class ResultsSettings(BaseModel):
 
 
 class WebhookSettings(BaseModel):
-    # Signing secret when the tenant has none of its own.
+    # Signing secret when the tenant has none of its own. A ``whsec_<base64>`` secret's
+    # Standard Webhooks key is the decoded base64; any other string's is its UTF-8 bytes
+    # (README "Webhooks"). ``Modgate-Signature`` always uses the string as given.
     secret: SecretStr | None = None
-    secrets: dict[str, SecretStr] = Field(default_factory=dict)  # tenant -> secret
+    # Also active while a rotation is under way (the old or the new secret): every
+    # delivery carries one signature per active secret, so receivers may hold either.
+    rotation_secrets: list[SecretStr] = Field(default_factory=list)
+    # tenant -> secret, or a list of active secrets while that tenant rotates.
+    secrets: dict[str, SecretStr | list[SecretStr]] = Field(default_factory=dict)
     # Receives every verdict, in addition to a message's own callback_url.
     url: str | None = None
     # Host patterns (fnmatch) a callback may name; "*" = any host that is not private.
     hosts: list[str] = Field(default_factory=lambda: ["*"])
     # Hosts or IPs allowed although they resolve to loopback/private/link-local addresses.
     allow_hosts: list[str] = Field(default_factory=list)
+    # Wall-clock deadline of one POST: connect, send, status line, headers and body
+    # together (an endpoint dripping bytes cannot hold a dispatcher thread longer).
     timeout_s: float = Field(10.0, gt=0)
+    # Response body bytes read at most; the rest is dropped with the connection.
+    max_response_bytes: int = Field(64 * 1024, ge=0)
+    # Concurrent POSTs to one host:port across all dispatchers; a delivery over the cap
+    # is put back on the queue for later, never waited for on a dispatcher thread.
+    max_per_host: int = Field(4, ge=1)
     max_attempts: int = Field(8, ge=1)
     max_age_s: float = Field(24 * 3600.0, gt=0)
     backoff_base_s: float = Field(2.0, gt=0)
     backoff_max_s: float = Field(600.0, gt=0)
+    # Approximate trim (XADD MAXLEN ~) of the dead-letter stream.
+    dead_maxlen: int = Field(100_000, ge=1)
 
-    def secret_for(self, tenant: str | None) -> SecretStr | None:
+    @field_validator("secret", "rotation_secrets", "secrets")
+    @classmethod
+    def _whsec_is_base64(cls, value: Any) -> Any:
+        from worker.verify import standard_key
+
+        found: list[Any] = []
+        for item in value.values() if isinstance(value, dict) else [value]:
+            found.extend(item if isinstance(item, list) else [item])
+        for secret in found:
+            if secret is not None:
+                standard_key(secret.get_secret_value())  # raises ValueError on bad whsec_ base64
+        return value
+
+    def secrets_for(self, tenant: str | None) -> list[SecretStr]:
+        """The active signing secrets of ``tenant`` (empty: its deliveries go out unsigned)."""
         if tenant is not None and tenant in self.secrets:
-            return self.secrets[tenant]
-        return self.secret
+            own = self.secrets[tenant]
+            return list(own) if isinstance(own, list) else [own]
+        return [s for s in (self.secret, *self.rotation_secrets) if s is not None]
 
 
 class ProducerRoute(BaseModel):
@@ -193,6 +262,33 @@ class ProducerRoute(BaseModel):
     tenant: str | None = None
     callback_url: str | None = None
     policy: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _callback_without_userinfo(cls, data: Any) -> Any:
+        # user:password@ is dropped before anything else sees the URL (a validation error
+        # echoes its input): credentials would be copied into every message and every log
+        # line that shows one; webhooks are authenticated by their signature instead.
+        url = data.get("callback_url") if isinstance(data, dict) else None
+        if isinstance(url, str):
+            scheme, sep, rest = url.partition("://")
+            end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+            if sep and "@" in rest[:end]:
+                data = {**data, "callback_url": scheme + sep + rest[:end].rpartition("@")[2] + rest[end:]}
+        return data
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_is_a_url(cls, value: str | None) -> str | None:
+        # Checked at start-up, not when the first message with it is refused.
+        if value is not None:
+            from pydantic import HttpUrl
+
+            try:
+                HttpUrl(value)
+            except ValueError:
+                raise ValueError("callback_url is not a valid http(s) URL") from None
+        return value
 
 
 class ProducerSettings(BaseModel):
@@ -209,6 +305,9 @@ class ProducerSettings(BaseModel):
     sqs_retry_after_s: int = Field(10, ge=0, le=43200)
     # Prometheus /metrics of `modgate listen sqs`; 0 = off.
     metrics_port: int = Field(0, ge=0, le=65535)
+    # ``eventSource`` values whose notification keys arrive unencoded (Ceph RGW); keys
+    # from every other source are URL-decoded the way AWS and MinIO encode them.
+    raw_key_sources: list[str] = Field(default_factory=lambda: ["ceph:s3"])
 
     def route(self, bucket: str, key: str) -> ProducerRoute | None:
         matches = [r for r in self.routes if r.bucket == bucket and key.startswith(r.prefix)]
@@ -224,6 +323,16 @@ class ReceiverSettings(BaseModel):
     hmac_secret: SecretStr | None = None
     allow_anonymous: bool = False
     max_body_bytes: int = Field(1 * MiB, ge=1024)
+    # The whole body must arrive within this many seconds, or the connection is closed
+    # (408): a stalled upload cannot hold a connection and its buffer indefinitely.
+    body_timeout_s: float = Field(10.0, gt=0, le=600)
+    # Request bodies held at once across all connections; above it new body bytes get a
+    # 503 with Retry-After, so slow or stalled senders cannot exhaust memory.
+    max_buffered_bytes: int = Field(64 * MiB, ge=MiB)
+    # Swagger UI at /docs and ReDoc at /redoc (/openapi.json is always served).
+    docs: bool = False
+    # GET /metrics (Prometheus, unauthenticated, counters only); false = 404.
+    metrics: bool = True
 
 
 class Settings(BaseSettings):

@@ -20,6 +20,7 @@ from producers.enqueuer import Enqueuer
 from producers.events import ObjectEvent
 from producers.sqs import SqsListener
 from tests.servers import RedisServer, free_port
+from worker.keys import OUTBOX_PAYLOADS
 from worker.settings import load_settings
 
 MODGATE = [sys.executable, "-m", "worker.cli"]
@@ -338,7 +339,14 @@ def minio_body(keys, bucket="allowed"):
 def test_http_receiver_answers_each_case(receiver, own_redis):
     r = redis.Redis.from_url(own_redis.url)
     status, body, _ = post(receiver + "/events", minio_body(TRICKY))
-    assert status == 202 and body == {"enqueued": len(TRICKY), "duplicates": 0, "refused": 0, "ignored": 0}
+    assert status == 202 and body == {
+        "enqueued": len(TRICKY),
+        "duplicates": 0,
+        "refused": 0,
+        "ignored": 0,
+        "invalid": 0,
+        "invalid_records": [],
+    }
     assert sorted(queued_keys(r)) == sorted(TRICKY)
     assert post(receiver + "/events", minio_body(["a.jpg"], bucket="forbidden"))[1]["refused"] == 1
     assert post(receiver + "/events", minio_body(TRICKY))[1]["duplicates"] == len(TRICKY)
@@ -406,3 +414,90 @@ def test_receiver_refuses_to_start_without_auth(own_redis, s3_env):
         ["serve-events", "--port", str(free_port())], {**s3_env, "MODGATE_REDIS__URL": own_redis.url}
     )
     assert out.returncode == 3 and "MODGATE_RECEIVER__TOKEN" in out.stderr
+
+
+def s3_records(*records):
+    return json.dumps({"Records": list(records)})
+
+
+def s3_record(key, bucket="bkt-ok"):
+    return {
+        "eventSource": "aws:s3",
+        "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 3, "eTag": "e-" + key}},
+    }
+
+
+def test_one_bad_sqs_message_never_aborts_deletion_of_the_good_ones(aws, own_redis):
+    dlq_url, dlq_arn = make_queue(aws["sqs"])
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"})
+    url, _ = make_queue(aws["sqs"], VisibilityTimeout=1, RedrivePolicy=redrive)
+    bodies = [
+        s3_records(s3_record("good-1.jpg")),
+        json.dumps({"Records": [{"EventSource": "aws:sns", "Sns": "not an object"}]}),  # crashed the poll
+        s3_records(s3_record("good-2.jpg"), s3_record("x.jpg", bucket="ab")),  # the queue refuses "ab"
+        s3_records(s3_record("good-3.jpg")),
+    ]
+    aws["sqs"].send_message_batch(
+        QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies)]
+    )
+    listener = SqsListener(url, Enqueuer(settings_for(own_redis.url)), client=aws["sqs"])
+    drain(listener, lambda: sqs_count(aws["sqs"], dlq_url) == 2, timeout=60)
+    assert sorted(queued_keys(redis.Redis.from_url(own_redis.url))) == [
+        "good-1.jpg",
+        "good-2.jpg",
+        "good-3.jpg",
+    ]
+    assert listener.stats.deleted == 2 and listener.stats.invalid >= 2
+    assert sqs_count(aws["sqs"], url) == 0  # both bad messages went to the dead-letter queue, not retried
+
+
+def test_lambda_enqueues_the_valid_records_and_reports_the_rest(own_redis, monkeypatch):
+    import producers.lambda_handler as lambda_handler
+    from producers.events import MalformedEvent
+
+    monkeypatch.setenv("MODGATE_REDIS__URL", own_redis.url)
+    monkeypatch.setattr(lambda_handler, "_enqueuer", None)
+    batch = {
+        "Records": [
+            {"eventSource": "aws:sqs", "messageId": "m1", "body": s3_records(s3_record("l-1.jpg"))},
+            {
+                "eventSource": "aws:sqs",
+                "messageId": "m2",
+                "body": s3_records(s3_record("l-2.jpg"), s3_record("x", bucket="ab")),
+            },
+        ]
+    }
+    out = lambda_handler.handler(batch)
+    assert out["batchItemFailures"] == [{"itemIdentifier": "m2"}] and out["enqueued"] == 2
+    direct = {
+        "Records": [s3_record("l-3.jpg"), {**s3_record("y"), "s3": {"bucket": {"name": "bkt"}, "object": 5}}]
+    }
+    with pytest.raises(MalformedEvent, match="1 invalid record"):
+        lambda_handler.handler(direct)
+    assert sorted(queued_keys(redis.Redis.from_url(own_redis.url))) == ["l-1.jpg", "l-2.jpg", "l-3.jpg"]
+
+
+def test_enqueuer_counts_what_the_queue_refuses_instead_of_raising(own_redis):
+    enqueuer = Enqueuer(settings_for(own_redis.url))
+    result = enqueuer.enqueue_events(
+        [ObjectEvent("ab", "a.jpg"), ObjectEvent("bkt", "a\x00.jpg"), ObjectEvent("bkt", "ok.jpg", size=-1)]
+    )
+    assert (result.enqueued, result.invalid) == (0, 3)
+
+
+def test_callback_userinfo_is_neither_stored_nor_echoed(own_redis):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as refused:
+        settings_for(own_redis.url, routes=[{"bucket": "bkt", "callback_url": "https://u:s3cret@bad host/x"}])
+    assert "s3cret" not in str(refused.value)
+    settings = settings_for(
+        own_redis.url, routes=[{"bucket": "bkt", "callback_url": "https://user:s3cret@hooks.example/x?a=1"}]
+    )
+    assert settings.producer.routes[0].callback_url == "https://hooks.example/x?a=1"
+    Enqueuer(settings).enqueue_events([ObjectEvent("bkt", "cb.jpg", etag="1")])
+    r = redis.Redis.from_url(own_redis.url)
+    (message,) = queued(r)
+    assert message["callback_url"] == "https://hooks.example/x?a=1"
+    assert not any(b"s3cret" in v for v in r.hgetall(OUTBOX_PAYLOADS).values())

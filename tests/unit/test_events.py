@@ -1,11 +1,14 @@
 """S3 event notification shapes → object events."""
 
 import json
+from pathlib import Path
 from urllib.parse import quote_plus
 
 import pytest
 
-from producers.events import MalformedEvent, parse
+from producers.events import MalformedEvent, ObjectEvent, parse
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "events"
 
 KEYS = ["dir/a b.jpg", "dir/c+d.jpg", "dir/100%.jpg", "dir/ünï cødé 🐱.jpg", "a/b/c/d/e.png", "q?x=1&y#.jpg"]
 
@@ -76,14 +79,134 @@ def test_lambda_sqs_and_sns_wrappers():
 
 
 @pytest.mark.parametrize(
-    "body",
-    [
-        "not json",
-        "[1, 2]",
-        json.dumps({"hello": 1}),
-        json.dumps({"Records": [{"eventName": "ObjectCreated:Put"}]}),
-    ],
+    "body", ["not json", "[1, 2]", json.dumps({"hello": 1}), "[" * 20_000 + "]" * 20_000]
 )
 def test_malformed_bodies_raise(body):
     with pytest.raises(MalformedEvent):
         parse(body)
+
+
+def test_deeply_nested_object_is_malformed_not_a_crash():
+    deep = '{"Records": [' + '{"a":' * 20_000 + "1" + "}" * 20_000 + "]}"
+    with pytest.raises(MalformedEvent, match="nested too deeply"):
+        parse(deep)
+
+
+def load_fixture(path: Path) -> tuple[dict, dict]:
+    """A documented sample without its ``_comment``/``_expect`` annotations, and the expectation."""
+    data = json.loads(path.read_text())
+    expect = data.pop("_expect")
+    data.pop("_comment")
+    return data, expect
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.json")), ids=lambda p: p.stem)
+def test_documented_samples_of_each_store(path):
+    body, expect = load_fixture(path)
+    parsed = parse(json.dumps(body))
+    assert [e.key for e in parsed.events] == expect["keys"]
+    assert len(parsed.ignored) == expect["ignored"] and not getattr(parsed, "invalid", [])
+
+
+@pytest.mark.parametrize("action", ["PutTagging", "DeleteTagging", "PutRetention", "PutLegalHold"])
+def test_minio_metadata_changes_are_not_uploads(action):
+    parsed = parse({"Records": [record("a.jpg", name=f"s3:ObjectCreated:{action}"), record("b.jpg")]})
+    assert [e.key for e in parsed.events] == ["b.jpg"]
+    assert parsed.ignored == [f"s3:ObjectCreated:{action} (a metadata change, not an upload)"]
+
+
+def test_keys_are_decoded_per_event_source():
+    raw = "dir/a+b 100%25.jpg"  # as Ceph stores and sends it
+    body = {"Records": [{**record("x"), "eventSource": "ceph:s3"}]}
+    body["Records"][0]["s3"]["object"]["key"] = raw
+    assert [e.key for e in parse(body).events] == [raw]
+    # Sources not named raw are decoded the AWS/MinIO way; the list is a setting.
+    assert [e.key for e in parse(body, raw_key_sources=()).events] == ["dir/a b 100%.jpg"]
+    minio = {"Records": [{**record("dir/a+b 100%.jpg"), "eventSource": "minio:s3"}]}
+    assert [e.key for e in parse(minio).events] == ["dir/a+b 100%.jpg"]
+
+
+BAD_OBJECTS = {
+    "bucket under 3 characters": ({"bucket": {"name": "ab"}}, {}),
+    "empty key": ({}, {"key": ""}),
+    "key over 1024 characters": ({}, {"key": "k" * 1025}),
+    "negative size": ({}, {"size": -1}),
+    "key not a string": ({}, {"key": 5}),
+    "eTag not a string": ({}, {"eTag": ["a"]}),
+    "size not a number": ({}, {"size": "12kB"}),
+    "size a float": ({}, {"size": 1.5}),
+    "size a boolean": ({}, {"size": True}),
+    "bucket name missing": ({"bucket": {}}, {}),
+    "bucket not an object": ({"bucket": "b"}, {}),
+    "NUL in key": ({}, {"key": quote_plus("a\x00b.jpg")}),
+    "newline in key": ({}, {"key": "a%0Ab.jpg"}),
+    "DEL in key": ({}, {"key": "a\x7fb.jpg"}),
+    "C1 control in key": ({}, {"key": quote_plus("a\x85b.jpg")}),
+    "key not UTF-8 once decoded": ({}, {"key": "a%FFb.jpg"}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OBJECTS, ids=list(BAD_OBJECTS))
+def test_one_invalid_record_does_not_poison_its_batch(case):
+    s3_patch, obj_patch = BAD_OBJECTS[case]
+    bad = record("bad.jpg")
+    bad["s3"].update(s3_patch)
+    bad["s3"]["object"].update(obj_patch)
+    parsed = parse(json.dumps({"Records": [record("good 1.jpg"), bad, record("good 2.jpg")]}))
+    assert [e.key for e in parsed.events] == ["good 1.jpg", "good 2.jpg"]
+    assert [r.record for r in parsed.invalid] == ["Records[1]"] and parsed.invalid[0].reason
+
+
+def test_size_beyond_any_float_is_invalid_not_a_crash():
+    text = json.dumps({"Records": [record("a.jpg")]}).replace('"size": 5', '"size": 1e400')
+    parsed = parse(text)
+    assert parsed.events == [] and "whole number" in parsed.invalid[0].reason
+
+
+def test_ceph_sizes_are_strings_of_digits():
+    (event,) = parse({"Records": [record("a.jpg", size="1024")]}).events
+    assert event.size == 1024
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"Records": ["not a record"]},
+        {"Records": [{"eventName": "ObjectCreated:Put"}]},
+        {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "bkt"}, "object": "x"}}]},
+        {"Records": [{"eventName": 7, "s3": {}}]},
+        {"Records": [{"EventSource": "aws:sns", "Sns": "not an object"}]},
+        {"Records": [{"EventSource": "aws:sns", "Sns": {"Message": 5}}]},
+        {"Records": [{"eventSource": "aws:sqs", "body": {"Records": []}}]},
+        {"Records": [{"eventSource": "aws:sqs", "body": "not json"}]},
+    ],
+)
+def test_wrong_shapes_inside_records_are_invalid_records(shape):
+    shape["Records"].append(record("kept.jpg"))
+    parsed = parse(json.dumps(shape))
+    assert [e.key for e in parsed.events] == ["kept.jpg"] and len(parsed.invalid) == 1
+
+
+def test_wrapped_records_are_named_where_they_are():
+    inner = json.dumps({"Records": [record("ok.jpg"), record("bad", bucket="x")]})
+    parsed = parse({"Records": [{"eventSource": "aws:sqs", "messageId": "1", "body": inner}]})
+    assert [e.key for e in parsed.events] == ["ok.jpg"]
+    assert [r.record for r in parsed.invalid] == ["Records[0].body.Records[1]"]
+
+
+def test_eventbridge_wrong_types_are_invalid():
+    event = {
+        "detail-type": "Object Created",
+        "source": "aws.s3",
+        "detail": {"bucket": {"name": "bkt"}, "object": {"key": ["x"], "size": 7}},
+    }
+    parsed = parse(event)
+    assert parsed.events == [] and parsed.invalid[0].record == "detail"
+
+
+def test_object_event_to_item_refuses_what_the_queue_refuses():
+    with pytest.raises(ValueError, match="control character U\\+0000"):
+        ObjectEvent("bkt", "a\x00b").to_item()
+    with pytest.raises(ValueError, match="bucket"):
+        ObjectEvent("b", "a").to_item()
+    assert ObjectEvent("bkt", "a b", size=3).to_item().size == 3
