@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-EXTRAS ?= dev,nudenet
+EXTRAS ?= dev,nudenet,eval
 
 .PHONY: install demo test lint bench clean
 

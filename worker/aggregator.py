@@ -1,15 +1,23 @@
 """Aggregator: fuses detector outputs over frames, maps them onto the 11 categories
-through the policy's declarative evidence lists, and decides safe / review / unsafe.
+through the policy's declarative evidence lists (weighted max, or a fitted logistic
+formula evaluated here with numpy), and decides safe / review / unsafe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import functools
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from worker.detectors.base import DetectorOutput
-from worker.policy import CATEGORIES, Policy
+from worker.policy import CATEGORIES, CategoryPolicy, Policy
 from worker.verdict import CategoryResult, Decision
+
+
+class MissingEvidenceError(ValueError):
+    """A logistic category (``on_missing: fail``) lacks a detector it has weights for."""
 
 
 def fuse_frames(outputs: Sequence[DetectorOutput]) -> DetectorOutput:
@@ -32,27 +40,78 @@ class Assessment:
     categories: dict[str, CategoryResult]
 
 
+# One image (float) or many (numpy array): the same operations either way.
+Values = float | np.ndarray
+
+
+def contributions(rule: CategoryPolicy, values: Mapping[str, Values]) -> dict[str, Values]:
+    """What each evidence adds to the category score. ``values`` maps ``detector.score`` ->
+    that score (only evidence of loaded detectors; 0.0 where a loaded detector did not emit
+    the score). Max fusion: ``min(1, weight * score)``; logistic: ``weight * score``."""
+    if rule.fusion == "logistic":
+        return {key: w * values[key] for key, w in (rule.weights or {}).items()}
+    # Python's min/max on one image's floats round exactly as numpy's do on arrays (and
+    # cost a tenth): the worker runs this for every image and category.
+    cap = np.minimum if any(isinstance(v, np.ndarray) for v in values.values()) else min
+    return {e.key: cap(1.0, e.weight * values[e.key]) for e in rule.evidence if e.key in values}
+
+
+def _fuse(rule: CategoryPolicy, terms: Mapping[str, Values]) -> Values:
+    if rule.fusion == "logistic":
+        z: Values = float(rule.bias or 0.0)
+        for term in terms.values():  # a fixed summation order: identical for 1 image or 10,000
+            z = z + term
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -500.0, 500.0)))
+    if any(isinstance(t, np.ndarray) for t in terms.values()):
+        return functools.reduce(np.maximum, terms.values())
+    return max(terms.values())
+
+
+def category_scores(rule: CategoryPolicy, values: Mapping[str, Values]) -> Values:
+    """The fused category score: the one formula that the worker, ``scan``, ``replay``,
+    ``eval`` and ``calibrate`` all evaluate, so they cannot disagree."""
+    return _fuse(rule, contributions(rule, values))
+
+
 def assess(scores: dict[str, dict[str, float]], policy: Policy, loaded: Collection[str]) -> Assessment:
     """``scores`` maps detector id -> its fused scores; ``loaded`` are the detectors that
     ran, which decides coverage (a category nobody looks at is not reported safe)."""
+    loaded = set(loaded)
     categories: dict[str, CategoryResult] = {}
     unsafe: list[tuple[float, str]] = []
     review: list[tuple[float, str]] = []
     for name in CATEGORIES:
         rule = policy.categories[name]  # type: ignore[index]
+        lacking = rule.weighted_detectors() - loaded
+        if lacking:
+            if rule.on_missing != "review":
+                raise MissingEvidenceError(
+                    f"category {name}: logistic fusion needs detector(s) {', '.join(sorted(lacking))}"
+                )
+            # Without all its inputs a fitted score means nothing: a human decides.
+            categories[name] = CategoryResult(
+                score=None, flagged=False, review=True, covered=False, counted=rule.counted
+            )
+            if rule.counted:
+                review.append((0.0, name))
+            continue
         evidence = [e for e in rule.evidence if e.detector in loaded]
         if not evidence:
             categories[name] = CategoryResult(score=None, flagged=False, covered=False, counted=rule.counted)
             continue
-        weighted = {
-            f"{e.detector}.{e.score}": min(1.0, e.weight * scores.get(e.detector, {}).get(e.score, 0.0))
-            for e in evidence
-        }
-        score = max(weighted.values())
+        values = {e.key: scores.get(e.detector, {}).get(e.score, 0.0) for e in evidence}
+        raw = contributions(rule, values)
+        score = float(_fuse(rule, raw))
+        terms = {k: float(v) for k, v in raw.items()}
         band_start = rule.review if rule.review is not None else rule.threshold
         flagged = score >= rule.threshold
         in_review = not flagged and rule.review is not None and score >= rule.review
-        drivers = sorted((k for k, v in weighted.items() if v >= band_start), key=lambda k: -weighted[k])
+        if rule.fusion == "logistic":
+            # The evidence that pushed the score up most, once the score is worth a look.
+            keep = [k for k, v in terms.items() if v > 0] if score >= band_start else []
+        else:
+            keep = [k for k, v in terms.items() if v >= band_start]
+        drivers = sorted(keep, key=lambda k: -terms[k])
         categories[name] = CategoryResult(
             score=score,
             flagged=flagged,

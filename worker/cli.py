@@ -338,8 +338,9 @@ def health(
     ready: Annotated[bool, typer.Option("--ready", help="Exit 1 unless a worker is ready.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Print the heartbeats of the worker processes on a host (JSON lines); exit 1 if there
-    are none (or, with --ready, if none is ready)."""
+    """Print the heartbeats of the worker processes on a host (JSON lines: state, detectors
+    and each detector's device under "devices"); exit 1 if there are none (or, with
+    --ready, if none is ready)."""
     import socket
 
     import redis
@@ -534,12 +535,281 @@ def serve_events(
     uvicorn.run(api, host=host, port=port, log_config=None, timeout_graceful_shutdown=10)
 
 
+class RandomSize(StrEnum):
+    full = "full"
+    tiny = "tiny"
+
+
+@app.command()
+def bench(
+    directory: Annotated[
+        Path | None, typer.Argument(help="Images to use (default: a generated 0.3–12 MP JPEG mix).")
+    ] = None,
+    detectors: DetectorsOpt = None,
+    model: ModelOpt = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16.")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="Max batch (batch.max_batch).")] = None,
+    seconds: Annotated[float, typer.Option("--seconds", help="Duration of each measurement.")] = 20.0,
+    count: Annotated[int, typer.Option("--count", help="Generated images (without DIR).")] = 24,
+    random_init: Annotated[
+        bool, typer.Option("--random-init", help="Full-size models with random weights (offline).")
+    ] = False,
+    random_size: Annotated[RandomSize, typer.Option("--random-size", hidden=True)] = RandomSize.full,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Measure modgate on this machine: end to end vs pure model images/s, per-stage ms, the
+    limit set by unavoidable work and the fraction reached, GPU memory and TFLOP/s."""
+    from worker import bench as bench_mod
+    from worker.errors import ConfigError
+
+    overrides = _detector_overrides(detectors, model)
+    runtime = {k: v for k, v in (("device", device), ("precision", precision)) if v}
+    overrides |= {"runtime": runtime} if runtime else {}
+    overrides |= {"batch": {"max_batch": batch}} if batch else {}
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    settings = bench_mod.settings_for(
+        lambda o: _settings(config, o), overrides, random_size.value if random_init else None
+    )
+    if directory is not None:
+        paths, source = bench_mod.image_files(directory), str(directory)
+    else:
+        out = settings.detectors.cache_dir / "bench-images"
+        paths, source = bench_mod.jpeg_mix(out, count), f"generated JPEG mix ({out})"
+    if not paths:
+        typer.echo(f"modgate: no images in {directory}", err=True)
+        raise typer.Exit(EXIT_INFRA)
+    try:
+        result = bench_mod.run_bench(settings, paths, seconds, source)
+    except ConfigError as exc:
+        typer.echo(f"modgate: {exc}", err=True)
+        raise typer.Exit(EXIT_INFRA) from None
+    typer.echo(json.dumps(result, indent=2) if as_json else bench_mod.format_table(result))
+
+
+EXIT_USAGE = 2
+
+
+class ReviewAs(StrEnum):
+    unsafe = "unsafe"
+    safe = "safe"
+
+
+class FusionChoice(StrEnum):
+    max = "max"
+    logistic = "logistic"
+
+
+def _policy_settings(
+    config: Path | None, policy: Path | None, overrides: dict[str, Any] | None = None
+) -> Any:
+    """Settings whose policy is ``--policy`` (else MODGATE_POLICY_FILE, else the default)."""
+    return _settings(config, {**(overrides or {}), **({"policy_file": policy} if policy else {})})
+
+
+def _scan_labelled(settings: Any, label_set: Any, output: Path, progress: bool) -> Path:
+    """``eval`` without --verdicts: the labelled images through ``modgate scan``'s code."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from worker.errors import ConfigError
+    from worker.pipeline import Pipeline
+    from worker.quality.evaluate import scan_labelled
+
+    console = Console(stderr=True)
+    try:
+        pipeline = Pipeline(settings)
+    except ConfigError as exc:
+        console.print(f"[red]modgate: {exc}[/red]")
+        raise typer.Exit(EXIT_INFRA) from None
+    for detector_id, why in pipeline.detectors.skipped.items():
+        console.print(f"[yellow]skipped detector {detector_id}: {why}[/yellow]")
+    columns = (TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with pipeline, Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("scan", total=len(label_set.rows))
+        return scan_labelled(pipeline, label_set, output, on_verdict=lambda _v: bar.advance(task))
+
+
+def _print_input_issues(report: dict[str, Any]) -> None:
+    for what, issue in report["unmatched"].items():
+        if issue["count"]:
+            examples = ", ".join(issue["examples"])
+            typer.echo(f"note: {what.replace('_', ' ')}: {issue['count']} (e.g. {examples})", err=True)
+    for code, count in report["errors"].items():
+        typer.echo(f"note: {count} labelled image(s) have error verdicts ({code}), left out", err=True)
+
+
+@app.command("eval")
+def eval_(
+    labels: Annotated[Path, typer.Argument(help="Labels: CSV or JSONL (UnsafeBench or multi-label style).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for report.json, PNG plots, report.html.")],
+    verdicts: Annotated[
+        Path | None,
+        typer.Option("--verdicts", help="Stored verdicts (JSONL): reuse their scores, run no model."),
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="Re-aggregate the stored scores under this policy file.")
+    ] = None,
+    review_as: Annotated[
+        ReviewAs, typer.Option("--review-as", help="Count review decisions as this.")
+    ] = ReviewAs.unsafe,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", help="Bootstrap resamples (0 = none).", min=0)
+    ] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+    plots: Annotated[bool, typer.Option(help="Draw the PNG plots.")] = True,
+    detectors: DetectorsOpt = None,
+    model: ModelOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar while scanning.")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Measure verdicts against labels: precision/recall/F1/FPR, per-category AUROC and AP beside
+    each detector, per split, with bootstrap intervals. Without --verdicts the images are scanned
+    first (verdicts kept in OUT/verdicts.jsonl)."""
+    settings = _policy_settings(config, policy, _detector_overrides(detectors, model))
+    from rich.console import Console
+    from rich.table import Table
+
+    from worker.quality.evaluate import run_eval
+    from worker.quality.labels import LabelsError, read_labels
+    from worker.quality.replay import read_verdicts
+    from worker.quality.report import SUMMARY_HEADERS, summary_rows
+
+    try:
+        label_set = read_labels(labels)
+        if verdicts is None:
+            verdicts = _scan_labelled(settings, label_set, out / "verdicts.jsonl", progress)
+        stored = read_verdicts(verdicts)
+        report = run_eval(label_set, stored, settings.policy, out, review_as.value, bootstrap, seed, plots)
+    except LabelsError as exc:
+        typer.echo(f"modgate: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    table = Table(title=f"modgate eval: {report['n']} images, policy {report['policy_version']}")
+    for header in SUMMARY_HEADERS:
+        table.add_column(header, justify="left" if not header else "right")
+    for row in summary_rows(report):
+        table.add_row(*row)
+    Console(width=140).print(table)
+    _print_input_issues(report)
+    typer.echo(f"report: {out / 'report.json'}, {out / 'report.html'}")
+
+
+@app.command("replay")
+def replay_(
+    verdicts: Annotated[Path, typer.Argument(help="Stored verdicts (JSONL).")],
+    policy: Annotated[Path, typer.Option("--policy", help="The policy to re-aggregate them under.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write the new verdicts (JSONL) here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """What a policy change would do, without running a model: decision transitions and
+    per-category flag rates before/after. Error verdicts pass through unchanged."""
+    settings = _policy_settings(config, policy)
+    import contextlib
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from worker.quality.labels import LabelsError
+    from worker.quality.replay import OUTCOMES, read_verdicts, replay, summary_json
+
+    try:
+        stored = read_verdicts(verdicts)
+        with out.open("w") if out else contextlib.nullcontext() as handle:
+            summary = replay(stored, settings.policy, handle)
+    except LabelsError as exc:
+        typer.echo(f"modgate: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    if as_json:
+        typer.echo(summary_json(summary))
+        return
+    console = Console(width=140)
+    before = ", ".join(sorted(summary.policy_before))
+    table = Table(title=f"decisions: policy {before} (rows) → {summary.policy_after} (columns)")
+    table.add_column("before \\ after")
+    for outcome in OUTCOMES:
+        table.add_column(outcome, justify="right")
+    for a in OUTCOMES:
+        table.add_row(a, *(str(summary.transitions.get((a, b), 0)) for b in OUTCOMES))
+    console.print(table)
+    rates = Table(title=f"flag rate per category ({summary.ok} ok verdicts)")
+    for column in ("category", "before", "after", "change"):
+        rates.add_column(column, justify="left" if column == "category" else "right")
+    for name, (b, a) in summary.flag_rates().items():
+        rates.add_row(name, f"{b:.2%}", f"{a:.2%}", f"{a - b:+.2%}")
+    console.print(rates)
+    if out:
+        typer.echo(f"new verdicts: {out}")
+
+
+@app.command("calibrate")
+def calibrate_(
+    labels: Annotated[Path, typer.Argument(help="Labels: CSV or JSONL (UnsafeBench or multi-label style).")],
+    verdicts: Annotated[
+        Path, typer.Option("--verdicts", help="Stored verdicts (JSONL) of the labelled images.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Write the calibrated policy YAML here.")],
+    target: Annotated[str, typer.Option("--target", help="f1, precision=P or fpr=F.")] = "f1",
+    fusion: Annotated[FusionChoice, typer.Option("--fusion", help="Weighted max, or a fitted logistic.")] = (
+        FusionChoice.max
+    ),
+    review_recall: Annotated[
+        float, typer.Option("--review-recall", help="Flagged + review reach this recall on the labels.")
+    ] = 0.95,
+    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds.", min=2)] = 5,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    min_positives: Annotated[
+        int, typer.Option("--min-positives", help="Fewer positives: the category keeps its base rule.")
+    ] = 20,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="Base policy (default: the active one).")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Fit per-category thresholds (and, with --fusion logistic, evidence weights) to labelled
+    verdicts; write a complete policy YAML loadable with MODGATE_POLICY_FILE."""
+    settings = _policy_settings(config, policy)
+    from worker.quality.calibrate import CalibrationError, Target, calibrate
+    from worker.quality.labels import LabelsError, join, read_labels
+    from worker.quality.replay import read_verdicts
+
+    try:
+        goal = Target.parse(target)
+        label_set = read_labels(labels)
+        joined = join(label_set, read_verdicts(verdicts))
+        result = calibrate(
+            joined, settings.policy, goal, fusion.value, review_recall, folds, seed, min_positives
+        )
+    except (LabelsError, CalibrationError) as exc:
+        typer.echo(f"modgate: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    out.write_text(result.yaml(sources=f"labels {labels.name}, verdicts {verdicts.name}"))
+    for fit in result.fits.values():
+        typer.echo(fit.describe())
+    for what, issue in (
+        ("labels without verdict", joined.labels_without_verdict),
+        ("verdicts without label", joined.verdicts_without_label),
+    ):
+        if issue.count:
+            typer.echo(f"note: {what}: {issue.count} (e.g. {', '.join(issue.examples)})", err=True)
+    if joined.error_codes:
+        typer.echo(f"note: error verdicts left out: {dict(joined.error_codes)}", err=True)
+    typer.echo(f"policy {result.policy.version} written to {out}")
+
+
 @app.command()
 def schema() -> None:
-    """Print the JSON Schema of the verdict (v1)."""
+    """Print the JSON Schema of the verdict (v1), with the webhook envelope (headers, event
+    types, body) under ``x-modgate-webhook``."""
     from worker.verdict import Verdict
+    from worker.webhooks import ENVELOPE
 
-    typer.echo(json.dumps(Verdict.model_json_schema(), indent=2))
+    document = Verdict.model_json_schema()
+    document["x-modgate-webhook"] = ENVELOPE
+    typer.echo(json.dumps(document, indent=2))
 
 
 def main() -> None:

@@ -34,14 +34,19 @@ class ScanSummary:
             self.errors[verdict.error.code.value] += 1
 
 
-def expand_targets(fetcher: Fetcher, targets: Iterable[str]) -> Iterator[Source]:
+def expand_targets(fetcher: Fetcher, targets: Iterable[str | Source]) -> Iterator[Source]:
+    """Targets are expanded (directories walked, S3 prefixes listed); a ``Source`` is one
+    exact image (``modgate eval`` scans the labelled uris, not everything beside them)."""
     for target in targets:
-        yield from fetcher.expand(target)
+        if isinstance(target, Source):
+            yield target
+        else:
+            yield from fetcher.expand(target)
 
 
 def run_scan(
     pipeline: Pipeline,
-    targets: Iterable[str],
+    targets: Iterable[str | Source],
     output: TextIO,
     on_verdict: Callable[[Verdict], None] | None = None,
 ) -> ScanSummary:

@@ -1,8 +1,12 @@
+import math
+
+import numpy as np
 import pytest
 
-from worker.aggregator import assess, fuse_frames
+from worker.aggregator import MissingEvidenceError, assess, category_scores, fuse_frames
 from worker.detectors.base import DetectorOutput
-from worker.policy import CATEGORIES, Policy, deep_merge, default_policy_dict
+from worker.errors import ConfigError
+from worker.policy import CATEGORIES, Policy, deep_merge, default_policy_dict, require_detectors
 
 
 def policy(**override) -> Policy:
@@ -93,3 +97,74 @@ def test_fuse_frames_takes_the_worst_frame():
 def test_policy_rejects_review_band_above_threshold():
     with pytest.raises(ValueError, match="review band"):
         policy(categories={"sexual": {"threshold": 0.5, "review": 0.6}})
+
+
+def logistic(**rule) -> Policy:
+    sexual = {
+        "fusion": "logistic",
+        "weights": {"x.a": 4.0, "y.b": 2.0, "z.c": -1.0},
+        "bias": -3.0,
+        "evidence": [
+            {"detector": "x", "score": "a"},
+            {"detector": "y", "score": "b"},
+            {"detector": "z", "score": "c"},
+        ],
+        **rule,
+    }
+    return policy(categories={"sexual": sexual})
+
+
+def test_logistic_fusion_is_the_fitted_formula_with_the_largest_contribution_driving():
+    scores = {"x": {"a": 0.9}, "y": {"b": 0.7}, "z": {"c": 0.5}}
+    result = assess(scores, logistic(), loaded={"x", "y", "z"})
+    sexual = result.categories["sexual"]
+    z = -3.0 + 4.0 * 0.9 + 2.0 * 0.7 - 1.0 * 0.5
+    assert sexual.score == pytest.approx(1 / (1 + math.exp(-z)))
+    assert sexual.flagged and result.decision == "unsafe"
+    assert sexual.drivers == ["x.a", "y.b"]  # negative contributions never drive
+    low = assess({"x": {"a": 0.0}, "y": {"b": 0.1}, "z": {"c": 0.9}}, logistic(), {"x", "y", "z"})
+    assert low.decision == "safe" and low.categories["sexual"].drivers == []
+
+
+def test_one_formula_for_one_image_and_for_many():
+    rule = logistic().categories["sexual"]
+    rng = np.random.default_rng(0)
+    values = {k: rng.random(50) for k in ("x.a", "y.b", "z.c")}
+    many = category_scores(rule, values)
+    for i in range(50):
+        scores = {"x": {"a": values["x.a"][i]}, "y": {"b": values["y.b"][i]}, "z": {"c": values["z.c"][i]}}
+        one = assess(scores, logistic(), {"x", "y", "z"})
+        assert one.categories["sexual"].score == many[i]  # bit for bit
+    max_rule = policy().categories["sexual"]
+    vals = {"open_nsfw.nsfw": rng.random(20), "nudenet.sexual": rng.random(20)}
+    fused = category_scores(max_rule, vals)
+    for i in range(20):
+        scores = {
+            "open_nsfw": {"nsfw": vals["open_nsfw.nsfw"][i]},
+            "nudenet": {"sexual": vals["nudenet.sexual"][i]},
+        }
+        one = assess(scores, policy(), {"open_nsfw", "nudenet"})
+        assert one.categories["sexual"].score == fused[i]
+
+
+def test_logistic_without_all_its_detectors_fails_closed():
+    with pytest.raises(MissingEvidenceError, match=r"sexual.*z"):
+        assess({"x": {"a": 0.9}, "y": {"b": 0.1}}, logistic(), loaded={"x", "y"})
+    result = assess({"x": {"a": 0.0}, "y": {"b": 0.0}}, logistic(on_missing="review"), loaded={"x", "y"})
+    sexual = result.categories["sexual"]
+    assert sexual.review and not sexual.covered and sexual.score is None
+    assert result.decision == "review" and result.primary_category == "sexual"
+
+
+def test_policy_refuses_logistic_weights_for_evidence_it_does_not_list():
+    with pytest.raises(ValueError, match=r"does not list: q\.d"):
+        logistic(weights={"x.a": 1.0, "q.d": 2.0})
+    with pytest.raises(ValueError, match="needs `weights`"):
+        logistic(weights=None)
+
+
+def test_start_up_check_names_the_missing_detectors_unless_on_missing_review():
+    with pytest.raises(ConfigError, match=r"category sexual .*z \(why not\)"):
+        require_detectors({"policy": logistic()}, loaded={"x", "y"}, skipped={"z": "why not"})
+    require_detectors({"policy": logistic(on_missing="review")}, loaded={"x"}, skipped={})
+    require_detectors({"policy": logistic()}, loaded={"x", "y", "z"}, skipped={})

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from worker.errors import ConfigError
+from worker.policy import require_detectors
 
 if TYPE_CHECKING:
     from worker.detectors.base import Detector
@@ -61,6 +64,61 @@ def detector_class(detector_id: str) -> type[Detector]:
     return getattr(module, cls_name)
 
 
+def resolve_device(setting: str, cuda_available: Callable[[], bool] | None = None) -> str:
+    """``runtime.device`` → "cuda" or "cpu"; ``auto`` takes CUDA when torch sees a device.
+    ``cuda_available`` replaces torch's answer (tests)."""
+    if setting == "cpu":
+        return "cpu"
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available
+    if cuda_available():
+        return "cuda"
+    if setting == "cuda":
+        raise ConfigError("device=cuda but torch sees no CUDA device")
+    return "cpu"
+
+
+def _tensor_device(value: Any) -> str | None:
+    """Device type of a torch module's first weight, or of a dict of tensors; else None."""
+    if hasattr(value, "parameters") and hasattr(value, "buffers"):
+        tensors: Iterable[Any] = itertools.chain(value.parameters(), value.buffers())
+    elif isinstance(value, dict):
+        tensors = value.values()
+    else:
+        return None
+    return next((t.device.type for t in tensors if hasattr(t, "device")), None)
+
+
+def detector_device(detector: Any) -> str:
+    """Where a loaded detector computes: the ``device`` it declares, else the device of the
+    first torch weights it holds (CLIP heads), else the CPU."""
+    declared = getattr(detector, "device", None)
+    if declared is not None:
+        return str(getattr(declared, "type", declared))
+    for value in vars(detector).values():
+        found = _tensor_device(value)
+        if found is not None:
+            return found
+    return "cpu"
+
+
+def check_devices(devices: dict[str, str], resolved: str) -> None:
+    """On a CUDA runtime every model must run on the GPU: one that would run anywhere else
+    (onnxruntime without its CUDA provider, a head left on the CPU) stops start-up by name
+    instead of quietly capping the ensemble at CPU speed."""
+    if resolved != "cuda":
+        return
+    elsewhere = {name: dev for name, dev in devices.items() if dev != "cuda"}
+    if elsewhere:
+        raise ConfigError(
+            "runtime device is cuda but "
+            + ", ".join(f"{name} would run on {dev}" for name, dev in sorted(elsewhere.items()))
+            + " (an ONNX detector goes on the GPU with runtime.onnx=auto or torch)"
+        )
+
+
 @dataclass
 class LoadedDetectors:
     detectors: list[Detector]
@@ -76,6 +134,10 @@ class LoadedDetectors:
         """Smallest side JPEG draft decoding may stop at; 0 = decode at full size."""
         return self.min_side if always or all(d.draft_ok for d in self.detectors) else 0
 
+    def devices(self) -> dict[str, str]:
+        """Detector id → the device it runs on ("cpu", "cuda"), for probes and start-up."""
+        return {d.id: detector_device(d) for d in self.detectors}
+
 
 def load_detectors(settings: Settings) -> LoadedDetectors:
     """Load every enabled detector once. An explicit list (or explicit weights) fails on
@@ -84,6 +146,8 @@ def load_detectors(settings: Settings) -> LoadedDetectors:
     skipped: dict[str, str] = {}
     backbone: ClipBackbone | None = None
     backbone_error: str | None = None
+    # Resolved once, before any model loads: device=cuda without a GPU stops here.
+    device = resolve_device(settings.runtime.device)
 
     def strict(detector_id: str) -> bool:
         # Naming a detector, or its weights, is asking for it: failing to load it is fatal.
@@ -116,4 +180,13 @@ def load_detectors(settings: Settings) -> LoadedDetectors:
         )
     if backbone is not None and not any(d.input == "clip_embedding" for d in loaded):
         backbone = None  # every head was skipped: do not run the tower for nothing
-    return LoadedDetectors(loaded, skipped, backbone)
+    policies = {"policy": settings.policy}
+    policies.update({f"policy {n!r}": settings.named_policy(n) for n in settings.policies})
+    require_detectors(policies, {d.id for d in loaded}, skipped)
+    result = LoadedDetectors(loaded, skipped, backbone)
+    devices = result.devices()
+    if backbone is not None:
+        devices["clip backbone"] = backbone.device.type
+    # Outside the skip logic above: a detector on the wrong device is fatal in any list.
+    check_devices(devices, device)
+    return result

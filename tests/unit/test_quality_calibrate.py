@@ -1,0 +1,141 @@
+"""Calibration on synthetic detectors with known behaviour: two noisy views of a latent
+label and one useless score. Fitted on one half, judged on the other."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import f1_score
+
+from worker.policy import CATEGORIES, Policy, default_policy_dict
+from worker.quality.calibrate import CalibrationError, Target, calibrate, fit_review, fit_threshold
+from worker.quality.labels import LabelRow, LabelSet, join
+from worker.quality.replay import reaggregate
+from worker.quality.synthetic import SyntheticScore, generate
+from worker.settings import Settings
+
+SCORES = [
+    SyntheticScore("open_nsfw", "nsfw", ("sexual",), gain=3.0, noise=1.3),
+    SyntheticScore("nudenet", "sexual", ("sexual",), gain=3.0, noise=1.3),
+    SyntheticScore("falconsai_vit", "nsfw", ("sexual",), gain=0.0, noise=1.3, offset=0.0),  # useless
+]
+N = 6000  # 3,000 to fit, 3,000 held out
+
+
+@pytest.fixture(scope="module")
+def halves():
+    verdicts, rows = generate(N, seed=11, scores=SCORES, categories=["sexual"], unsafe_rate=0.3)
+
+    def joined(part):
+        labels = [
+            LabelRow(
+                uri=r["uri"],
+                key=str(Path("/synthetic") / r["uri"]),
+                unsafe=r["label"] == "unsafe",
+                truth={c: int(c == r["category"]) for c in CATEGORIES},
+                split=r["split"],
+                line=0,
+            )
+            for r in rows[part]
+        ]
+        return join(LabelSet(labels, "unsafebench"), verdicts[part])
+
+    return joined(slice(0, N // 2)), joined(slice(N // 2, N))
+
+
+def base() -> Policy:
+    return Policy.model_validate(default_policy_dict())
+
+
+def held_out(policy, test):
+    """(F1, FPR) of the sexual category's flag on the held-out half, by scikit-learn."""
+    y = test.truth("sexual").astype(bool)
+    flagged = np.array([reaggregate(v, policy).categories["sexual"].flagged for v in test.verdicts])
+    return f1_score(y, flagged), flagged[~y].mean()
+
+
+def single(train, test, detector, score):
+    values = [np.array([v.detectors[detector].scores[score] for v in j.verdicts]) for j in (train, test)]
+    threshold, _ = fit_threshold(train.truth("sexual").astype(bool), values[0], Target("f1"))
+    return f1_score(test.truth("sexual").astype(bool), values[1] >= threshold)
+
+
+def test_logistic_fusion_beats_every_single_detector_and_the_default_policy(halves):
+    train, test = halves
+    singles = {f"{s.detector}.{s.score}": single(train, test, s.detector, s.score) for s in SCORES}
+    default_f1, _ = held_out(base(), test)
+    cal_max = calibrate(train, base(), Target("f1"), "max")
+    cal_logistic = calibrate(train, base(), Target("f1"), "logistic")
+    max_f1, _ = held_out(cal_max.policy, test)
+    logistic_f1, _ = held_out(cal_logistic.policy, test)
+    print(
+        f"held-out F1: singles {singles}, default {default_f1:.3f}, "
+        f"max {max_f1:.3f}, logistic {logistic_f1:.3f}"
+    )
+    assert logistic_f1 >= max(singles.values())
+    assert logistic_f1 >= default_f1 and logistic_f1 >= max_f1
+    rule = cal_logistic.policy.categories["sexual"]
+    assert rule.fusion == "logistic" and cal_max.policy.categories["sexual"].fusion == "max"
+    weights = rule.weights
+    useful = min(weights["open_nsfw.nsfw"], weights["nudenet.sexual"])
+    assert useful > 0 and abs(weights["falconsai_vit.nsfw"]) < 0.1 * useful
+    fit = cal_logistic.fits["sexual"]
+    assert fit.positives == int(train.truth("sexual").sum()) and 0 < fit.cv["f1"] <= 1
+    # Categories without labelled positives keep the base rule, and say so.
+    assert cal_logistic.policy.categories["hate"] == base().categories["hate"]
+    assert "positives" in cal_logistic.fits["hate"].note or "evidence" in cal_logistic.fits["hate"].note
+
+
+def test_fpr_target_holds_on_held_out_data(halves):
+    train, test = halves
+    result = calibrate(train, base(), Target.parse("fpr=0.01"), "logistic")
+    _, fpr = held_out(result.policy, test)
+    print(f"held-out FPR at target 0.01: {fpr:.4f}")
+    assert 0.005 <= fpr <= 0.02
+
+
+def test_review_band_reaches_the_recall_asked_for(halves):
+    train, _ = halves
+    result = calibrate(train, base(), Target.parse("precision=0.97"), "max", review_recall=0.9)
+    rule = result.policy.categories["sexual"]
+    y = train.truth("sexual").astype(bool)
+    verdicts = [reaggregate(v, result.policy) for v in train.verdicts]
+    flagged_or_review = np.array(
+        [v.categories["sexual"].flagged or v.categories["sexual"].review for v in verdicts]
+    )
+    assert rule.review is not None and rule.review < rule.threshold
+    assert flagged_or_review[y].mean() >= 0.9
+
+
+def test_threshold_and_review_helpers_on_a_hand_case():
+    y = np.array([0, 0, 0, 1, 0, 1, 1, 1], bool)
+    s = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    threshold, note = fit_threshold(y, s, Target("f1"))
+    # Flagging >= 0.4 gives tp 4, fp 1: F1 8/9, the best; halfway to the next score below.
+    assert threshold == pytest.approx(0.35) and note is None
+    threshold, _ = fit_threshold(y, s, Target.parse("precision=0.99"))
+    assert threshold == pytest.approx(0.55)
+    threshold, _ = fit_threshold(y, s, Target.parse("fpr=0.2"))
+    assert threshold == pytest.approx(0.55)
+    assert fit_review(y, s, 0.55, recall=1.0) == pytest.approx(0.35)
+    assert fit_review(y, s, 0.35, recall=1.0) is None
+    with pytest.raises(CalibrationError, match="--target"):
+        Target.parse("recall=0.9")
+
+
+def test_calibrated_policy_yaml_is_complete_and_loads_as_the_policy_file(halves, tmp_path):
+    train, _ = halves
+    result = calibrate(train, base(), Target("f1"), "logistic")
+    text = result.yaml(sources="labels l.csv")
+    assert text.startswith("# modgate policy ") and "target f1, fusion logistic" in text
+    assert "# sexual: logistic" in text and "cross-validated f1" in text
+    data = yaml.safe_load(text)
+    assert set(data["categories"]) == set(CATEGORIES) and "actions" in data
+    assert data["version"].startswith(base().version + "+cal.")
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    loaded = Settings(policy_file=path).policy
+    assert loaded == result.policy
+    again = calibrate(train, base(), Target("f1"), "logistic")
+    assert again.policy.version == result.policy.version  # same fit, same version

@@ -1,0 +1,63 @@
+"""Replay: stored verdicts under another policy, errors unchanged, what changed counted."""
+
+import io
+import json
+
+import pytest
+
+from worker.policy import Policy, deep_merge, default_policy_dict
+from worker.quality.labels import LabelsError
+from worker.quality.replay import reaggregate, replay
+from worker.quality.synthetic import generate
+
+
+def policy(version, **categories) -> Policy:
+    return Policy.model_validate(
+        deep_merge(default_policy_dict(), {"version": version, "categories": categories})
+    )
+
+
+@pytest.fixture(scope="module")
+def verdicts():
+    return generate(400, seed=4, error_rate=0.05)[0]
+
+
+def test_same_policy_changes_nothing_and_errors_pass_through(verdicts):
+    same = replay(verdicts, Policy.model_validate(default_policy_dict()))
+    assert all(a == b for a, b in same.transitions)
+    assert same.transitions[("error", "error")] == sum(v.status == "error" for v in verdicts) > 0
+    for v in verdicts:
+        new = reaggregate(v, Policy.model_validate(default_policy_dict()))
+        assert new.decision == v.decision and new.categories == v.categories
+
+
+def test_a_stricter_threshold_moves_decisions_one_way_and_is_counted(verdicts):
+    strict = policy("strict", sexual={"threshold": 0.5, "review": 0.3})
+    out = io.StringIO()
+    summary = replay(verdicts, strict, out)
+    rank = {"safe": 0, "review": 1, "unsafe": 2, "error": 3}
+    assert all(rank[b] >= rank[a] for a, b in summary.transitions)
+    assert summary.transitions[("review", "unsafe")] > 0
+    before, after = summary.flag_rates()["sexual"]
+    assert after > before and summary.flag_rates()["hate"][0] == summary.flag_rates()["hate"][1]
+    written = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(written) == len(verdicts)
+    ok = [w for w in written if w["status"] == "ok"]
+    assert {w["policy_version"] for w in ok} == {"strict"}
+    errors = [w for w in written if w["status"] == "error"]
+    assert {w["policy_version"] for w in errors} == {verdicts[0].policy_version}  # unchanged
+    assert {w["id"] for w in ok}.isdisjoint({v.id for v in verdicts})  # new policy, new ids
+    assert summary.as_dict()["transitions"]["review->unsafe"] == summary.transitions[("review", "unsafe")]
+
+
+def test_a_logistic_policy_needing_an_absent_detector_is_refused(verdicts):
+    sexual = {
+        "fusion": "logistic",
+        "weights": {"open_nsfw.nsfw": 2.0, "absent.x": 1.0},
+        "bias": -1.0,
+        "evidence": [{"detector": "open_nsfw", "score": "nsfw"}, {"detector": "absent", "score": "x"}],
+    }
+    with pytest.raises(LabelsError, match=r"absent \(missing from \d+ verdicts\).*on_missing: review"):
+        replay(verdicts, policy("logit", sexual=sexual))
+    reviewed = replay(verdicts, policy("logit", sexual={**sexual, "on_missing": "review"}))
+    assert {b for (_, b) in reviewed.transitions} <= {"review", "unsafe", "error"}
