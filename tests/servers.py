@@ -51,12 +51,21 @@ class MotoServer:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    """redis-server on a free port that keeps its port and data directory across
+    ``restart``/``kill``, so clients reconnect to the same address. ``appendonly`` turns the
+    AOF on with ``appendfsync`` (``always``, ``everysec`` or ``no``), as a deployment would."""
+
+    def __init__(self, workdir: Path, appendonly: bool = False, appendfsync: str = "everysec") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (make install installs it)")
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         self.binary = binary
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -73,7 +82,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                self.appendfsync,
                 "--dir",
                 str(self.workdir),
             ],
@@ -90,6 +101,29 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+    def shutdown(self) -> None:
+        """A graceful stop: SHUTDOWN, which fsyncs the AOF (and a final save) before exiting."""
+        import redis
+
+        if self.proc is not None:
+            redis.Redis.from_url(self.url).shutdown()
+            self.proc.wait(30)
+            self.proc = None
+
+    def kill(self) -> None:
+        """kill -9: whatever the fsync policy had not written yet is gone."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self, graceful: bool = True, down_s: float = 0.0) -> None:
+        """Stop (SHUTDOWN or kill -9), stay down ``down_s`` seconds, start again on the same
+        port with the same data directory (the AOF is replayed on start)."""
+        self.shutdown() if graceful else self.kill()
+        time.sleep(down_s)
+        self.start()
 
 
 class WebhookReceiver:
@@ -114,7 +148,13 @@ class WebhookReceiver:
                 with receiver.lock:
                     status = receiver.responses.pop(0) if receiver.responses else receiver.default
                     receiver.requests.append(
-                        {"path": self.path, "headers": dict(self.headers), "body": body, "status": status}
+                        {
+                            "path": self.path,
+                            "headers": dict(self.headers),
+                            "body": body,
+                            "status": status,
+                            "at": time.monotonic(),
+                        }
                     )
                 self.send_response(status)
                 self.send_header("Content-Length", "0")

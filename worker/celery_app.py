@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: Any = None) -
 
     @app.task(name=MODERATE_TASK, bind=True)
     def moderate(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+        import kombu.exceptions
         import redis
 
         from worker.service import Requeue
@@ -84,16 +85,26 @@ def create_app(settings: Settings | None = None, pipeline_factory: Any = None) -
             return current_service().moderate(self.request.id, args, kwargs)
         except Requeue as exc:
             raise Reject(str(exc), requeue=True) from None
-        except redis.RedisError as exc:
-            # Nothing was acknowledged; put the message back rather than lose its verdicts.
-            log.error("redis error while publishing (%s); message requeued", exc)
+        except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
+            # Redis (results, outbox, OOM on a SET) or the broker (scheduling a webhook)
+            # failed before the message was done: put it back rather than acknowledge work
+            # that did not happen. Its redelivery publishes nothing twice.
+            log.error("%s while finishing a message (%s); message requeued", type(exc).__name__, exc)
             time.sleep(1.0)
-            raise Reject(f"redis error: {exc}", requeue=True) from None
+            raise Reject(f"{type(exc).__name__}: {exc}", requeue=True) from None
 
     @app.task(name=WEBHOOK_TASK, bind=True)
     def deliver_webhook(self: Any, *args: Any, **kwargs: Any) -> str:
+        from worker.service import Requeue
+
         payload = args[0] if len(args) == 1 and not kwargs else kwargs
-        return current_service().deliver(payload)
+        try:
+            return current_service().deliver(payload)
+        except Requeue as exc:
+            # Redis or the broker failed mid-delivery: acking would lose the delivery.
+            log.error("%s; webhook task requeued", exc)
+            time.sleep(1.0)
+            raise Reject(str(exc), requeue=True) from None
 
     return app
 

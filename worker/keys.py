@@ -43,6 +43,18 @@ def retry_claim(delivery_id: str, chain: str, attempt: int, hop: int = 0) -> str
     return f"{PREFIX}:webhook:retry:{delivery_id}:{chain}:{attempt}:{hop}"
 
 
+def webhook_host_slots(authority: str) -> str:
+    """Sorted set of the POSTs in flight to one ``host:port`` (token -> expiry, ms): the
+    per-host concurrency cap shared by every dispatcher."""
+    return f"{PREFIX}:webhook:host:{authority}"
+
+
+def webhook_refused(digest: str) -> str:
+    """Set when a message's callback URL was refused by policy and dead-lettered, so the
+    message's other verdicts (and its redeliveries) do not add a dead letter each."""
+    return f"{PREFIX}:webhook:refused:{digest}"
+
+
 def health(hostname: str, pid: int | str) -> str:
     """Heartbeat of one worker process (JSON, expires unless refreshed); one key per
     process, so several workers on one host do not overwrite each other."""
@@ -53,3 +65,16 @@ def event_marker(fingerprint: str) -> str:
     """Set by producers after enqueueing an object event: repeated notifications within
     ``producer.dedup_ttl_s`` are enqueued once."""
     return f"{PREFIX}:event:{fingerprint}"
+
+
+def message_retries(task_id: str) -> str:
+    """How many times one message (by task id) went back to the queue because it timed out
+    or an S3 action failed transiently; past ``worker.timeout_retries`` it is finished
+    with error verdicts instead, so no message loops forever."""
+    return f"{PREFIX}:message:retries:{task_id}"
+
+
+def action_outcome(verdict_id: str) -> str:
+    """What the policy's S3 actions did for one verdict (JSON), written after they ran;
+    until it exists every copy of the message runs them again."""
+    return f"{PREFIX}:actions:{verdict_id}"

@@ -2,7 +2,9 @@
 
 A Lua script sets the verdict's published marker (NX, with a TTL) and adds the stream
 entry in one atomic step, so a redelivered or duplicated message can never add a second
-entry, and a crash can never leave a marker without its entry (or the reverse).
+entry, and a crash can never leave a marker without its entry (or the reverse). The
+marker holds the entry id: a duplicate gets the entry it duplicates back (id and stored
+verdict JSON), so its webhooks carry what the stream says, not a fresh computation.
 """
 
 from __future__ import annotations
@@ -16,14 +18,24 @@ from worker.settings import ResultsSettings
 from worker.verdict import Verdict
 
 # KEYS: marker, stream. ARGV: ttl, maxlen, verdict json, verdict id, status, decision.
+# Returns {entry id, 1} for a new entry; {entry id, 0, stored verdict json} for a duplicate
+# ({entry id, 0} if the stream has trimmed that entry since).
 _PUBLISH = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   local entry = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
                            'verdict', ARGV[3], 'id', ARGV[4], 'status', ARGV[5], 'decision', ARGV[6])
   redis.call('SET', KEYS[1], entry, 'EX', ARGV[1])
-  return entry
+  return {entry, 1}
 end
-return false
+local entry = redis.call('GET', KEYS[1])
+local found = redis.call('XRANGE', KEYS[2], entry, entry)
+if #found == 1 then
+  local fields = found[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'verdict' then return {entry, 0, fields[i + 1]} end
+  end
+end
+return {entry, 0}
 """
 
 
@@ -43,12 +55,15 @@ TRANSIENT = frozenset(
 @dataclass(frozen=True)
 class Published:
     verdict_id: str
-    # Stream entry id; None when the verdict was already published (a duplicate).
-    entry_id: str | None
+    # The stream entry: the one just added, or for a duplicate the one already there.
+    entry_id: str
+    duplicate: bool
+    # The verdict JSON as stored in that entry; None only if the stream trimmed it away.
+    body: str | None
 
-    @property
-    def duplicate(self) -> bool:
-        return self.entry_id is None
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class ResultPublisher:
@@ -63,14 +78,17 @@ class ResultPublisher:
     def publish_many(self, verdicts: list[Verdict]) -> list[Published]:
         """Publish in one round trip (a pipeline of script calls); each stays atomic on its own."""
         pipe = self.redis.pipeline(transaction=False)
+        bodies = []
         for verdict in verdicts:
             transient = verdict.error is not None and verdict.error.code in TRANSIENT
+            body = verdict.model_dump_json()
+            bodies.append(body)
             self._script(
                 keys=[keys.published_marker(verdict.id), self.settings.stream],
                 args=[
                     self.settings.transient_dedup_ttl_s if transient else self.settings.dedup_ttl_s,
                     self.settings.stream_maxlen,
-                    verdict.model_dump_json(),
+                    body,
                     verdict.id,
                     verdict.status,
                     verdict.decision or "",
@@ -78,8 +96,10 @@ class ResultPublisher:
                 client=pipe,
             )
         out = []
-        for verdict, entry in zip(verdicts, pipe.execute(), strict=True):
-            if isinstance(entry, bytes):
-                entry = entry.decode()
-            out.append(Published(verdict.id, entry or None))
+        for verdict, body, reply in zip(verdicts, bodies, pipe.execute(), strict=True):
+            entry, new, *stored = reply
+            if new:
+                out.append(Published(verdict.id, _text(entry), False, body))
+            else:
+                out.append(Published(verdict.id, _text(entry), True, _text(stored[0]) if stored else None))
         return out

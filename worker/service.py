@@ -15,28 +15,57 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from fnmatch import fnmatchcase
 from typing import Any
 
 from pydantic import ValidationError
 
-from worker import keys, metrics
-from worker.actions import ObjectActions
+from worker import actions, keys, metrics
+from worker.actions import ObjectActions, TransientActionError
 from worker.contract import MODERATE_QUEUE, Item, ModerateMessage, validate_message
 from worker.errors import ErrorCode
 from worker.health import Health
 from worker.policy import Policy
-from worker.publisher import ResultPublisher
+from worker.publisher import Published, ResultPublisher
 from worker.settings import Settings
-from worker.verdict import Source, Verdict, error_verdict
-from worker.webhooks import MAX_HOP_S, Delivery, Dispatcher, Outcome, Schedule
+from worker.verdict import ErrorInfo, Source, Verdict, error_verdict
+from worker.webhooks import (
+    MAX_HOP_S,
+    Delivery,
+    Dispatcher,
+    Outcome,
+    Schedule,
+    event_id,
+    strip_userinfo,
+    unsigned_warning,
+)
 
 log = logging.getLogger(__name__)
 
 
 class Requeue(Exception):
-    """The worker is shutting down and this message did not finish within the drain timeout."""
+    """The message goes back to the queue: the worker is draining, it timed out (transient),
+    or an S3 action failed transiently."""
+
+
+# Error codes whose messages quote S3/boto or Python exception text (endpoints, request
+# ids, internal paths). The stream entry, and so every webhook, carries this generic text
+# instead; the full text goes to the worker log.
+_GENERIC = {
+    ErrorCode.NOT_FOUND: "the object does not exist, or changed since it was listed",
+    ErrorCode.ACCESS_DENIED: "the worker was denied access to the object",
+    ErrorCode.FETCH_FAILED: "the object could not be fetched from storage",
+    ErrorCode.INTERNAL: "internal error while moderating the image",
+}
+
+# Releases the reconciler lock only while it still holds our token: a round that outlived
+# the lock's expiry must not delete the lock another worker has taken since.
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# Messages at the consuming end of the queue the reconciler reads to learn what is still queued.
+_PEEK = 100
 
 
 def _reason(exc: Exception) -> str:
@@ -92,12 +121,23 @@ class Service:
                 self.health, self.settings.worker.metrics_host, self.settings.worker.metrics_port
             )
         self.health.start()
+        from worker.contract import WEBHOOK_QUEUE
+
+        unsigned = unsigned_warning(self.settings.webhook)
+        if WEBHOOK_QUEUE in self.queues and unsigned is not None:
+            log.warning(unsigned)
         if MODERATE_QUEUE in self.queues:
+            if self.settings.worker.buckets is None:
+                log.warning(
+                    "worker.buckets is unset: objects of any bucket these credentials can read are "
+                    "moderated; set MODGATE_WORKER__BUCKETS to the buckets this worker is for"
+                )
             self.pipeline = self._build_pipeline()
             if self._resend is not None:
                 threading.Thread(target=self._reconcile_loop, name="modgate-reconcile", daemon=True).start()
             self.health.live_checks.append(self.pipeline.alive)
             self.health.detectors = sorted(getattr(self.pipeline, "_loaded_ids", []))
+            self.health.devices = health.detector_devices(self.pipeline)
         self.health.ready = True
         self.health.beat()
         log.info(
@@ -131,14 +171,23 @@ class Service:
     def moderate(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, int]:
         # Seen alive: the reconciler leaves a running message alone.
         self.redis.zadd(keys.OUTBOX, {task_id: time.time()}, xx=True)
-        counts = self._moderate(task_id, args, kwargs)
+        try:
+            counts = self._moderate(task_id, args, kwargs)
+        except Requeue:
+            # Back at the producers' end of the queue: seen now, so the reconciler knows it
+            # is queued behind everything sent before this moment.
+            self.redis.zadd(keys.OUTBOX, {task_id: time.time()}, xx=True)
+            raise
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(keys.OUTBOX, task_id)
         pipe.hdel(keys.OUTBOX_PAYLOADS, task_id)
+        pipe.delete(keys.message_retries(task_id))
         pipe.execute()
         return counts
 
     def _moderate(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, int]:
+        from worker.pipeline import Cancel, Cancelled  # numpy & co.: not in webhook-only processes
+
         message, rejected = self._parse(task_id, args, kwargs)
         counts = {"items": 0, "published": 0, "duplicates": 0, "rejected": len(rejected)}
         self._publish(rejected, None, counts)
@@ -146,38 +195,132 @@ class Service:
             metrics.MESSAGES.labels("invalid").inc()
             return counts
         policy = self._policy(message.policy)
-        pending: dict[Future[Verdict], Source] = {}
-        for item in message.items:
-            source = _source(item)
-            pending[self.pipeline.submit(source, message.request_id, policy)] = source
-        counts["items"] = len(pending)
+        counts["items"] = len(message.items)
         deadline = time.monotonic() + self.settings.worker.message_timeout_s
-        while pending:
-            done, _ = wait(list(pending), timeout=0.25, return_when=FIRST_COMPLETED)
-            for future in done:
-                pending.pop(future)
-            self._finish([f.result() for f in done], message, policy, counts)
-            now = time.monotonic()
-            if pending and self._drain_deadline is not None and now >= self._drain_deadline:
-                metrics.MESSAGES.labels("requeued").inc()
-                raise Requeue(f"{len(pending)} of {counts['items']} items unfinished at the drain deadline")
-            if pending and now >= deadline:
-                timeout = self.settings.worker.message_timeout_s
-                late = [
-                    error_verdict(
-                        source,
-                        policy.version,
-                        ErrorCode.TIMEOUT,
-                        f"not finished within worker.message_timeout_s={timeout}",
-                        request_id=message.request_id,
-                    )
-                    for source in pending.values()
-                ]
-                pending.clear()
-                self._finish(late, message, policy, counts)
+        cancel = Cancel(deadline)
+        refused, waiting = self._screen(message, policy)
+        failed_actions = self._finish(refused, message, policy, counts)
+        # future -> (source, when it entered the pipeline)
+        pending: dict[Future[Verdict], tuple[Source, float]] = {}
+        try:
+            with self.pipeline.admission(cancel) as admitted:
+                while admitted and waiting and not self._draining(cancel):
+                    future = self.pipeline.submit(waiting[0], message.request_id, policy, cancel=cancel)
+                    if future.done() and isinstance(future.exception(), Cancelled):
+                        break  # timed out while waiting for room in the pipeline
+                    pending[future] = (waiting.pop(0), time.monotonic())
+            while pending or waiting:
+                done = [f for f in pending if f.done() and f.exception() is None]
+                for future in done:
+                    pending.pop(future)
+                failed_actions += self._finish([f.result() for f in done], message, policy, counts)
+                if not pending and not waiting:
+                    break
+                if self._draining(cancel):
+                    metrics.MESSAGES.labels("requeued").inc()
+                    left = len(pending) + len(waiting)
+                    raise Requeue(f"{left} of {counts['items']} items unfinished at the drain deadline")
+                if cancel.cancelled:
+                    self._timed_out(task_id, message, policy, pending, waiting, counts)
+                    break
+                wait(list(pending), timeout=0.25, return_when=FIRST_COMPLETED)
+        finally:
+            cancel.set()  # whatever is still in the pipeline for this message stops at its next stage
+        if failed_actions:
+            self._actions_failed(task_id, failed_actions)
         metrics.MESSAGES.labels("done").inc()
         log.info("message done", extra={"task_id": task_id, "request_id": message.request_id, **counts})
         return counts
+
+    def _draining(self, cancel: Any) -> bool:
+        if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+            cancel.set()
+            return True
+        return False
+
+    def _screen(self, message: ModerateMessage, policy: Policy) -> tuple[list[Verdict], list[Source]]:
+        """Items this worker refuses (error verdicts) and the sources it moderates. Applied
+        here, whatever produced the message (producers, backfill, a direct ``send_task``)."""
+        allowed = self.settings.worker.buckets
+        refused: list[Verdict] = []
+        sources: list[Source] = []
+        for item in message.items:
+            source = _source(item)
+            if any(part in (".", "..") for part in item.key.split("/")):
+                # S3 keeps them literally, but URL normalisation (clients, proxies, other
+                # stores) and quarantine prefixes would resolve them to another object.
+                code, why = ErrorCode.INVALID_KEY, "the key has a '.' or '..' path segment"
+            elif allowed is not None and not any(fnmatchcase(item.bucket, p) for p in allowed):
+                code, why = ErrorCode.BUCKET_NOT_ALLOWED, f"bucket {item.bucket!r} is not in worker.buckets"
+            else:
+                sources.append(source)
+                continue
+            refused.append(error_verdict(source, policy.version, code, why, request_id=message.request_id))
+        return refused, sources
+
+    def _timed_out(
+        self,
+        task_id: str,
+        message: ModerateMessage,
+        policy: Policy,
+        pending: dict[Future[Verdict], tuple[Source, float]],
+        waiting: list[Source],
+        counts: dict[str, int],
+    ) -> None:
+        """Items unfinished at the message timeout: the message goes back to the queue (a
+        timeout is transient), or, once its retries are spent, they get ``timeout`` verdicts."""
+        timeout = self.settings.worker.message_timeout_s
+        unfinished = [source for source, _ in pending.values()] + waiting
+        now = time.monotonic()
+        # Items that spent most of the time waiting for room in the pipeline (a backlog) are
+        # late, not stuck: that costs no retry. One that was in the pipeline for at least
+        # half the timeout does.
+        if not any(now - entered >= timeout / 2 for _, entered in pending.values()):
+            metrics.MESSAGES.labels("requeued_backlog").inc()
+            raise Requeue(f"{len(unfinished)} of {counts['items']} items waited for room past the timeout")
+        retries = self._count_retry(task_id)
+        if retries <= self.settings.worker.timeout_retries:
+            metrics.MESSAGES.labels("requeued_timeout").inc()
+            log.warning(
+                "message timed out with %d unfinished item(s); re-queued (retry %d of %d)",
+                len(unfinished),
+                retries,
+                self.settings.worker.timeout_retries,
+                extra={"task_id": task_id, "request_id": message.request_id},
+            )
+            raise Requeue(f"{len(unfinished)} of {counts['items']} items unfinished at the message timeout")
+        late = [
+            error_verdict(
+                source,
+                policy.version,
+                ErrorCode.TIMEOUT,
+                f"not finished within worker.message_timeout_s={timeout} in {retries} deliveries",
+                request_id=message.request_id,
+            )
+            for source in unfinished
+        ]
+        pending.clear()
+        waiting.clear()
+        self._finish(late, message, policy, counts)
+
+    def _count_retry(self, task_id: str) -> int:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.incr(keys.message_retries(task_id))
+        pipe.expire(keys.message_retries(task_id), 24 * 3600)
+        return int(pipe.execute()[0])
+
+    def _actions_failed(self, task_id: str, failed: list[tuple[Verdict, str]]) -> None:
+        """S3 actions that failed transiently: the message goes back to the queue, and its
+        redelivery (a duplicate, verdicts already on the stream) runs them again, up to
+        ``timeout_retries`` times; then the error is recorded as their outcome."""
+        retries = self._count_retry(task_id)
+        if retries <= self.settings.worker.timeout_retries:
+            metrics.MESSAGES.labels("requeued_actions").inc()
+            raise Requeue(f"S3 actions failed for {len(failed)} verdict(s): {failed[0][1]}")
+        for verdict, error in failed:
+            actions.record_outcome(
+                self.redis, verdict.id, {"error": error}, self.settings.results.dedup_ttl_s
+            )
 
     def _reconcile_loop(self) -> None:
         interval = min(30.0, self.settings.worker.visibility_timeout_s / 2)
@@ -188,18 +331,22 @@ class Service:
                 log.warning("outbox reconcile failed: %s", exc)
 
     def reconcile(self, now: float | None = None) -> list[str]:
-        """Re-send messages that went quiet while the queue is empty (see ``keys.OUTBOX``).
+        """Re-send messages that went quiet and are no longer queued (see ``keys.OUTBOX``).
 
-        One worker at a time does this (a lock). Re-sending is safe: verdicts are published
-        once, whatever number of copies of a message runs."""
-        if not self.redis.set(keys.RECONCILE_LOCK, "1", nx=True, ex=60):
+        One worker at a time does this (a lock, released only by its holder). Re-sending is
+        safe: verdicts are published once, whatever number of copies of a message runs."""
+        token = uuid.uuid4().hex
+        if not self.redis.set(keys.RECONCILE_LOCK, token, nx=True, ex=60):
             return []
         try:
-            if self.redis.llen(MODERATE_QUEUE) > 0:
-                return []  # anything quiet may still be waiting its turn
             cutoff = (now if now is not None else time.time()) - self.settings.worker.reconcile_after_s
+            if self.redis.llen(MODERATE_QUEUE) > 0:
+                queued = self._oldest_queued()
+                if queued is None:
+                    return []  # cannot tell what is still waiting its turn
+                cutoff = min(cutoff, queued)
             resent = []
-            for raw in self.redis.zrangebyscore(keys.OUTBOX, "-inf", cutoff, start=0, num=500):
+            for raw in self.redis.zrangebyscore(keys.OUTBOX, "-inf", f"({cutoff}", start=0, num=500):
                 task_id = raw.decode() if isinstance(raw, bytes) else raw
                 payload = self.redis.hget(keys.OUTBOX_PAYLOADS, task_id)
                 if payload is None:
@@ -215,7 +362,21 @@ class Service:
                 )
             return resent
         finally:
-            self.redis.delete(keys.RECONCILE_LOCK)
+            self.redis.eval(_RELEASE, 1, keys.RECONCILE_LOCK, token)
+
+    def _oldest_queued(self) -> float | None:
+        """The earliest outbox time among the next messages to be consumed, or None when
+        none of them is in the outbox. Messages enter the queue at one end (sent, re-queued:
+        their outbox time is then) and leave at the other, so whatever was last seen before
+        this time is no longer queued: it is running, or lost."""
+        ids = []
+        for raw in self.redis.lrange(MODERATE_QUEUE, -_PEEK, -1):
+            try:
+                ids.append(str(json.loads(raw)["headers"]["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # not a Celery message we can read
+        scores = [s for s in self.redis.zmscore(keys.OUTBOX, ids) if s is not None] if ids else []
+        return min(scores) if scores else None
 
     def _policy(self, name: str | None) -> Policy:
         with self._lock:
@@ -275,25 +436,73 @@ class Service:
 
     def _finish(
         self, verdicts: list[Verdict], message: ModerateMessage, policy: Policy, counts: dict[str, int]
-    ) -> None:
-        if policy.actions.tag or policy.actions.quarantine is not None:
+    ) -> list[tuple[Verdict, str]]:
+        """Publish, then act: S3 actions run only once the verdict is durable on the stream,
+        so a crash in between can never turn an unsafe verdict into a ``not_found`` one.
+        Returns the verdicts whose actions failed transiently, with the error."""
+        if not verdicts:
+            return []
+        verdicts = [self._redact(v) for v in verdicts]
+        wanted = policy.actions
+        acting = wanted.tag or wanted.quarantine is not None
+        if acting:
             for verdict in verdicts:
-                if verdict.status != "ok":
-                    continue
-                verdict.actions = self._object_actions().apply(verdict, policy.actions)
-                for action in ("tagged", "quarantined_to", "error"):
-                    if verdict.actions and action in verdict.actions:
-                        metrics.ACTIONS.labels(action, "error" if action == "error" else "ok").inc()
+                verdict.policy_actions = actions.plan(verdict, wanted)
         self._publish(verdicts, message, counts)
+        failed: list[tuple[Verdict, str]] = []
+        if acting:
+            for verdict in verdicts:
+                if verdict.policy_actions:
+                    error = self._act(verdict, wanted)
+                    if error is not None:
+                        failed.append((verdict, error))
+        return failed
+
+    def _act(self, verdict: Verdict, wanted: Any) -> str | None:
+        """Run the actions unless an earlier copy of the message recorded their outcome
+        (duplicates run them too: a crash may have fallen between publishing and acting)."""
+        if actions.outcome(self.redis, verdict.id) is not None:
+            return None
+        try:
+            done = self._object_actions().apply(verdict, wanted)
+        except TransientActionError as exc:
+            log.warning(
+                "S3 action on %s failed, will retry: %s",
+                verdict.source.uri,
+                exc,
+                extra={"verdict_id": verdict.id, "uri": verdict.source.uri},
+            )
+            metrics.ACTIONS.labels("retry", "error").inc()
+            return str(exc)
+        actions.record_outcome(self.redis, verdict.id, done or {}, self.settings.results.dedup_ttl_s)
+        for action in ("tagged", "quarantined_to", "error"):
+            if done and action in done:
+                metrics.ACTIONS.labels(action, "error" if action == "error" else "ok").inc()
+        return None
+
+    def _redact(self, verdict: Verdict) -> Verdict:
+        """Error verdicts carry their code and a generic message; the original text (S3/boto
+        or exception detail) stays in this worker's log."""
+        error = verdict.error
+        if error is None or error.code not in _GENERIC or error.message == _GENERIC[error.code]:
+            return verdict
+        log.info(
+            "error detail for %s: %s",
+            verdict.id,
+            error.message,
+            extra={"verdict_id": verdict.id, "uri": verdict.source.uri, "code": error.code.value},
+        )
+        verdict.error = ErrorInfo(code=error.code, message=_GENERIC[error.code])
+        return verdict
 
     def _publish(
         self, verdicts: list[Verdict], message: ModerateMessage | None, counts: dict[str, int]
     ) -> None:
         if not verdicts:
             return
-        urls = self._webhook_urls(message)
         tenant = message.tenant if message is not None else None
         results = self.publisher.publish_many(verdicts)
+        urls = self._deliverable_urls(message, results)
         metrics.record_published(verdicts, [p.duplicate for p in results])
         for verdict, published in zip(verdicts, results, strict=True):
             counts["duplicates" if published.duplicate else "published"] += 1
@@ -315,20 +524,59 @@ class Service:
                         "duplicate": published.duplicate,
                     },
                 )
-            # Sent for duplicates too: if a crash fell between the stream entry and this
-            # send, the redelivered message must still produce the webhook. Copies are
-            # no-ops (the dispatcher's done marker), so this never delivers twice.
-            for url in urls:
-                self.dispatcher.schedule(
-                    Delivery.new(verdict.id, url, verdict.model_dump_json(), tenant), 0.0
-                )
+        self._enqueue_webhooks(results, urls, tenant)
+
+    def _enqueue_webhooks(self, results: list[Published], urls: list[str], tenant: str | None) -> None:
+        """One delivery per stream entry and URL. Sent for duplicates too: if a crash fell
+        between the stream entry and this send, the redelivered message must still produce
+        the webhook; copies are no-ops (the dispatcher's done marker), and a duplicate sends
+        the entry as stored, so every copy carries the same event id and body."""
+        from kombu.exceptions import OperationalError
+
+        try:
+            for published in results:
+                vid, body = published.verdict_id, published.body
+                if body is None:  # trimmed from the stream long ago: its webhooks went then
+                    log.warning("stream entry %s of verdict %s is gone", published.entry_id, vid)
+                    continue
+                event = event_id(vid, published.entry_id)
+                for url in urls:
+                    self.dispatcher.schedule(Delivery.new(event, url, body, tenant, verdict_id=vid), 0.0)
+        except OperationalError as exc:
+            # The webhook queue is unreachable: acking now would lose these webhooks, so the
+            # message goes back to the queue (its verdicts are published; a redelivery
+            # only re-sends their stored entries).
+            raise Requeue(f"could not queue webhooks: {exc}") from exc
 
     def _webhook_urls(self, message: ModerateMessage | None) -> list[str]:
+        """The message's callback and the global webhook URL, credentials stripped."""
         urls = []
         if message is not None and message.callback_url is not None:
-            urls.append(str(message.callback_url))
-        if self.settings.webhook.url and self.settings.webhook.url not in urls:
-            urls.append(self.settings.webhook.url)
+            urls.append(strip_userinfo(str(message.callback_url)))
+        if self.settings.webhook.url and strip_userinfo(self.settings.webhook.url) not in urls:
+            urls.append(strip_userinfo(self.settings.webhook.url))
+        return urls
+
+    def _deliverable_urls(self, message: ModerateMessage | None, results: list[Published]) -> list[str]:
+        """The webhook URLs the policy accepts. A refused one is dead-lettered once per
+        message (without bodies: the verdicts are on the stream), not once per verdict."""
+        urls = []
+        for url in self._webhook_urls(message):
+            reason = self.dispatcher.policy_refusal(url)
+            if reason is None:
+                urls.append(url)
+                continue
+            scope = message.model_dump_json() if message is not None else results[0].verdict_id
+            self.dispatcher.refuse_once(
+                url,
+                reason,
+                scope,
+                len(results),
+                request_id=message.request_id if message is not None else None,
+                tenant=message.tenant if message is not None else None,
+                first_event_id=event_id(results[0].verdict_id, results[0].entry_id),
+            )
+            metrics.WEBHOOKS.labels("refused").inc(len(results))
         return urls
 
     def _object_actions(self) -> ObjectActions:
@@ -339,19 +587,37 @@ class Service:
     # -- modgate.deliver_webhook ------------------------------------------------------------
 
     def deliver(self, payload: Any) -> Outcome:
+        """One webhook task. Every way out either finishes the delivery (delivered, dead
+        letter, or a following copy on the queue) or raises ``Requeue`` so the task message
+        goes back to the queue: a Redis or broker error never acks a delivery away."""
+        import redis as redis_lib
+        from kombu.exceptions import OperationalError
+
         try:
-            delivery = Delivery.model_validate(payload)
-        except ValidationError as exc:
-            log.error("invalid webhook delivery dropped: %s", _reason(exc), extra={"code": "invalid_message"})
-            metrics.WEBHOOKS.labels("invalid").inc()
-            return "dead"
-        outcome = self.dispatcher.deliver(delivery)
+            try:
+                delivery = Delivery.model_validate(payload)
+            except ValidationError as exc:
+                log.error("invalid webhook delivery: %s", _reason(exc), extra={"code": "invalid_message"})
+                self.dispatcher.dead_letter_raw(payload, f"invalid delivery: {_reason(exc)}")
+                metrics.WEBHOOKS.labels("invalid").inc()
+                return "dead"
+            try:
+                outcome = self.dispatcher.deliver(delivery)
+            except (redis_lib.RedisError, OperationalError):
+                raise
+            except Exception as exc:  # a bug: dead-letter it rather than drop it
+                log.exception("webhook %s failed internally", delivery.delivery_id)
+                outcome = self.dispatcher.dead_letter(delivery, f"internal: {type(exc).__name__}: {exc}")
+        except (redis_lib.RedisError, OperationalError) as exc:
+            metrics.WEBHOOKS.labels("requeued").inc()
+            raise Requeue(f"redis or broker error while delivering a webhook: {exc}") from exc
         metrics.WEBHOOKS.labels(outcome).inc()
         log.info(
             "webhook %s",
             outcome,
             extra={
-                "verdict_id": delivery.event_id,
+                "event_id": delivery.event_id,
+                "verdict_id": delivery.verdict_id,
                 "delivery_id": delivery.delivery_id,
                 "attempt": delivery.attempt,
             },

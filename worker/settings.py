@@ -74,6 +74,11 @@ class DecodeSettings(BaseModel):
     # run, to stay exact. True trades that exactness for speed (deviation in the README).
     draft_always: bool = False
     workers: int = Field(2, ge=1)
+    # Who decodes baseline JPEGs and preprocesses for the detectors: "pil" (decode
+    # threads, PIL/numpy), "tensor" (a batch decoded by torchvision — nvJPEG on CUDA — and
+    # preprocessed as device tensors; anything it cannot take falls back to PIL per image:
+    # worker/decode_tensor.py), "auto" = tensor on CUDA, pil on CPU.
+    backend: Literal["pil", "tensor", "auto"] = "auto"
 
 
 class BatchSettings(BaseModel):

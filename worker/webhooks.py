@@ -1,5 +1,6 @@
-"""Webhook delivery: signing, the SSRF guard, one delivery attempt with its outcome,
-retries with backoff, the dead-letter stream and its replay.
+"""Webhook delivery: the event envelope and its signatures, the SSRF guard, one delivery
+attempt with a wall-clock deadline, the per-host concurrency cap, retries with backoff,
+the dead-letter stream and its replay.
 
 Nothing here knows Celery: ``deliver`` is handed a ``schedule`` function that puts a
 delivery back on the webhook queue. Duplicate copies of a delivery (a redelivered
@@ -7,21 +8,17 @@ message, a retry scheduled twice, kombu restoring a long-ETA message early) are 
 harmless by three Redis keys: a done marker (delivered or dead-lettered), a lease held
 while POSTing, and a claim per scheduled retry so the retry chain cannot fork.
 
-Receivers verify a delivery like this (the README has the same snippet)::
-
-    import hashlib, hmac, time
-    def verify(secret: bytes, body: bytes, header: str, tolerance: int = 300) -> bool:
-        fields = dict(part.split("=", 1) for part in header.split(","))
-        expected = hmac.new(secret, fields["t"].encode() + b"." + body, hashlib.sha256).hexdigest()
-        fresh = abs(time.time() - int(fields["t"])) <= tolerance
-        return fresh and hmac.compare_digest(expected, fields["v1"])
+One delivery is one published stream entry to one URL: the event id is
+``<verdict id>:<stream entry id>``, so a later verdict for the same object (an ``ok``
+after a ``timeout``) is a new event, and every copy of one entry carries the same body,
+the entry as stored. Receivers verify with ``worker.verify``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
-import hmac
 import http.client
 import ipaddress
 import json
@@ -29,42 +26,93 @@ import logging
 import random
 import socket
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from worker import keys
 from worker.settings import WebhookSettings
+from worker.verify import SIGNATURE_HEADER, sign, sign_standard, verify
+
+__all__ = ["SIGNATURE_HEADER", "sign", "sign_standard", "verify"]
 
 log = logging.getLogger(__name__)
 
+# -- the envelope (README "Webhooks" and `modgate schema` describe exactly this) ------------
+
 EVENT_HEADER = "Modgate-Event-Id"
-SIGNATURE_HEADER = "Modgate-Signature"
+VERDICT_HEADER = "Modgate-Verdict-Id"
+EVENT_TYPE_HEADER = "Modgate-Event-Type"
 DELIVERY_HEADER = "Modgate-Delivery-Attempt"
+VERDICT_CREATED = "verdict.created"
+# Sent today; ``verdict.reviewed`` (a reviewer's decision) is reserved for the console.
+EVENT_TYPES = (VERDICT_CREATED,)
+RESERVED_EVENT_TYPES = ("verdict.reviewed",)
+
+ENVELOPE: dict[str, Any] = {
+    "method": "POST",
+    "content_type": "application/json",
+    "body": "the verdict JSON exactly as stored in the stream entry's `verdict` field "
+    "(this document is its JSON Schema)",
+    "event_types": {
+        VERDICT_CREATED: "a verdict was added to the results stream",
+        "verdict.reviewed": "reserved: a reviewer decided a verdict (not sent yet)",
+    },
+    "headers": {
+        EVENT_HEADER: "<verdict id>:<stream entry id>; one event per stream entry, the same on every "
+        "attempt and copy: deduplicate on it",
+        VERDICT_HEADER: "the verdict id (sha256 of object and policy version); several events may share it",
+        EVENT_TYPE_HEADER: "the event type, e.g. verdict.created",
+        DELIVERY_HEADER: "1, 2, ...: the attempt number",
+        SIGNATURE_HEADER: "t=<unix>,v1=<hex HMAC-SHA256(secret, '<t>.<body>')>, one v1 per active secret "
+        "(Stripe's scheme); absent when no secret is configured",
+        "webhook-id": "the event id (Standard Webhooks)",
+        "webhook-timestamp": "<unix> (Standard Webhooks)",
+        "webhook-signature": "v1,<base64 HMAC-SHA256(key, '<webhook-id>.<timestamp>.<body>')>, "
+        "space-separated, one per active secret (Standard Webhooks); "
+        "key = base64 after whsec_, or the secret's UTF-8 bytes",
+    },
+}
 
 # Waits longer than this are split into hops: a Celery countdown beyond the Redis
 # visibility timeout would be handed out twice by kombu. The service lowers it to half
 # the visibility timeout when that is shorter.
 MAX_HOP_S = 120.0
 
-Outcome = Literal["delivered", "retry", "dead", "duplicate", "busy", "waiting"]
+Outcome = Literal["delivered", "retry", "dead", "duplicate", "busy", "waiting", "throttled"]
+
+
+def event_id(verdict_id: str, entry_id: str) -> str:
+    return f"{verdict_id}:{entry_id}"
+
+
+def strip_userinfo(url: str) -> str:
+    """``url`` without ``user:password@``: credentials are never stored, logged or sent."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 class Delivery(BaseModel):
-    """One verdict on its way to one URL; travels as the webhook task's argument."""
+    """One stream entry on its way to one URL; travels as the webhook task's argument."""
 
     delivery_id: str
     event_id: str
+    # None only in deliveries queued before event ids named the stream entry.
+    verdict_id: str | None = None
+    event_type: str = VERDICT_CREATED
     url: str
     tenant: str | None = None
     body: str
-    # Who started this retry chain: the verdict for first deliveries, the dead letter for replays.
+    # Who started this retry chain: the event for first deliveries, the dead letter for replays.
     chain: str
     attempt: int = Field(1, ge=1)
     hop: int = 0
@@ -72,14 +120,30 @@ class Delivery(BaseModel):
     not_before: float = 0.0
     last_error: str | None = None
 
+    @field_validator("url")
+    @classmethod
+    def _no_userinfo(cls, url: str) -> str:
+        return strip_userinfo(url)
+
     @classmethod
     def new(
-        cls, event_id: str, url: str, body: str, tenant: str | None, chain: str | None = None
+        cls,
+        event_id: str,
+        url: str,
+        body: str,
+        tenant: str | None,
+        *,
+        verdict_id: str | None = None,
+        event_type: str = VERDICT_CREATED,
+        chain: str | None = None,
     ) -> Delivery:
+        url = strip_userinfo(url)
         delivery_id = hashlib.sha256(f"{event_id}\x00{url}".encode()).hexdigest()[:32]
         return cls(
             delivery_id=delivery_id,
             event_id=event_id,
+            verdict_id=verdict_id,
+            event_type=event_type,
             url=url,
             tenant=tenant,
             body=body,
@@ -87,51 +151,97 @@ class Delivery(BaseModel):
             first_at=time.time(),
         )
 
+    def headers(self, settings: WebhookSettings, now: int) -> dict[str, str]:
+        body = self.body.encode()
+        headers = {
+            EVENT_HEADER: self.event_id,
+            VERDICT_HEADER: self.verdict_id or self.event_id.split(":", 1)[0],
+            EVENT_TYPE_HEADER: self.event_type,
+            DELIVERY_HEADER: str(self.attempt),
+            "webhook-id": self.event_id,
+            "webhook-timestamp": str(now),
+        }
+        secrets = [s.get_secret_value() for s in settings.secrets_for(self.tenant)]
+        if secrets:
+            headers[SIGNATURE_HEADER] = sign(secrets, body, now)
+            headers["webhook-signature"] = sign_standard(secrets, self.event_id, body, now)
+        return headers
+
 
 class WebhookRefused(Exception):
     """A callback URL the SSRF guard or the host allowlist does not accept."""
 
 
-# -- signing ------------------------------------------------------------------------------
+class Unresolvable(WebhookRefused):
+    """The host did not resolve (may pass: DNS trouble is retried, not a policy refusal)."""
 
 
-def sign(secret: bytes, body: bytes, timestamp: int) -> str:
-    mac = hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
-
-
-def verify(secret: bytes, body: bytes, header: str, tolerance_s: int = 300, now: float | None = None) -> bool:
-    try:
-        fields = dict(part.split("=", 1) for part in header.split(","))
-        timestamp = int(fields["t"])
-        given = fields["v1"]
-    except (KeyError, ValueError):
-        return False
-    expected = hmac.new(secret, fields["t"].encode() + b"." + body, hashlib.sha256).hexdigest()
-    fresh = abs((now if now is not None else time.time()) - timestamp) <= tolerance_s
-    return fresh and hmac.compare_digest(expected, given)
+def unsigned_warning(settings: WebhookSettings) -> str | None:
+    """What to warn about at start-up when some deliveries would go out unsigned."""
+    if settings.secret is None:
+        tenants = sorted(settings.secrets)
+        signed = f" (only tenants {', '.join(tenants)} have secrets)" if tenants else ""
+        return (
+            "MODGATE_WEBHOOK__SECRET is not set: webhooks go out unsigned" + signed + "; receivers "
+            "cannot tell them from forgeries"
+        )
+    return None
 
 
 # -- SSRF guard ---------------------------------------------------------------------------
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
-def _allowed_explicitly(
-    host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: list[str]
-) -> bool:
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _rfc6052(address: int, prefix_len: int) -> ipaddress.IPv4Address:
+    """The IPv4 address inside an RFC 6052 IPv4-embedded IPv6 address of a /``prefix_len`` prefix."""
+    if prefix_len == 96:
+        return ipaddress.IPv4Address(address & 0xFFFFFFFF)
+    # Bits 64..71 are the reserved "u" octet: squeeze it out, then read 32 bits after the prefix.
+    squeezed = ((address >> 64) << 56) | (address & ((1 << 56) - 1))
+    return ipaddress.IPv4Address((squeezed >> (120 - prefix_len - 32)) & 0xFFFFFFFF)
+
+
+def embedded_ipv4(ip: IP) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries (mapped, NAT64, 6to4, Teredo, IPv4-compatible);
+    a connection to it may reach them, so the guard judges them, not the IPv6 form."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return []
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+        return [_rfc6052(int(ip), 96)]
+    if ip in _NAT64_LOCAL:
+        # Local-use prefix: the operator's prefix length is unknown, so every RFC 6052 position counts.
+        return [_rfc6052(int(ip), n) for n in (48, 56, 64, 96)]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)  # server and client
+    return []
+
+
+def _allowed_explicitly(host: str, ip: IP, allow: list[str]) -> bool:
     for entry in allow:
         if entry == host:
             return True
         try:
-            if ip in ipaddress.ip_network(entry, strict=False):
-                return True
+            network = ipaddress.ip_network(entry, strict=False)
         except ValueError:
             continue
+        if ip in network or any(v4 in network for v4 in embedded_ipv4(ip)):
+            return True
     return False
 
 
-def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+def _public(ip: IP) -> bool:
+    inner = embedded_ipv4(ip)
+    if inner:
+        return all(_public(v4) for v4 in inner)
     return ip.is_global and not ip.is_multicast
 
 
@@ -144,25 +254,44 @@ def resolve_target(
     changes between the check and the connection (rebinding) cannot bypass the guard."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookRefused(f"not an http(s) URL: {url}")
+        raise WebhookRefused(f"not an http(s) URL: {strip_userinfo(url)}")
     host = parts.hostname.lower()
     if not any(fnmatch(host, pattern.lower()) for pattern in settings.hosts):
         raise WebhookRefused(f"host {host} is not in webhook.hosts")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise WebhookRefused(f"bad port in {strip_userinfo(url)}") from None
     try:
         infos = resolver(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise WebhookRefused(f"cannot resolve {host}: {exc}") from None
+    except (OSError, UnicodeError) as exc:
+        raise Unresolvable(f"cannot resolve {host}: {exc}") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if not addresses:
-        raise WebhookRefused(f"{host} resolves to no address")
+        raise Unresolvable(f"{host} resolves to no address")
     for ip in addresses:
         if not _public(ip) and not _allowed_explicitly(host, ip, settings.allow_hosts):
+            inner = embedded_ipv4(ip)
+            embeds = f" (which embeds {', '.join(map(str, inner))})" if inner else ""
             raise WebhookRefused(
-                f"{host} resolves to {ip}, a loopback/private/link-local/multicast address "
+                f"{host} resolves to {ip}{embeds}, a loopback/private/link-local/multicast address "
                 "(add it to webhook.allow_hosts to allow it)"
             )
     return host, port, str(addresses[0])
+
+
+def policy_refusal(
+    url: str, settings: WebhookSettings, resolver: Callable[..., Any] = socket.getaddrinfo
+) -> str | None:
+    """Why the policy refuses ``url`` (scheme, host allowlist, address class), or None.
+    A name that does not resolve is not a policy refusal: the dispatcher retries it."""
+    try:
+        resolve_target(url, settings, resolver)
+    except Unresolvable:
+        return None
+    except WebhookRefused as exc:
+        return str(exc)
+    return None
 
 
 # -- one HTTP attempt ---------------------------------------------------------------------
@@ -210,7 +339,19 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def post(url: str, ip: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Attempt:
+def post(
+    url: str,
+    ip: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeout_s: float,
+    max_response_bytes: int = 64 * 1024,
+) -> Attempt:
+    """One POST that ends within ``timeout_s`` of wall-clock time, whatever the endpoint does.
+
+    Socket timeouts bound each read, not the whole exchange: an endpoint that drips a byte
+    every few seconds would hold the thread for hours. A timer shuts the socket down at
+    the deadline, which ends any read or write in progress."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -229,27 +370,60 @@ def post(url: str, ip: str, body: bytes, headers: dict[str, str], timeout_s: flo
         "User-Agent": "modgate-webhook/1",
         **headers,
     }
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            # The plain socket's shutdown: an SSL socket's would race the reading thread.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    timer = threading.Timer(timeout_s, cut)
+    timer.daemon = True
+    timer.start()
     try:
+        conn.connect()
+        if expired.is_set():
+            raise TimeoutError("connected after the deadline")
         conn.request("POST", path, body=body, headers=all_headers)
         response = conn.getresponse()
-        response.read(64 * 1024)
+        response.read(max_response_bytes)
         error = None if 200 <= response.status < 300 else f"HTTP {response.status} {response.reason}"
         return Attempt(response.status, error, _retry_after(response.getheader("Retry-After")))
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if expired.is_set():
+            return Attempt(None, f"deadline: no complete answer within {timeout_s:g} s")
         return Attempt(None, f"{type(exc).__name__}: {exc}")
     finally:
+        timer.cancel()
         conn.close()
 
 
 # -- the delivery state machine -----------------------------------------------------------
 
-# KEYS: lease. ARGV: token. Deletes the lease only if this process still holds it.
+# KEYS: a lease or claim. ARGV: token. Deletes it only if this process still holds it.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-Schedule = Callable[[Delivery, float], None]
+# KEYS: the host's slot set. ARGV: cap, token, hold ms. A counting semaphore shared by every
+# dispatcher; slots expire (score = expiry, Redis's clock) so a dead dispatcher's come back.
+_TAKE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+Schedule = Callable[["Delivery", float], None]
 
 
 class Dispatcher:
@@ -271,6 +445,25 @@ class Dispatcher:
         self.resolver = resolver
         self.max_hop_s = max_hop_s
         self._release = redis.register_script(_RELEASE)
+        self._take_slot = redis.register_script(_TAKE_SLOT)
+        # url -> (checked at, refusal or None): the moderation path asks once per publish
+        # round, and a slow or failing DNS must not hold every message up each time.
+        self._checked: dict[str, tuple[float, str | None]] = {}
+        self._checked_lock = threading.Lock()
+
+    def policy_refusal(self, url: str, ttl_s: float = 30.0) -> str | None:
+        """``policy_refusal`` of ``url``, remembered for ``ttl_s``."""
+        now = time.monotonic()
+        with self._checked_lock:
+            hit = self._checked.get(url)
+        if hit is not None and now - hit[0] < ttl_s:
+            return hit[1]
+        reason = policy_refusal(url, self.settings, self.resolver)
+        with self._checked_lock:
+            if len(self._checked) > 4096:
+                self._checked.clear()
+            self._checked[url] = (now, reason)
+        return reason
 
     def backoff(self, attempt: int) -> float:
         """Exponential with full jitter over the upper half: attempt 1 waits ~base, doubling."""
@@ -301,22 +494,35 @@ class Dispatcher:
 
     def _attempt(self, delivery: Delivery, done: str) -> Outcome:
         try:
-            _, _, ip = resolve_target(delivery.url, self.settings, self.resolver)
+            host, port, ip = resolve_target(delivery.url, self.settings, self.resolver)
+        except Unresolvable as exc:
+            return self._failed(delivery, Attempt(None, str(exc)), done)
         except WebhookRefused as exc:
             log.warning("webhook %s refused: %s", delivery.delivery_id, exc)
             return self._dead(delivery.model_copy(update={"last_error": f"refused: {exc}"}), done)
-        body = delivery.body.encode()
-        headers = {
-            EVENT_HEADER: delivery.event_id,
-            DELIVERY_HEADER: str(delivery.attempt),
-        }
-        secret = self.settings.secret_for(delivery.tenant)
-        if secret is not None:
-            headers[SIGNATURE_HEADER] = sign(secret.get_secret_value().encode(), body, int(time.time()))
-        result = post(delivery.url, ip, body, headers, self.settings.timeout_s)
+        slots = keys.webhook_host_slots(f"{host}:{port}")
+        slot = uuid.uuid4().hex
+        hold_ms = int((self.settings.timeout_s + 30) * 1000)
+        if not self._take_slot(keys=[slots], args=[self.settings.max_per_host, slot, hold_ms]):
+            return self._throttled(delivery, done)
+        try:
+            body = delivery.body.encode()
+            result = post(
+                delivery.url,
+                ip,
+                body,
+                delivery.headers(self.settings, int(time.time())),
+                self.settings.timeout_s,
+                self.settings.max_response_bytes,
+            )
+        finally:
+            self.redis.zrem(slots, slot)
         if result.ok:
             self.redis.set(done, "delivered", ex=self.marker_ttl_s)
             return "delivered"
+        return self._failed(delivery, result, done)
+
+    def _failed(self, delivery: Delivery, result: Attempt, done: str) -> Outcome:
         failed = delivery.model_copy(update={"last_error": result.error})
         if not result.retryable:
             return self._dead(failed, done)
@@ -331,21 +537,47 @@ class Dispatcher:
             update={"attempt": delivery.attempt + 1, "hop": 0, "not_before": time.time() + wait}
         )
         claim = keys.retry_claim(delivery.delivery_id, delivery.chain, following.attempt)
-        if self.redis.set(claim, "1", nx=True, ex=self.marker_ttl_s):
-            self.schedule(following, min(wait, self.max_hop_s))
+        self._schedule_once(claim, following, min(wait, self.max_hop_s))
         return "retry"
+
+    def _throttled(self, delivery: Delivery, done: str) -> Outcome:
+        """Over the host's cap: back on the queue, never a thread waiting for a slot."""
+        if time.time() - delivery.first_at > self.settings.max_age_s:
+            return self._dead(delivery.model_copy(update={"last_error": "host busy past max_age_s"}), done)
+        self.schedule(delivery, min(self.max_hop_s, random.uniform(0.5, 1.5)))
+        return "throttled"
 
     def _hop(self, delivery: Delivery, remaining: float) -> Outcome:
         following = delivery.model_copy(update={"hop": delivery.hop + 1})
-        claim = (
-            keys.retry_claim(delivery.delivery_id, delivery.chain, delivery.attempt) + f":hop{following.hop}"
-        )
-        if self.redis.set(claim, "1", nx=True, ex=self.marker_ttl_s):
-            self.schedule(following, min(remaining, self.max_hop_s))
+        claim = keys.retry_claim(delivery.delivery_id, delivery.chain, delivery.attempt, following.hop)
+        self._schedule_once(claim, following, min(remaining, self.max_hop_s))
         return "waiting"
+
+    def _schedule_once(self, claim: str, delivery: Delivery, countdown: float) -> bool:
+        """Schedule ``delivery`` unless another copy already did.
+
+        The claim is only reserved (briefly) while scheduling, and made permanent once the
+        delivery is on the queue; a failed schedule deletes it and raises, so the message is
+        requeued and its next copy can claim again. A process dying in between leaves a
+        reservation that expires before the message is handed out again (the visibility
+        timeout is at least twice ``max_hop_s``)."""
+        reservation = f"pending:{uuid.uuid4().hex}"
+        if not self.redis.set(claim, reservation, nx=True, ex=max(1, int(self.max_hop_s))):
+            return False
+        try:
+            self.schedule(delivery, countdown)
+        except BaseException:
+            try:
+                self._release(keys=[claim], args=[reservation])
+            except Exception as exc:  # Redis is down too: the reservation expires by itself
+                log.warning("could not roll back retry claim %s: %s", claim, exc)
+            raise
+        self.redis.set(claim, "scheduled", ex=self.marker_ttl_s)
+        return True
 
     def _dead(self, delivery: Delivery, done: str) -> Outcome:
         fields = {
+            "kind": "delivery",
             "delivery": delivery.model_dump_json(),
             "delivery_id": delivery.delivery_id,
             "event_id": delivery.event_id,
@@ -355,7 +587,7 @@ class Dispatcher:
             "failed_at": str(time.time()),
         }
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(self.dead_stream, fields)
+        pipe.xadd(self.dead_stream, fields, maxlen=self.settings.dead_maxlen, approximate=True)
         pipe.set(done, "dead", ex=self.marker_ttl_s)
         pipe.execute()
         log.warning(
@@ -367,8 +599,49 @@ class Dispatcher:
         )
         return "dead"
 
+    def dead_letter(self, delivery: Delivery, error: str) -> Outcome:
+        """Dead-letter a delivery that could not be attempted (an internal error)."""
+        done = keys.delivered_marker(delivery.delivery_id)
+        return self._dead(delivery.model_copy(update={"last_error": error}), done)
+
+    def dead_letter_raw(self, payload: Any, error: str) -> None:
+        """A webhook task whose payload is not a delivery: kept (truncated) rather than dropped."""
+        try:
+            text = json.dumps(payload, default=str)
+        except (TypeError, ValueError):
+            text = repr(payload)
+        fields = {
+            "kind": "invalid",
+            "payload": text[:65536],
+            "last_error": error,
+            "failed_at": str(time.time()),
+        }
+        self.redis.xadd(self.dead_stream, fields, maxlen=self.settings.dead_maxlen, approximate=True)
+
+    def refuse_once(self, url: str, reason: str, scope: str, events: int, **context: str | None) -> bool:
+        """A callback URL the policy refuses: one dead letter (no bodies: the verdicts are on
+        the stream) per ``scope`` (a message), however many verdicts it has. True if this
+        call wrote it."""
+        url = strip_userinfo(url)
+        marker = keys.webhook_refused(hashlib.sha256(f"{scope}\x00{url}".encode()).hexdigest()[:32])
+        if not self.redis.set(marker, "1", nx=True, ex=self.marker_ttl_s):
+            return False
+        fields = {
+            "kind": "refused",
+            "url": url,
+            "attempts": "0",
+            "events": str(events),
+            "last_error": f"refused: {reason}",
+            "failed_at": str(time.time()),
+            **{k: v for k, v in context.items() if v is not None},
+        }
+        self.redis.xadd(self.dead_stream, fields, maxlen=self.settings.dead_maxlen, approximate=True)
+        log.warning("callback %s refused (once for this message, %d verdict(s)): %s", url, events, reason)
+        return True
+
     def replay(self, entry_ids: list[str] | None = None, limit: int = 1000) -> list[str]:
-        """Re-send dead letters (all, or the given stream entry ids) as fresh delivery chains."""
+        """Re-send dead letters (all, or the given stream entry ids) as fresh delivery chains.
+        Refused callbacks and invalid payloads carry no delivery and are left in place."""
         if entry_ids:
             entries = []
             for entry_id in entry_ids:
@@ -379,6 +652,9 @@ class Dispatcher:
         for raw_id, fields in entries:
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
             data = fields.get(b"delivery", fields.get("delivery"))
+            if data is None:
+                log.info("dead letter %s is not a delivery (refused or invalid): not replayed", entry_id)
+                continue
             old = Delivery.model_validate(json.loads(data))
             fresh = old.model_copy(
                 update={

@@ -2,7 +2,6 @@
 fetching from moto over HTTP, publishing to the results stream and POSTing webhooks to a
 real HTTP receiver."""
 
-import io
 import json
 import os
 import signal
@@ -15,21 +14,17 @@ import redis
 from celery import Celery
 
 from producers.enqueuer import Enqueuer
+from tests.faults.proxy import S3_SLOW_DOWN, Fault, FaultProxy
+from tests.helpers import jpeg, upload, verdicts, wait_for
 from tests.servers import WebhookReceiver, WorkerProcess, free_port
 from worker import keys
+from worker.actions import outcome
 from worker.contract import Item
-from worker.samples import photo
 from worker.settings import ProducerRoute, load_settings
 from worker.webhooks import verify
 
 SECRET = "whsec-test-secret-4711"
 MODGATE = [sys.executable, "-m", "worker.cli"]
-
-
-def jpeg(seed, w=320, h=240):
-    buf = io.BytesIO()
-    photo(w, h, seed).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
 
 
 @pytest.fixture
@@ -81,25 +76,6 @@ def workers(tmp_path):
         w.stop()
 
 
-def verdicts(r):
-    return [json.loads(fields[b"verdict"]) for _, fields in r.xrange(keys.VERDICT_STREAM)]
-
-
-def wait_for(check, timeout=90.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def upload(s3_client, bucket, n, prefix="img"):
-    for i in range(n):
-        s3_client.put_object(Bucket=bucket, Key=f"{prefix}/{i:03d}.jpg", Body=jpeg(i))
-    return [f"{prefix}/{i:03d}.jpg" for i in range(n)]
-
-
 def test_every_key_gets_exactly_one_verdict_and_one_signed_webhook(
     env, r, producer, workers, s3_client, bucket
 ):
@@ -140,10 +116,11 @@ def test_every_key_gets_exactly_one_verdict_and_one_signed_webhook(
 
     deliveries = hook.delivered()
     assert len(deliveries) == expected
-    assert sorted(d["headers"]["Modgate-Event-Id"] for d in deliveries) == sorted(v["id"] for v in got)
+    assert sorted(d["headers"]["Modgate-Verdict-Id"] for d in deliveries) == sorted(v["id"] for v in got)
     for d in deliveries:
         assert verify(SECRET.encode(), d["body"], d["headers"]["Modgate-Signature"])
-        assert json.loads(d["body"])["id"] == d["headers"]["Modgate-Event-Id"]
+        assert json.loads(d["body"])["id"] == d["headers"]["Modgate-Verdict-Id"]
+        assert d["headers"]["Modgate-Event-Id"].startswith(d["headers"]["Modgate-Verdict-Id"] + ":")
 
     metrics = worker.metrics()
     assert 'modgate_published_total{result="duplicate"} 1.0' in metrics
@@ -255,7 +232,7 @@ def test_endpoint_down_goes_to_dead_letters_and_replay_delivers(env, r, producer
     assert "replayed 1" in replay.stdout
     wait_for(lambda: len(hook.delivered()) == 1, what="the replayed delivery")
     (verdict,) = verdicts(r)
-    assert hook.delivered()[0]["headers"]["Modgate-Event-Id"] == verdict["id"]
+    assert hook.delivered()[0]["headers"]["Modgate-Verdict-Id"] == verdict["id"]
     assert r.xlen(keys.WEBHOOK_DEAD_STREAM) == 0
     hook.stop()
 
@@ -272,7 +249,7 @@ def test_callbacks_to_metadata_and_private_addresses_are_refused(
     wait_for(lambda: r.xlen(keys.WEBHOOK_DEAD_STREAM) == 1, what="the refusal")
     ((_, fields),) = r.xrange(keys.WEBHOOK_DEAD_STREAM)
     assert fields[b"last_error"].startswith(b"refused:") and target.encode() in fields[b"last_error"]
-    assert fields[b"attempts"] == b"1"
+    assert fields[b"kind"] == b"refused" and b"delivery" not in fields  # refused before any attempt
     assert len(verdicts(r)) == 1  # the verdict itself is still published
 
 
@@ -320,7 +297,144 @@ def test_a_named_policy_tags_the_object_and_gets_its_own_version(
     producer({"items": [{"bucket": bucket, "key": key}]})  # the default policy: a separate verdict
     wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= 2, what="both verdicts")
     tagged, plain = sorted(verdicts(r), key=lambda v: not v["policy_version"].endswith("+tagging"))
-    assert tagged["id"] != plain["id"] and plain["actions"] is None
-    assert tagged["actions"] == {"tagged": {"modgate-decision": tagged["decision"]}}
+    assert tagged["id"] != plain["id"] and plain["policy_actions"] is None
+    # The stream says what the policy calls for; what happened is recorded by verdict id.
+    assert tagged["policy_actions"] == {"tag": {"modgate-decision": tagged["decision"]}}
+    assert tagged["actions"] is None
+    wait_for(lambda: outcome(r, tagged["id"]) is not None, what="the action outcome")
+    assert outcome(r, tagged["id"]) == {"tagged": {"modgate-decision": tagged["decision"]}}
     tags = s3_client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
     assert tags == [{"Key": "modgate-decision", "Value": tagged["decision"]}]
+
+
+# -- backpressure, timeouts, actions after publishing, allowlist ------------------------
+
+
+@pytest.fixture
+def s3_proxy(moto_server):
+    """moto behind a fault-injecting proxy: the worker's S3 traffic goes through it."""
+    proxy = FaultProxy(moto_server.url)
+    yield proxy
+    proxy.stop()
+
+
+def gets(proxy, key):
+    return len(proxy.seen(lambda s: s.method == "GET" and s.path.split("?")[0].endswith("/" + key)))
+
+
+def test_a_timed_out_message_is_requeued_and_finished_by_its_redelivery(
+    env, r, producer, workers, s3_client, bucket, s3_proxy
+):
+    for key in ("fast.jpg", "slow-once.jpg", "slow-always.jpg"):
+        s3_client.put_object(Bucket=bucket, Key=key, Body=jpeg(len(key)))
+    slow_once = []
+
+    def rule(method, path):
+        if method != "GET":
+            return None
+        if path.split("?")[0].endswith("/slow-always.jpg"):
+            return Fault(delay_s=8)
+        if path.split("?")[0].endswith("/slow-once.jpg") and not slow_once:
+            slow_once.append(path)
+            return Fault(delay_s=8)
+        return None
+
+    s3_proxy.rule = rule
+    worker = workers(
+        {
+            **env,
+            "MODGATE_S3__ENDPOINT_URL": s3_proxy.url,
+            "MODGATE_S3__MAX_ATTEMPTS": "1",
+            "MODGATE_WORKER__MESSAGE_TIMEOUT_S": "3",
+            "MODGATE_WORKER__VISIBILITY_TIMEOUT_S": "40",
+            "MODGATE_WORKER__TIMEOUT_RETRIES": "1",
+        }
+    )
+    producer(
+        {"items": [{"bucket": bucket, "key": k} for k in ("fast.jpg", "slow-once.jpg")], "request_id": "a"}
+    )
+    producer({"items": [{"bucket": bucket, "key": "slow-always.jpg"}], "request_id": "b"})
+    wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= 3, timeout=60, what="three verdicts")
+    wait_for(lambda: r.llen("modgate") == 0 and r.hlen("unacked") == 0, what="both messages acknowledged")
+    by_key = {v["source"]["key"]: v for v in verdicts(r)}
+    assert len(verdicts(r)) == 3  # fast.jpg, finished before the timeout, was not published twice
+    # Re-queued, not finalised as `timeout`: the redelivery finished it.
+    assert by_key["fast.jpg"]["status"] == by_key["slow-once.jpg"]["status"] == "ok"
+    # (The proxy records a request once it has answered it: the delayed ones come last.)
+    wait_for(lambda: gets(s3_proxy, "slow-always.jpg") >= 2, what="the delayed GETs answered")
+    assert gets(s3_proxy, "slow-once.jpg") == 2 and gets(s3_proxy, "fast.jpg") == 2
+    # Re-queued at most TIMEOUT_RETRIES times, then a `timeout` verdict: no endless loop.
+    assert by_key["slow-always.jpg"]["error"]["code"] == "timeout"
+    assert by_key["slow-always.jpg"]["request_id"] == "b"
+    assert gets(s3_proxy, "slow-always.jpg") == 2
+    assert 'modgate_messages_total{outcome="requeued_timeout"} 2.0' in worker.metrics()
+    assert not r.keys(keys.message_retries("*"))  # counters go with their finished messages
+    assert "worker.buckets is unset" in worker.tail(10**6)
+
+
+def test_a_failed_s3_action_is_retried_by_the_redelivered_duplicate(
+    env, r, producer, workers, s3_client, bucket, s3_proxy
+):
+    (key,) = upload(s3_client, bucket, 1)
+    failed = []
+
+    def rule(method, path):
+        # S3 sheds load on the tag requests of the first delivery (botocore's retries
+        # included): the verdict is already on the stream when they fail, as if the worker
+        # had crashed between publishing and acting. The message's re-queue ends it.
+        if method == "PUT" and "tagging" in path and not r.keys(keys.message_retries("*")):
+            failed.append(path)
+            return Fault(status=503, body=S3_SLOW_DOWN)
+        return None
+
+    s3_proxy.rule = rule
+    worker = workers(
+        {
+            **env,
+            "MODGATE_S3__ENDPOINT_URL": s3_proxy.url,
+            "MODGATE_S3__MAX_ATTEMPTS": "1",
+            "MODGATE_POLICY__ACTIONS__TAG": "true",
+        }
+    )
+    producer({"items": [{"bucket": bucket, "key": key}]})
+    wait_for(lambda: r.xlen(keys.VERDICT_STREAM) == 1, what="the verdict")
+    (verdict,) = verdicts(r)
+    wait_for(lambda: outcome(r, verdict["id"]) is not None, what="the action outcome")
+    assert failed, "the tag request never failed"
+    assert verdict["policy_actions"] == {"tag": {"modgate-decision": verdict["decision"]}}
+    assert outcome(r, verdict["id"]) == {"tagged": {"modgate-decision": verdict["decision"]}}
+    tags = s3_client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+    assert tags == [{"Key": "modgate-decision", "Value": verdict["decision"]}]
+    assert len(verdicts(r)) == 1  # the redelivery was a duplicate on the stream
+    assert 'modgate_messages_total{outcome="requeued_actions"} 1.0' in worker.metrics()
+
+
+def test_the_worker_allowlist_key_checks_and_redacted_s3_errors(env, r, producer, workers, s3_client, bucket):
+    other = f"{bucket}-other"
+    s3_client.create_bucket(Bucket=other)
+    s3_client.put_object(Bucket=other, Key="x.jpg", Body=jpeg(1))
+    (key,) = upload(s3_client, bucket, 1)
+    worker = workers({**env, "MODGATE_WORKER__BUCKETS": json.dumps([bucket[:-1] + "?"])})
+    items = [
+        (bucket, key),
+        (other, "x.jpg"),  # a producer of our own that knows nothing of the allowlist
+        (bucket, "a/../img/000.jpg"),
+        (bucket, "./img/000.jpg"),
+        (bucket, "missing.jpg"),
+    ]
+    producer({"items": [{"bucket": b, "key": k} for b, k in items]})
+    wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= len(items), what="the verdicts")
+    by_key = {(v["source"]["bucket"], v["source"]["key"]): v for v in verdicts(r)}
+    assert by_key[(bucket, key)]["status"] == "ok"
+    codes = {k: by_key[k]["error"]["code"] for k in items[1:]}
+    assert codes == {
+        (other, "x.jpg"): "bucket_not_allowed",
+        (bucket, "a/../img/000.jpg"): "invalid_key",
+        (bucket, "./img/000.jpg"): "invalid_key",
+        (bucket, "missing.jpg"): "not_found",
+    }
+    # S3's own words stay in the worker log; the stream entry carries a generic message.
+    missing = by_key[(bucket, "missing.jpg")]["error"]["message"]
+    assert "NoSuchKey" not in missing and "does not exist" in missing
+    assert "NoSuchKey" in worker.tail(10**6)
+    assert "worker.buckets is unset" not in worker.tail(10**6)

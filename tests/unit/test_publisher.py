@@ -54,3 +54,33 @@ def test_stream_is_trimmed_approximately(redis_server):
     for i in range(1000):
         publisher.publish(ok_verdict(SOURCE.model_copy(update={"key": f"k{i}"})))
     assert 100 <= r.xlen(keys.VERDICT_STREAM) < 1000
+
+
+def test_a_duplicate_gets_the_stored_entry_back_not_the_fresh_verdict(redis_server):
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    publisher = ResultPublisher(r, ResultsSettings())
+    stored = ok_verdict()
+    fresh = stored.model_copy(update={"decision": "unsafe"})  # the same id, judged differently later
+    first = publisher.publish(stored)
+    again = publisher.publish(fresh)
+    assert again.duplicate and again.entry_id == first.entry_id
+    assert again.body == first.body == stored.model_dump_json() != fresh.model_dump_json()
+    ((_, fields),) = r.xrange(keys.VERDICT_STREAM)
+    assert fields[b"verdict"].decode() == again.body
+
+
+def test_duplicates_in_one_round_and_a_trimmed_entry(redis_server):
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    publisher = ResultPublisher(r, ResultsSettings())
+    a, b = ok_verdict(), ok_verdict(SOURCE.model_copy(update={"key": "other"}))
+    first_a, first_b = publisher.publish_many([a, b])
+    again_a, again_b, new_c = publisher.publish_many(
+        [a, b, ok_verdict(SOURCE.model_copy(update={"key": "c"}))]
+    )
+    assert (again_a.entry_id, again_b.entry_id) == (first_a.entry_id, first_b.entry_id)
+    assert again_a.duplicate and again_b.duplicate and not new_c.duplicate
+    r.xdel(keys.VERDICT_STREAM, first_a.entry_id)  # trimmed by MAXLEN since
+    gone = publisher.publish(a)
+    assert gone.duplicate and gone.entry_id == first_a.entry_id and gone.body is None

@@ -1,24 +1,38 @@
 """Webhook signing, the SSRF guard and the delivery state machine (real Redis, real HTTP)."""
 
+import base64
 import hashlib
 import hmac
+import json
+import re
+import shutil
 import socket
+import subprocess
 import time
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
+import standardwebhooks
+import stripe
+from kombu.exceptions import OperationalError
 
+from tests.faults.proxy import Fault, FaultProxy
 from tests.servers import WebhookReceiver
 from worker import keys
 from worker.settings import WebhookSettings
+from worker.verify import sign_standard, standard_secret, verify_headers
 from worker.webhooks import (
     MAX_HOP_S,
     Delivery,
     Dispatcher,
     WebhookRefused,
     _retry_after,
+    event_id,
     resolve_target,
     sign,
+    unsigned_warning,
     verify,
 )
 
@@ -128,10 +142,10 @@ class Scheduled(list):
         self.append((delivery, countdown))
 
 
-def make(r, hook_url=None, **settings):
+def make(r, hook_url=None, resolver=socket.getaddrinfo, **settings):
     scheduled = Scheduled()
     base = {"allow_hosts": ["127.0.0.1"], "secret": "s3cr3t", "backoff_base_s": 1.0, "max_attempts": 3}
-    dispatcher = Dispatcher(r, WebhookSettings(**{**base, **settings}), scheduled)
+    dispatcher = Dispatcher(r, WebhookSettings(**{**base, **settings}), scheduled, resolver=resolver)
     return dispatcher, scheduled
 
 
@@ -203,3 +217,301 @@ def test_long_waits_are_split_into_hops_below_the_visibility_timeout(r):
     assert dispatcher.deliver(d) == "waiting"
     ((hop, countdown),) = scheduled
     assert hop.hop == 1 and countdown == MAX_HOP_S
+
+
+# -- the envelope: event identity, headers, signatures receivers' libraries verify --------
+
+
+def test_envelope_headers_name_the_stream_entry_the_verdict_and_the_event_type(r):
+    hook = WebhookReceiver()
+    dispatcher, _ = make(r)
+    d = Delivery.new("vid-1:1700000000000-0", hook.url, '{"id": "vid-1"}', tenant=None, verdict_id="vid-1")
+    assert dispatcher.deliver(d) == "delivered"
+    headers = hook.requests[0]["headers"]
+    assert headers["Modgate-Event-Id"] == headers["webhook-id"] == "vid-1:1700000000000-0"
+    assert headers["Modgate-Verdict-Id"] == "vid-1"
+    assert headers["Modgate-Event-Type"] == "verdict.created"
+    assert headers["Modgate-Signature"].startswith(f"t={headers['webhook-timestamp']},v1=")
+    hook.stop()
+
+
+def test_event_ids_of_two_stream_entries_of_one_verdict_are_two_deliveries(r):
+    hook = WebhookReceiver()
+    dispatcher, _ = make(r)
+    first = Delivery.new(event_id("vid-2", "1-0"), hook.url, '{"status": "error"}', None, verdict_id="vid-2")
+    later = Delivery.new(event_id("vid-2", "9-0"), hook.url, '{"status": "ok"}', None, verdict_id="vid-2")
+    assert first.delivery_id != later.delivery_id
+    assert dispatcher.deliver(first) == "delivered" and dispatcher.deliver(later) == "delivered"
+    assert [req["body"] for req in hook.requests] == [b'{"status": "error"}', b'{"status": "ok"}']
+
+
+PLAIN = "plain-secret-4711"
+WHSEC = "whsec_" + base64.b64encode(b"\x00\x01random key bytes\xff").decode()
+
+
+@pytest.mark.parametrize("configured", [PLAIN, WHSEC])
+def test_standard_webhooks_and_stripe_libraries_verify_a_delivery(r, configured):
+    hook = WebhookReceiver()
+    dispatcher, _ = make(r, secret=configured)
+    dispatcher.deliver(Delivery.new("vid-3:5-0", hook.url, '{"id": "vid-3", "x": "é"}', None))
+    (req,) = hook.requests
+    # Standard Webhooks: a whsec_ secret as is, a plain one as documented (whsec_ + base64 of it).
+    receiver_secret = configured if configured.startswith("whsec_") else standard_secret(configured)
+    assert standardwebhooks.Webhook(receiver_secret).verify(req["body"], req["headers"]) == json.loads(
+        req["body"]
+    )
+    # Stripe: the configured string.
+    assert stripe.WebhookSignature.verify_header(
+        req["body"], req["headers"]["Modgate-Signature"], configured, tolerance=300
+    )
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(standard_secret("another")).verify(req["body"], req["headers"])
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.WebhookSignature.verify_header(req["body"], req["headers"]["Modgate-Signature"], "another")
+    assert verify_headers(configured, req["body"], req["headers"])
+    hook.stop()
+
+
+def test_during_a_rotation_every_active_secret_signs_and_any_one_verifies(r):
+    hook = WebhookReceiver()
+    dispatcher, _ = make(
+        r, secret="new-secret", rotation_secrets=["old-secret"], secrets={"acme": ["acme-new", "acme-old"]}
+    )
+    dispatcher.deliver(Delivery.new("v-r:1-0", hook.url, "{}", tenant=None))
+    dispatcher.deliver(Delivery.new("v-r:2-0", hook.url, "{}", tenant="acme"))
+    default, acme = hook.requests
+    for req, accepted in ((default, ["new-secret", "old-secret"]), (acme, ["acme-new", "acme-old"])):
+        assert req["headers"]["Modgate-Signature"].count("v1=") == 2
+        assert len(req["headers"]["webhook-signature"].split()) == 2
+        for secret in accepted:
+            assert verify(secret.encode(), req["body"], req["headers"]["Modgate-Signature"])
+            assert verify_headers(secret, req["body"], req["headers"])
+            stripe.WebhookSignature.verify_header(req["body"], req["headers"]["Modgate-Signature"], secret)
+            standardwebhooks.Webhook(standard_secret(secret)).verify(req["body"], req["headers"])
+        assert not verify_headers("someone-else", req["body"], req["headers"])
+    hook.stop()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "t=abc,v1=00",
+        "v1=00",
+        "t=1700000000",
+        "t=1700000000,t=1700000001,v1=00",
+        "t=1700000000,v1=é",
+        ",,,",
+    ],
+)
+def test_verify_returns_false_on_missing_or_malformed_headers(header):
+    assert verify(SECRET, b"{}", header, now=1_700_000_000) is False
+
+
+def test_verify_headers_is_false_without_signatures_and_checks_the_event_id():
+    body = b"{}"
+    assert not verify_headers("s", body, {})
+    assert not verify_headers("s", body, {"webhook-signature": "v1,AAAA"})  # no id, no timestamp
+    now = int(time.time())
+    headers = {
+        "webhook-id": "v:1-0",
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign_standard(["s"], "v:1-0", body, now),
+    }
+    assert verify_headers("s", body, headers)
+    assert not verify_headers("s", body, {**headers, "webhook-id": "v:2-0"})  # another event's id
+
+
+def test_whsec_secrets_must_be_base64():
+    with pytest.raises(ValueError, match="base64"):
+        WebhookSettings(secret="whsec_not base64!")
+
+
+def test_userinfo_is_stripped_before_the_delivery_is_stored_sent_or_logged(r, caplog):
+    hook = WebhookReceiver(default=404)
+    dispatcher, _ = make(r)
+    url = hook.url.replace("http://", "http://user:hunter2@")
+    d = Delivery.new("v-u:1-0", url, "{}", tenant=None)
+    assert d.url == hook.url and "hunter2" not in d.model_dump_json()
+    assert Delivery.model_validate({**d.model_dump(), "url": url}).url == hook.url  # queued before
+    assert dispatcher.deliver(d) == "dead"
+    assert "Authorization" not in hook.requests[0]["headers"]
+    assert b"hunter2" not in b"".join(v for _, f in r.xrange(keys.WEBHOOK_DEAD_STREAM) for v in f.values())
+    assert "hunter2" not in caplog.text
+    hook.stop()
+
+
+def test_unsigned_deliveries_are_warned_about():
+    assert "unsigned" in unsigned_warning(WebhookSettings())
+    assert "acme" in unsigned_warning(WebhookSettings(secrets={"acme": "x"}))
+    assert unsigned_warning(WebhookSettings(secret="s")) is None
+
+
+# -- SSRF: IPv6 forms that embed an IPv4 address --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ip", "embedded"),
+    [
+        ("64:ff9b::a00:1", "10.0.0.1"),  # NAT64 well-known prefix
+        ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+        ("64:ff9b:1:a00:0:100::", "10.0.0.1"),  # NAT64 local-use, /48 layout
+        ("64:ff9b:1::7f00:1", "127.0.0.1"),  # NAT64 local-use, /96 layout
+        ("2002:a00:1::1", "10.0.0.1"),  # 6to4
+        ("2002:a9fe:a9fe::1", "169.254.169.254"),
+        ("::a00:1", "10.0.0.1"),  # IPv4-compatible
+        ("::7f00:1", "127.0.0.1"),
+        ("2001:0:a00:1::1", "10.0.0.1"),  # Teredo server
+        ("2001:0:5db8:d70e:0:f5ff:f5ff:fffe", "10.0.0.1"),  # Teredo client (obfuscated)
+    ],
+)
+def test_ipv6_forms_embedding_a_private_ipv4_are_refused(ip, embedded):
+    with pytest.raises(WebhookRefused, match=rf"embeds [^)]*{re.escape(embedded)}"):
+        resolve_target("https://hooks.example.com/x", WebhookSettings(), fake_resolver(ip))
+
+
+@pytest.mark.parametrize("ip", ["64:ff9b::5db8:d70e", "2002:5db8:d70e::1"])
+def test_ipv6_forms_embedding_a_public_ipv4_are_judged_by_it(ip):
+    assert resolve_target("https://hooks.example.com/x", WebhookSettings(), fake_resolver(ip))[2] == ip
+
+
+def test_an_embedded_address_can_be_allowed_explicitly():
+    settings = WebhookSettings(allow_hosts=["10.0.0.0/8"])
+    resolve_target("http://svc.internal/", settings, fake_resolver("64:ff9b::a00:7"))
+
+
+# -- per-POST deadline, per-host cap --------------------------------------------------------
+
+
+@pytest.mark.parametrize("endless", [False, True])
+def test_a_slow_drip_endpoint_is_cut_at_the_deadline_and_retried(r, endless):
+    hook = WebhookReceiver()
+    drip = FaultProxy(hook.url)
+    # Each byte arrives well within the 1 s socket timeout, the whole answer takes ~8 s or never ends.
+    drip.rule = lambda method, path: Fault(drip_s=0.1, endless=endless)
+    dispatcher, scheduled = make(r, timeout_s=1.0)
+    url = f"{drip.url}/hook"
+    outcome = dispatcher.deliver(Delivery.new("v-d:1-0", url, "{}", tenant=None))
+    assert outcome == "retry"
+    ((following, _),) = scheduled
+    assert following.attempt == 2 and following.last_error.startswith("deadline")
+    assert r.zcard(keys.webhook_host_slots(urlsplit(url).netloc)) == 0  # its host slot is free again
+    drip.stop()
+    hook.stop()
+
+
+def test_over_the_per_host_cap_a_delivery_is_rescheduled_not_posted(r):
+    hook = WebhookReceiver()
+    dispatcher, scheduled = make(r, max_per_host=1)
+    slots = keys.webhook_host_slots(f"127.0.0.1:{hook.port}")
+    r.zadd(slots, {"another-dispatcher": (time.time() + 60) * 1000})  # one POST in flight elsewhere
+    d = Delivery.new("v-h:1-0", hook.url, "{}", tenant=None)
+    assert dispatcher.deliver(d) == "throttled"
+    ((again, countdown),) = scheduled
+    assert again == d and 0 < countdown <= 1.5 and hook.requests == []
+    assert r.ttl(keys.delivery_lease(d.delivery_id)) == -2  # its lease is not held while it waits
+    r.zadd(slots, {"another-dispatcher": (time.time() - 1) * 1000})  # that dispatcher died: slot expired
+    assert dispatcher.deliver(again) == "delivered"
+    hook.stop()
+
+
+# -- nothing lost: claims, dead letters ------------------------------------------------------
+
+
+class FlakySchedule(Scheduled):
+    def __init__(self, failures):
+        super().__init__()
+        self.failures = failures
+
+    def __call__(self, delivery, countdown):
+        if self.failures:
+            self.failures -= 1
+            raise OperationalError("broker unreachable")
+        super().__call__(delivery, countdown)
+
+
+def test_a_retry_claim_is_rolled_back_when_scheduling_fails(r):
+    hook = WebhookReceiver(default=503)
+    schedule = FlakySchedule(failures=1)
+    dispatcher = Dispatcher(r, WebhookSettings(allow_hosts=["127.0.0.1"], backoff_base_s=1.0), schedule)
+    d = Delivery.new("v-c:1-0", hook.url, "{}", tenant=None)
+    with pytest.raises(OperationalError):
+        dispatcher.deliver(d)  # the task fails and its message is requeued...
+    assert dispatcher.deliver(d) == "retry"  # ...and the redelivered copy can still schedule attempt 2
+    assert dispatcher.deliver(d) == "retry"
+    assert [x.attempt for x, _ in schedule] == [2]  # once: the claim still stops forks
+    hook.stop()
+
+
+def test_a_hop_claim_is_rolled_back_when_scheduling_fails(r):
+    schedule = FlakySchedule(failures=1)
+    dispatcher = Dispatcher(r, WebhookSettings(), schedule)
+    d = Delivery.new("v-c:2-0", "http://127.0.0.1:9/x", "{}", tenant=None).model_copy(
+        update={"not_before": time.time() + 3 * MAX_HOP_S}
+    )
+    with pytest.raises(OperationalError):
+        dispatcher.deliver(d)
+    assert dispatcher.deliver(d) == "waiting" and len(schedule) == 1
+
+
+def test_the_dead_letter_stream_is_capped(r):
+    dispatcher, _ = make(r, dead_maxlen=10, resolver=fake_resolver("10.9.9.9"))
+    for i in range(500):
+        assert (
+            dispatcher.deliver(Delivery.new(f"v-m:{i}-0", "http://internal.example/", "{}", None)) == "dead"
+        )
+    assert r.xlen(keys.WEBHOOK_DEAD_STREAM) < 500
+
+
+def test_a_refused_callback_is_dead_lettered_once_per_scope_without_bodies(r):
+    dispatcher, _ = make(r)
+    for _ in range(5):
+        dispatcher.refuse_once("http://u:p@10.0.0.1/cb", "private", "message-1", 5, request_id="req-1")
+    dispatcher.refuse_once("http://10.0.0.1/cb", "private", "message-2", 1)
+    first, _ = r.xrange(keys.WEBHOOK_DEAD_STREAM)
+    assert first[1][b"url"] == b"http://10.0.0.1/cb" and first[1][b"request_id"] == b"req-1"
+    assert b"delivery" not in first[1] and first[1][b"events"] == b"5"
+    assert dispatcher.replay() == []  # nothing to replay: there is no delivery in it
+    assert r.xlen(keys.WEBHOOK_DEAD_STREAM) == 2
+
+
+def _readme_snippets(language):
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("### Webhooks\n", 1)[1].split("\n### ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+
+
+def test_the_readme_snippets_verify_a_real_delivery(r, tmp_path):
+    hook = WebhookReceiver()
+    dispatcher, _ = make(r, secret="new-secret", rotation_secrets=["old-secret"])
+    dispatcher.deliver(Delivery.new("v-readme:1-0", hook.url, '{"id": "v-readme", "x": "ü"}', tenant=None))
+    (req,) = hook.requests
+    body, header = req["body"], req["headers"]["Modgate-Signature"]
+    (python,) = [s for s in _readme_snippets("python") if "def verify(" in s]
+    scope = {}
+    exec(python, scope)
+    assert scope["verify"]([b"old-secret"], body, header) and scope["verify"]([b"new-secret"], body, header)
+    assert not scope["verify"]([b"other"], body, header)
+    assert not scope["verify"]([b"new-secret"], body, None) and not scope["verify"]([b"x"], body, "t=1,v1")
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the Node snippet is not checked")
+    (js,) = _readme_snippets("js")
+    (tmp_path / "body").write_bytes(body)
+    script = tmp_path / "verify.js"
+    script.write_text(
+        js + "\nconst [s, f, h] = process.argv.slice(2);\n"
+        "process.stdout.write(String(verifyModgate([s], require('node:fs').readFileSync(f), h)));\n"
+    )
+
+    def run(secret, header):
+        out = subprocess.run(
+            [node, script, secret, tmp_path / "body", header], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert run("old-secret", header) == run("new-secret", header) == "true"
+    assert run("other", header) == run("new-secret", "t=abc,v1=00") == run("new-secret", "") == "false"
+    hook.stop()

@@ -1,0 +1,151 @@
+"""Signing and verifying modgate webhooks: the public helper for receivers.
+
+Standard library only, so a receiver can import it without the worker's dependencies
+(``from worker.verify import verify_headers``) or copy this one file.
+
+Every delivery is signed twice, once per scheme, and once per active secret within each
+(during a rotation there are several; any one matching is enough):
+
+* ``Modgate-Signature: t=<unix>,v1=<hex>[,v1=<hex>...]``: HMAC-SHA256 over
+  ``"<t>.<body>"``, keyed by the secret string's UTF-8 bytes. Stripe's
+  ``WebhookSignature.verify_header`` accepts it as is.
+* Standard Webhooks (``webhook-id``, ``webhook-timestamp``,
+  ``webhook-signature: v1,<base64> [v1,<base64>...]``): HMAC-SHA256 over
+  ``"<id>.<timestamp>.<body>"``, keyed by the bytes of a ``whsec_<base64>`` secret, or
+  by the UTF-8 bytes of any other secret (give a Standard Webhooks library
+  ``"whsec_" + base64(secret)``, see ``standard_secret``).
+
+A secret given as ``str`` is the configured secret; as ``bytes``, the key itself.
+Verification never raises: a missing or malformed header is ``False``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from collections.abc import Iterable, Mapping
+
+SIGNATURE_HEADER = "Modgate-Signature"
+WHSEC_PREFIX = "whsec_"
+
+Secret = str | bytes
+Secrets = Secret | Iterable[Secret]
+
+
+def modgate_key(secret: Secret) -> bytes:
+    return secret if isinstance(secret, bytes) else secret.encode()
+
+
+def standard_key(secret: Secret) -> bytes:
+    """The Standard Webhooks key of ``secret``; ValueError for a ``whsec_`` secret that is not base64."""
+    if isinstance(secret, bytes):
+        return secret
+    if not secret.startswith(WHSEC_PREFIX):
+        return secret.encode()
+    encoded = secret[len(WHSEC_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a whsec_ secret must be base64 after the prefix") from None
+    if not key:
+        raise ValueError("a whsec_ secret must not be empty")
+    return key
+
+
+def standard_secret(secret: str) -> str:
+    """What to give a Standard Webhooks library for a configured modgate ``secret``."""
+    if secret.startswith(WHSEC_PREFIX):
+        return secret
+    return WHSEC_PREFIX + base64.b64encode(secret.encode()).decode()
+
+
+def _all(secrets: Secrets) -> list[Secret]:
+    return [secrets] if isinstance(secrets, str | bytes) else list(secrets)
+
+
+def _mac_hex(key: bytes, *parts: bytes) -> str:
+    return hmac.new(key, b".".join(parts), hashlib.sha256).hexdigest()
+
+
+def _mac_b64(key: bytes, *parts: bytes) -> str:
+    return base64.b64encode(hmac.new(key, b".".join(parts), hashlib.sha256).digest()).decode()
+
+
+def sign(secrets: Secrets, body: bytes, timestamp: int) -> str:
+    """``Modgate-Signature``: one ``v1`` per secret."""
+    stamp = str(timestamp).encode()
+    return ",".join(
+        [f"t={timestamp}", *(f"v1={_mac_hex(modgate_key(s), stamp, body)}" for s in _all(secrets))]
+    )
+
+
+def sign_standard(secrets: Secrets, msg_id: str, body: bytes, timestamp: int) -> str:
+    """``webhook-signature``: one ``v1,<base64>`` per secret, space-separated."""
+    stamp = str(timestamp).encode()
+    return " ".join(f"v1,{_mac_b64(standard_key(s), msg_id.encode(), stamp, body)}" for s in _all(secrets))
+
+
+def _fresh(timestamp: int, tolerance_s: float, now: float | None) -> bool:
+    return abs((time.time() if now is None else now) - timestamp) <= tolerance_s
+
+
+def verify(
+    secrets: Secrets, body: bytes, header: str | None, tolerance_s: float = 300, now: float | None = None
+) -> bool:
+    """Check a ``Modgate-Signature`` header against any of ``secrets``."""
+    if not header:
+        return False
+    try:
+        pairs = [part.strip().split("=", 1) for part in header.split(",")]
+        (stamp,) = [value for name, value in pairs if name == "t"]
+        timestamp = int(stamp)
+        given = [value for name, value in pairs if name == "v1"]
+        keys = [modgate_key(s) for s in _all(secrets)]
+    except (ValueError, TypeError, AttributeError):
+        return False
+    if not given or not _fresh(timestamp, tolerance_s, now):
+        return False
+    expected = [_mac_hex(key, stamp.encode(), body) for key in keys]
+    return any(hmac.compare_digest(e.encode(), g.encode()) for e in expected for g in given)
+
+
+def verify_standard(
+    secrets: Secrets,
+    body: bytes,
+    headers: Mapping[str, str],
+    tolerance_s: float = 300,
+    now: float | None = None,
+) -> bool:
+    """Check the Standard Webhooks headers against any of ``secrets``."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    msg_id, stamp, header = (lower.get(n) for n in ("webhook-id", "webhook-timestamp", "webhook-signature"))
+    if not (msg_id and stamp and header):
+        return False
+    try:
+        timestamp = int(stamp)
+        given = [v.split(",", 1)[1] for v in header.split() if v.startswith("v1,")]
+        keys = [standard_key(s) for s in _all(secrets)]
+    except (ValueError, TypeError, AttributeError):
+        return False
+    if not given or not _fresh(timestamp, tolerance_s, now):
+        return False
+    expected = [_mac_b64(key, msg_id.encode(), stamp.encode(), body) for key in keys]
+    return any(hmac.compare_digest(e.encode(), g.encode()) for e in expected for g in given)
+
+
+def verify_headers(
+    secrets: Secrets,
+    body: bytes,
+    headers: Mapping[str, str],
+    tolerance_s: float = 300,
+    now: float | None = None,
+) -> bool:
+    """Check a delivery's headers: the Standard Webhooks signature when present (it also
+    covers the event id), else ``Modgate-Signature``."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    if "webhook-signature" in lower:
+        return verify_standard(secrets, body, lower, tolerance_s, now)
+    return verify(secrets, body, lower.get(SIGNATURE_HEADER.lower()), tolerance_s, now)
