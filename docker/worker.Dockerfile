@@ -1,4 +1,8 @@
-# modgate GPU worker: CUDA runtime, the CUDA build of torch, every detector.
+# modgate GPU worker: CUDA runtime, the CUDA build of torch, every detector on the GPU.
+# open_nsfw and nudenet run as torch modules converted from their ONNX files at load time
+# (onnx2torch, a core dependency; runtime.onnx=auto picks it on CUDA), in the same CUDA
+# context as the other models. The CPU build of onnxruntime stays for CPU runs only: never
+# add onnxruntime-gpu beside it (tests/deploy/test_docker.py checks both).
 #   docker build -f docker/worker.Dockerfile -t modgate-worker .
 #   docker build -f docker/worker.Dockerfile --build-arg BAKE_MODELS=true -t modgate-worker:models .
 # Runs as uid 10001 and writes only to /tmp and the model cache, so it works with a
@@ -18,7 +22,8 @@ COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY producers ./producers
 # hadolint ignore=DL3013
-RUN pip install ".[${EXTRAS}]"
+RUN pip install ".[${EXTRAS}]" \
+ && python -c "import onnx2torch, torch; assert torch.version.cuda, 'CPU-only torch in the GPU image'"
 
 FROM ${CUDA_IMAGE}
 ARG BAKE_MODELS=false

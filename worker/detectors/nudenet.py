@@ -1,7 +1,8 @@
 """``nudenet``: the NudeNet 3 part detector (YOLOv8n at 320 px), from the ONNX file inside
 the optional ``nudenet`` wheel (AGPL-3.0, hence an extra). Pre- and post-processing
-reproduce ``nudenet.NudeDetector.detect`` exactly, but a whole batch goes through one
-``session.run`` and the confidence filter is vectorised.
+reproduce ``nudenet.NudeDetector.detect`` exactly, but a whole batch goes through one run
+of the graph (onnxruntime on CPU, the torch module converted from the same file on CUDA:
+``runtime.onnx``, see onnx_torch.py) and the confidence filter is vectorised.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.detectors.base import Detector, DetectorOutput, onnx_session, resolve_weights
+from worker.detectors.base import Detector, DetectorOutput, resolve_weights
+from worker.detectors.onnx_torch import OnnxModel, load_onnx_model
 from worker.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -145,6 +147,12 @@ def scores_from(detections: list[dict[str, Any]]) -> dict[str, float]:
     return scores
 
 
+def prepare_frame(frame: Frame) -> tuple[np.ndarray, int, int, float]:
+    """``NudeNet.prepare`` without the detector: what a decode process runs."""
+    width, height = frame.image.size
+    return preprocess([np.asarray(frame.image)]), width, height, frame.scale
+
+
 class NudeNet(Detector):
     id = "nudenet"
     min_side = INPUT_SIZE
@@ -153,11 +161,11 @@ class NudeNet(Detector):
     # (measured: scores jump by up to 0.29 on 1 image in 10), so it takes full decodes.
     draft_ok = False
 
-    def __init__(self, session: Any, revision: str) -> None:
-        self.session = session
+    def __init__(self, graph: OnnxModel, revision: str) -> None:
+        self.graph = graph
+        self.device = graph.device
         self.model = "notAI-tech/NudeNet 320n"
         self.revision = revision
-        self._input = session.get_inputs()[0].name
 
     @classmethod
     def load(cls, settings: Settings) -> NudeNet:
@@ -171,15 +179,20 @@ class NudeNet(Detector):
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        return cls(onnx_session(path, settings), f"nudenet-{version}+{digest}")
+        # fp32 whatever runtime.precision says: the 0.2/0.25 confidence cutoffs turn bf16
+        # rounding into boxes that appear or vanish (measured on CPU: 1 generated scene in
+        # 40 gained a box, its score 0 → 0.25), and YOLOv8n at 320 px is cheap in fp32.
+        return cls(load_onnx_model(path, settings, precision="fp32"), f"nudenet-{version}+{digest}")
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: Any) -> np.ndarray:
         """Model only: (N, 3, 320, 320) → (N, 22, 2100)."""
-        return self.session.run(None, {self._input: batch})[0]
+        return self.graph.run(batch)
 
     def prepare(self, frame: Frame) -> tuple[np.ndarray, int, int, float]:
-        width, height = frame.image.size
-        return preprocess([np.asarray(frame.image)]), width, height, frame.scale
+        return prepare_frame(frame)
+
+    def preparer(self) -> Callable[[Frame], tuple[np.ndarray, int, int, float]]:
+        return prepare_frame
 
     def infer(self, inputs: Sequence[tuple[np.ndarray, int, int, float]]) -> list[DetectorOutput]:
         raw = self.run(np.concatenate([blob for blob, *_ in inputs]))

