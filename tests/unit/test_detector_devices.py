@@ -114,3 +114,48 @@ def test_readyz_and_the_heartbeat_list_each_detectors_device():
     finally:
         server.shutdown()
     assert state["devices"] == {"open_nsfw": "cpu"} == health.state()["devices"]
+
+
+def test_every_clip_head_moves_all_its_weights_with_the_backbone(tmp_path):
+    """On a GPU node the heads must sit where the embeddings are. Moving them to the meta
+    device shows every weight follows (a head left behind would mix devices per batch)."""
+    from tests.conftest import SHARED
+    from tests.models import tiny_safety_checker
+    from worker.detectors import load_detectors
+    from worker.settings import load_settings
+
+    shared = SHARED / "models"
+    paths = {
+        "sd_safety_checker": tiny_safety_checker(tmp_path / "sd"),
+        "laion_nsfw": shared / "laion-clip-nsfw" / "clip_autokeras_binary_nsfw.zip",
+        "q16": shared / "q16" / "prompts_vit_l_14.p",
+        "multiheaded": shared / "multiheaded",
+        "laion_violence": shared / "laion-clip-nsfw" / "violence_detection_vit_l_14.npy",
+    }
+    settings = load_settings(
+        detectors={
+            "enabled": list(paths),
+            "paths": {k: str(v) for k, v in paths.items()},
+            "backbone_space": "openai/ViT-L-14",
+        },
+        runtime={"device": "cpu"},
+    )
+    loaded = load_detectors(settings)
+    assert set(loaded.devices().values()) == {"cpu"}
+    meta = torch.device("meta")
+    for head in loaded.detectors:
+        head.to(meta)
+        assert detector_device(head) == "meta", head.id
+        tensors = [
+            t
+            for v in vars(head).values()
+            for t in (v.values() if isinstance(v, dict) else [v])
+            if isinstance(t, torch.Tensor)
+        ]
+        tensors += [
+            t
+            for v in vars(head).values()
+            if isinstance(v, torch.nn.Module)
+            for t in (*v.parameters(), *v.buffers())
+        ]
+        assert tensors and all(t.device == meta for t in tensors), head.id

@@ -166,7 +166,8 @@ def load_detectors(settings: Settings) -> LoadedDetectors:
                         backbone_error = str(exc)
                 if backbone is None:
                     raise ConfigError(f"{detector_id}: {backbone_error}")
-                loaded.append(cls.load(settings, backbone))  # type: ignore[call-arg]
+                # Heads compute where the embeddings are: on a GPU node, on the GPU.
+                loaded.append(cls.load(settings, backbone).to(backbone.device))  # type: ignore[call-arg]
             else:
                 loaded.append(cls.load(settings))
         except ConfigError as exc:

@@ -53,6 +53,11 @@ class ClipHead(Detector):
             )
         return backbone
 
+    def to(self, device: torch.device) -> ClipHead:
+        """Put the head's weights where the backbone's embeddings are (the GPU on a GPU node)."""
+        self.module = self.module.to(device)
+        return self
+
     def infer(self, inputs: Sequence[torch.Tensor]) -> list[DetectorOutput]:
         with torch.inference_mode():
             scores = self.module(torch.stack(list(inputs))).float().cpu().numpy()

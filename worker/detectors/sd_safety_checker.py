@@ -86,6 +86,10 @@ class SDSafetyChecker(ClipHead):
             )
         return cls({k: state[k].float() for k in keys}, own)
 
+    def to(self, device: torch.device) -> SDSafetyChecker:
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        return self
+
     def infer(self, inputs: Sequence[torch.Tensor]) -> list[DetectorOutput]:
         b = self.buffers
         special, concept = safety_scores(
