@@ -50,6 +50,13 @@ class Detector(ABC):
         decode threads, so it overlaps inference; the batch thread then only runs models."""
         return frame
 
+    def preparer(self) -> Callable[[Frame], Any] | None:
+        """``prepare`` as a picklable callable that needs no weights (a module-level
+        function, or a ``functools.partial`` of one), so a decode process can run it next
+        to decoding and send back only the detector-sized input. None: ``prepare`` runs
+        in the worker process, on the decoded frame sent back to it."""
+        return None
+
     @abstractmethod
     def infer(self, inputs: Sequence[Any]) -> list[DetectorOutput]:
         """Score a batch of what ``prepare`` returned; one output per input, in order."""
@@ -86,28 +93,3 @@ def resolve_weights(
         looked.append(str(found) if found is not None else "the file shipped in its Python package")
     raise ConfigError(f"{detector_id}: weights {filename!r} not found; looked in: {'; '.join(looked)}")
 
-
-def onnx_providers(settings: Settings) -> list[str]:
-    """onnxruntime providers for the configured device, best first."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    wanted = ["CPUExecutionProvider"]
-    if settings.runtime.device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        wanted.insert(0, "CUDAExecutionProvider")
-    elif settings.runtime.device == "cuda":
-        raise ConfigError("device=cuda but onnxruntime has no CUDAExecutionProvider")
-    return wanted
-
-
-def onnx_session(path: Path, settings: Settings) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if settings.runtime.threads:
-        opts.intra_op_num_threads = settings.runtime.threads
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle intra-op threads spin by default, burning the cores that decode threads need
-    # between batches; blocking instead lets decoding overlap inference.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=onnx_providers(settings))
