@@ -1,28 +1,77 @@
 """Optional S3 actions on a moderated object, chosen by the policy: tag it with its
 decision, or move it to a quarantine location (copy, verify, then delete).
 
-Both are idempotent, because a redelivered message runs them again: tagging writes the
-same value, and a quarantine that already happened (copy present, original gone) is
-recognised and reported as done.
+They run after the verdict is on the stream, and their outcome is recorded by verdict id
+(``outcome``); until it is, every copy of the message runs them again. So both are
+idempotent: tagging writes the same value, and a quarantine that already happened (copy
+present, original gone) is recognised and reported as done.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
+from worker import keys
 from worker.policy import PolicyActions
 from worker.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
+# S3 answers that will not change by trying again: recorded as the outcome.
+_PERMANENT = {
+    "AccessDenied",
+    "403",
+    "404",
+    "NoSuchKey",
+    "NoSuchBucket",
+    "NoSuchVersion",
+    "PreconditionFailed",
+    "412",
+    "InvalidRequest",
+    "InvalidArgument",
+    "InvalidTag",
+    "MethodNotAllowed",
+}
+
 
 class ActionError(Exception):
-    pass
+    """An action refused for a reason of its own (object changed, bad copy): not retried."""
+
+
+class TransientActionError(Exception):
+    """An action failed in a way that may pass (S3 5xx or throttling after botocore's own
+    retries, a lost connection): the outcome is not recorded, so it runs again."""
 
 
 def _code(exc: Any) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def plan(verdict: Verdict, actions: PolicyActions) -> dict[str, Any] | None:
+    """What the policy calls for on this verdict's object (the verdict's ``policy_actions``)."""
+    source = verdict.source
+    if verdict.status != "ok" or source.kind != "s3" or verdict.decision is None:
+        return None
+    wanted: dict[str, Any] = {}
+    if actions.tag:
+        wanted["tag"] = {actions.tag_key: verdict.decision}
+    q = actions.quarantine
+    if q is not None and verdict.decision in q.decisions:
+        wanted["quarantine_to"] = f"s3://{q.bucket or source.bucket}/{q.prefix}{source.key}"
+    return wanted or None
+
+
+def outcome(redis: Any, verdict_id: str) -> dict[str, Any] | None:
+    """What the S3 actions did for ``verdict_id`` (``tagged``, ``quarantined_to``, ``error``),
+    or None while they have not run to an outcome."""
+    raw = redis.get(keys.action_outcome(verdict_id))
+    return json.loads(raw) if raw is not None else None
+
+
+def record_outcome(redis: Any, verdict_id: str, done: dict[str, Any], ttl_s: int) -> None:
+    redis.set(keys.action_outcome(verdict_id), json.dumps(done), ex=ttl_s)
 
 
 class ObjectActions:
@@ -30,9 +79,10 @@ class ObjectActions:
         self.client = client
 
     def apply(self, verdict: Verdict, actions: PolicyActions) -> dict[str, Any] | None:
-        """Run the configured actions; returns what was done, for the verdict's ``actions`` field."""
+        """Run the configured actions; returns what was done (the outcome to record), with
+        ``error`` for a permanent failure. Raises ``TransientActionError`` for one that may pass."""
         source = verdict.source
-        if verdict.status != "ok" or source.kind != "s3" or verdict.decision is None:
+        if plan(verdict, actions) is None:
             return None
         done: dict[str, Any] = {}
         try:
@@ -50,6 +100,8 @@ class ObjectActions:
                     q.prefix,
                 )
         except Exception as exc:
+            if _transient(exc):
+                raise TransientActionError(f"{type(exc).__name__}: {exc}") from exc
             log.warning("S3 action on %s failed: %s", source.uri, exc)
             done["error"] = f"{type(exc).__name__}: {exc}"
         return done or None
@@ -116,3 +168,13 @@ class ObjectActions:
             return True
         except Exception:
             return False
+
+
+def _transient(exc: Exception) -> bool:
+    if isinstance(exc, ActionError):
+        return False
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, ClientError):  # S3 answered
+        return _code(exc) not in _PERMANENT
+    return isinstance(exc, (BotoCoreError, OSError))  # S3 did not answer (connection, timeout)

@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     ACCESS_DENIED = "access_denied"
     TOO_LARGE = "too_large"  # object bytes above the configured cap
     IMAGE_TOO_LARGE = "image_too_large"  # pixel count above the decompression-bomb guard
+    IMAGE_TOO_COMPLEX = "image_too_complex"  # over the decode budget: frames, frames × canvas, time
     UNSUPPORTED_FORMAT = "unsupported_format"
     CORRUPT_IMAGE = "corrupt_image"
     EMPTY_OBJECT = "empty_object"
@@ -22,6 +23,8 @@ class ErrorCode(StrEnum):
     DETECTOR_FAILED = "detector_failed"
     INVALID_MESSAGE = "invalid_message"  # a queue message that does not follow the contract
     TIMEOUT = "timeout"  # not finished within worker.message_timeout_s
+    BUCKET_NOT_ALLOWED = "bucket_not_allowed"  # bucket outside worker.buckets
+    INVALID_KEY = "invalid_key"  # a key with "." or ".." path segments
     INTERNAL = "internal_error"
 
 

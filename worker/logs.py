@@ -12,8 +12,9 @@ import re
 import sys
 from datetime import UTC, datetime
 
-# user:password@ in URLs (redis://:secret@host, https://user:token@host).
-_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]*:[^/@\s]+@")
+# Userinfo in URLs: user:password@ (redis://:secret@host, https://user:token@host) and a
+# bare token@ (https://ghp_token@host, redis://secret@host).
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -31,17 +32,36 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": scrub(record.getMessage()),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value if isinstance(value, (int, float, bool, type(None))) else scrub(str(value))
+        for key, value in _fields(record).items():
+            out[key] = value if isinstance(value, (int, float, bool, type(None))) else scrub(str(value))
         if record.exc_info:
             out["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False)
 
 
-class _ScrubbingFormatter(logging.Formatter):
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+
+
+class TextFormatter(logging.Formatter):
+    """``<time> <level> <logger>: <message> key=value ...``: the same fields as the JSON
+    lines (``uri``, ``code``, ``verdict_id``...), scrubbed."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        pairs = [f"{k}={_value(v)}" for k, v in _fields(record).items() if v is not None]
+        return " ".join([line, *pairs])
+
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
+
+
+def _value(v: object) -> str:
+    text = str(v)
+    return json.dumps(text, ensure_ascii=False) if not text or any(c in text for c in ' ="') else text
 
 
 def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
@@ -49,7 +69,7 @@ def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(_ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

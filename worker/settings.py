@@ -92,9 +92,8 @@ class RuntimeSettings(BaseModel):
     # Intra-op threads for torch/onnxruntime; None lets the runtime choose.
     threads: int | None = Field(None, ge=1)
     # Threads one OpenCV call may use (NudeNet's preprocessing). Images are already
-    # preprocessed in parallel on the decode threads; more here only oversubscribes the
-    # cores, and OpenCV's pool busy-waits (measured: 2 → 1 halves NudeNet's preprocessing
-    # CPU, 14.5 → 7.5 core-ms a photo; worker/runtime.py).
+    # preprocessed in parallel on the decode threads; OpenCV's default (one thread per
+    # core in every call) multiplies them past the cores (worker/runtime.py).
     preprocess_threads: int = Field(1, ge=1)
     # What runs the ONNX detectors (open_nsfw, nudenet): auto = torch modules converted
     # from the ONNX files on CUDA (same device and CUDA context as the other models;

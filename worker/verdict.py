@@ -101,8 +101,21 @@ class Verdict(BaseModel):
     image: ImageInfo | None = None
     frames: int = 0
     timings_ms: dict[str, float] = Field(default_factory=dict)
-    # S3 actions the policy asked for and what came of them (``tagged``, ``quarantined_to``, ``error``).
-    actions: dict[str, Any] | None = None
+    # Deprecated, always null on the stream and in webhooks: S3 actions run only after the
+    # verdict is published, so their outcome is recorded apart (``worker.actions.outcome``).
+    actions: dict[str, Any] | None = Field(
+        None,
+        description="Deprecated: always null since S3 actions run after publishing; "
+        "see policy_actions, and the outcome recorded by verdict id (worker.actions.outcome).",
+    )
+    # Added to schema v1 (additive): the S3 actions the policy calls for on this object.
+    policy_actions: dict[str, Any] | None = Field(
+        None,
+        description="Added in schema v1 (additive). The S3 actions the policy calls for on this "
+        'object, e.g. {"tag": {"modgate-decision": "unsafe"}, "quarantine_to": "s3://q/held/k"}; '
+        "they run after the verdict is on the stream. What they did is recorded by verdict id "
+        "(worker.actions.outcome), not in the verdict.",
+    )
     policy_version: str
     request_id: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

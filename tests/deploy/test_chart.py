@@ -183,3 +183,23 @@ def test_ingress_routes_events_to_the_receiver():
     path = ingress["spec"]["rules"][0]["http"]["paths"][0]
     assert path["path"] == "/events" and path["backend"]["service"]["name"] == "mg-modgate-receiver"
     assert by_kind(docs, "PodDisruptionBudget") and by_kind(docs, "NetworkPolicy")
+
+
+def worker_config(values):
+    return yaml.safe_load(by_kind(render(values), "ConfigMap")["mg-modgate-config"]["data"]["modgate.yaml"])
+
+
+def test_the_worker_allowlist_follows_the_buckets_the_release_is_for():
+    from worker.settings import Settings
+
+    config = worker_config({**BASE, "buckets": ["uploads", "avatars-*"]})
+    assert config["worker"]["buckets"] == config["producer"]["buckets"] == ["uploads", "avatars-*"]
+    # The rendered file is what the worker loads: MODGATE_WORKER__BUCKETS in YAML form.
+    assert Settings.model_validate(config).worker.buckets == ["uploads", "avatars-*"]
+    # Buckets named only in the producer settings bound the worker too.
+    config = worker_config({**BASE, "settings": {"producer": {"buckets": ["legacy"]}}})
+    assert config["worker"]["buckets"] == ["legacy"]
+    assert "buckets" not in worker_config(BASE)["worker"]  # none configured: any, with a warning
+    assert worker_config(VALUE_SETS["examples-minio"])["worker"]["buckets"] == ["uploads"]
+    with pytest.raises(helm.HelmValuesError):
+        helm.Chart.load(str(CHART)).validate_schema({**BASE, "buckets": "uploads"})

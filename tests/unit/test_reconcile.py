@@ -59,3 +59,49 @@ def test_an_entry_without_payload_is_dropped(redis_server):
     svc = service(redis_server, resent)
     r.zadd(keys.OUTBOX, {"orphan": time.time() - 500})
     assert svc.reconcile() == [] and r.zcard(keys.OUTBOX) == 0 and resent == []
+
+
+def celery_message(task_id):
+    """A message as kombu's Redis transport stores it in the queue list."""
+    return json.dumps({"body": "", "headers": {"id": task_id, "task": "modgate.moderate"}, "properties": {}})
+
+
+def test_a_backlog_does_not_stop_the_reconciler_and_queued_messages_stay(redis_server):
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    resent: list = []
+    svc = service(redis_server, resent)
+    put(r, "lost", age_s=2000)  # popped by a killed worker long ago
+    put(r, "queued-old", age_s=1000)  # sent before a long backlog, still waiting
+    put(r, "queued-new", age_s=800)
+    # Producers LPUSH, workers BRPOP: the right end is consumed next.
+    r.lpush("modgate", celery_message("queued-old"))
+    r.lpush("modgate", celery_message("queued-new"))
+    assert svc.reconcile() == ["lost"]
+    assert [t for t, _ in resent] == ["lost"]
+    # Nothing in the queue that we can place in time: wait for a better round.
+    r.delete("modgate")
+    r.lpush("modgate", celery_message("sent-by-someone-else"))
+    put(r, "lost-2", age_s=2000)
+    assert svc.reconcile() == []
+
+
+def test_the_lock_is_released_only_by_its_holder(redis_server):
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    stolen = []
+
+    def resend(task_id, payload):
+        # This round outlived its lock; another worker took it meanwhile.
+        r.set(keys.RECONCILE_LOCK, "other-worker", ex=60)
+        stolen.append(task_id)
+
+    svc = service(redis_server, [])
+    svc._resend = resend
+    put(r, "lost", age_s=500)
+    r.delete(keys.RECONCILE_LOCK)
+    assert svc.reconcile() == ["lost"] and stolen == ["lost"]
+    assert r.get(keys.RECONCILE_LOCK) == b"other-worker"
+    r.delete(keys.RECONCILE_LOCK)
+    svc.reconcile()
+    assert r.get(keys.RECONCILE_LOCK) is None  # our own lock is released
