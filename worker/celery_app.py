@@ -29,12 +29,18 @@ from celery import Celery, signals
 from celery.exceptions import Reject
 
 from worker.contract import MODERATE_QUEUE, MODERATE_TASK, WEBHOOK_QUEUE, WEBHOOK_TASK
+from worker.errors import ConfigError
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
+# The exit status of a worker that cannot start (bad settings, missing weights), as
+# `modgate`'s other commands use for infrastructure errors.
+EXIT_CANNOT_START = 3
+
 _service: Any = None
 _app: Celery | None = None
+_start_failed = False
 
 
 def current_service() -> Any:
@@ -150,14 +156,28 @@ def _start_service(sender: str, instance: Any, **_: Any) -> None:
     if settings is None:
         return  # not a modgate app
     queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
-    _service = Service(
-        settings,
-        queues,
-        schedule_webhook(app),
-        pipeline_factory=app.modgate_pipeline_factory,
-        resend=resend_moderation(app),
-    )
-    _service.start()
+    try:
+        _service = Service(
+            settings,
+            queues,
+            schedule_webhook(app),
+            pipeline_factory=app.modgate_pipeline_factory,
+            resend=resend_moderation(app),
+        )
+        _service.start()
+    except Exception as exc:
+        # Celery logs and swallows what a signal handler raises, and would then consume
+        # messages with no models loaded. SystemExit is the one thing it lets through: the
+        # worker stops before its first message, with the reason, and the orchestrator sees it.
+        global _start_failed
+        _start_failed = True
+        log.critical("worker cannot start: %s", exc, exc_info=not isinstance(exc, ConfigError))
+        raise SystemExit(EXIT_CANNOT_START) from None
+
+
+def start_failed() -> bool:
+    """True when this process's worker stopped because the service could not start."""
+    return _start_failed
 
 
 @signals.worker_shutting_down.connect

@@ -283,6 +283,10 @@ def worker(
     if hostname:
         argv += ["--hostname", hostname]
     app_.worker_main(argv)
+    # worker_main drops the worker's exit status: a worker that could not load its models
+    # must not exit 0.
+    if celery_app.start_failed():
+        raise typer.Exit(EXIT_INFRA)
 
 
 webhooks_app = typer.Typer(help="Webhook dead letters: list them, replay them.")

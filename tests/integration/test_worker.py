@@ -438,3 +438,30 @@ def test_the_worker_allowlist_key_checks_and_redacted_s3_errors(env, r, producer
     assert "NoSuchKey" not in missing and "does not exist" in missing
     assert "NoSuchKey" in worker.tail(10**6)
     assert "worker.buckets is unset" not in worker.tail(10**6)
+
+
+def test_a_worker_that_cannot_load_its_policy_detectors_exits_before_consuming(
+    env, r, producer, tmp_path, bucket
+):
+    """Celery swallows what its start-up signal raises; the worker must still stop (exit 3)
+    instead of consuming messages it cannot judge, and leave them on the queue."""
+    policy = tmp_path / "logistic.yaml"
+    sexual = {
+        "fusion": "logistic",
+        "weights": {"open_nsfw.nsfw": 3.0, "nudenet.sexual": 2.0},
+        "bias": -2.0,
+        "evidence": [{"detector": "open_nsfw", "score": "nsfw"}, {"detector": "nudenet", "score": "sexual"}],
+    }
+    policy.write_text(json.dumps({"version": "logit", "categories": {"sexual": sexual}}))
+    producer({"items": [{"bucket": bucket, "key": "a.jpg"}]})
+    proc = subprocess.run(
+        [*MODGATE, "worker"],
+        env={**os.environ, **env, "MODGATE_POLICY_FILE": str(policy), "MODGATE_WORKER__METRICS_PORT": "0"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "nudenet" in proc.stderr and "cannot start" in proc.stderr
+    assert r.llen("modgate") == 1
+    assert r.xlen(keys.VERDICT_STREAM) == 0
