@@ -30,6 +30,7 @@ bench: install
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_clip.py
 	$(PY) bench/bench_queue.py
+	$(PY) bench/bench_cpu.py
 	$(PY) bench/bench_eval.py
 
 lint: install

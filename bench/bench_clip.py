@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from worker import bench
 from worker.detectors import load_detectors
 from worker.detectors.clip_backbone import clip_preprocess
 from worker.samples import photo
@@ -41,32 +42,6 @@ def shared_models() -> Path:
         if candidate and (Path(candidate) / "models").is_dir():
             return Path(candidate) / "models"
     raise SystemExit("set MODGATE_SHARED_DIR to the folder holding models/ (original head weights)")
-
-
-def b32_sized_checker(directory: Path) -> Path:
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-        },
-        vision_config={
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "image_size": 224,
-            "patch_size": 32,
-        },
-        projection_dim=768,
-    )
-    StableDiffusionSafetyChecker(config).save_pretrained(directory)
-    return directory
 
 
 def timed(fn, repeats: int) -> float:
@@ -98,7 +73,9 @@ def main() -> None:
             "enabled": HEADS,
             "backbone_space": "openai/ViT-L-14",
             "paths": {
-                "sd_safety_checker": str(b32_sized_checker(tmp / "sd")),
+                "sd_safety_checker": str(
+                    bench.random_checkpoints(tmp, "b32", ["sd_safety_checker"])["sd_safety_checker"]
+                ),
                 "laion_nsfw": str(shared / "laion-clip-nsfw" / "clip_autokeras_binary_nsfw.zip"),
                 "q16": str(shared / "q16" / "prompts_vit_l_14.p"),
                 "multiheaded": str(shared / "multiheaded"),

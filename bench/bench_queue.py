@@ -7,17 +7,23 @@
 (b) End-to-end latency, enqueue → stream entry, p50/p99, at a fixed offered load of half
     the measured capacity, with the real ``open_nsfw`` detector fetching from a moto S3
     server.
+(c) What one worker process pushes through the queue AND the real ``Pipeline`` (fetch from
+    the moto S3 server, decode, the dynamic batcher at batch 64, aggregate, publish) with a
+    no-op detector: once with decoding skipped (the header probe and decode budget still
+    run: what is left on the CPU of a GPU node whose decode is on nvJPEG), once with PIL
+    decoding small JPEGs. Besides keys/s, the worker's own CPU per key (from /proc), which
+    says what one process needs of a core whatever else shares this machine.
 
 The queue is filled before the worker starts, and throughput is read from the stream
 entry ids (Redis server time): (entries − 1) ÷ (last − first).
 
-    python bench/bench_queue.py [--keys 20000] [--latency-s 20] [--out bench/results/queue.json]
+    python bench/bench_queue.py [--keys 20000] [--latency-s 20] [--pipeline-keys 6400]
+                                [--only pipeline] [--out bench/results/queue.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -48,7 +54,14 @@ class NoopPipeline:
         self._loaded_ids: set[str] = set()
         self._categories = assess({}, self.policy, set()).categories
 
-    def submit(self, source: Any, request_id: str | None = None, policy: Any = None) -> Future:
+    def admission(self, cancel: Any = None) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext(True)
+
+    def submit(
+        self, source: Any, request_id: str | None = None, policy: Any = None, cancel: Any = None
+    ) -> Future:
         from worker.verdict import Verdict, verdict_id
 
         policy = policy or self.policy
@@ -99,6 +112,217 @@ def serve_noop() -> None:
     )
 
 
+class NoopDetector:
+    """A detector that costs nothing: what is left is the queue, fetch, decode, batcher,
+    aggregation and publishing."""
+
+    id = "noop"
+    input = "image"
+    min_side = 224
+    draft_ok = True
+    model = "noop"
+    revision = "0"
+    device = "cpu"
+
+    def prepare(self, frame: Any) -> int:
+        return 0
+
+    def preparer(self) -> None:
+        return None  # prepare runs in the worker process
+
+    def infer(self, inputs: Any) -> list[Any]:
+        from worker.detectors.base import DetectorOutput
+
+        return [DetectorOutput({"nsfw": 0.0})] * len(inputs)
+
+
+def header_only_decode(data: bytes, settings: Any, min_side: int, info: Any = None) -> Any:
+    """Decoding skipped: the header probe and the decode budget run, as they do before a
+    batch goes to nvJPEG; the frame is a constant 1×1 image."""
+    from worker.decode import DecodedImage, Frame, check_budget
+    from worker.errors import ErrorCode, ModerationError
+    from worker.probe import probe
+
+    info = info if info is not None else probe(data)
+    if info.format is None:
+        raise ModerationError(ErrorCode.UNSUPPORTED_FORMAT, "not an image")
+    check_budget(info, settings)
+    return DecodedImage([Frame(_PIXEL, 1.0)], info.format, info.width, info.height, info.frame_count)
+
+
+_PIXEL: Any = None
+
+
+def serve_pipeline(decode: str) -> None:
+    """Subprocess entry: ``modgate worker`` with the real Pipeline and the no-op detector."""
+    global _PIXEL
+    from PIL import Image
+
+    from worker import celery_app, pipeline
+    from worker.detectors import LoadedDetectors
+    from worker.settings import load_settings
+
+    if decode == "skip":
+        if not hasattr(pipeline, "decode_image"):
+            raise SystemExit("worker.pipeline no longer calls decode_image: update header_only_decode")
+        _PIXEL = Image.new("RGB", (1, 1))
+        pipeline.decode_image = header_only_decode  # type: ignore[attr-defined]
+    settings = load_settings()
+
+    def factory(s: Any) -> Any:
+        return pipeline.Pipeline(s, LoadedDetectors([NoopDetector()], {}))  # type: ignore[list-item]
+
+    app = celery_app.create_app(settings, pipeline_factory=factory)
+    celery_app.set_app(app)
+    threads = str(settings.worker.threads(settings.batch.max_batch))
+    app.worker_main(
+        [
+            *("worker", "-Q", MODERATE_QUEUE, "--pool", "threads", "-c", threads, "-l", "INFO"),
+            *("--without-gossip", "--without-mingle"),
+        ]
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pipeline_push(
+    redis_url: str, r: Any, moto: MotoServer, redis_pid: int, total_keys: int, decode: str, workdir: Path
+) -> dict[str, Any]:
+    """Keys/s through one worker process with the real Pipeline and a no-op detector at
+    batch 64, fed 64-key messages from a filled queue; objects are 640×480 JPEGs on moto."""
+    r.flushall()
+    app = producer(redis_url)
+    t = time.perf_counter()
+    fill(app, total_keys, 64, bucket="push", etag=None)
+    fill_s = time.perf_counter() - t
+    env = {
+        "MODGATE_REDIS__URL": redis_url,
+        "MODGATE_S3__ENDPOINT_URL": moto.url,
+        "MODGATE_BATCH__MAX_BATCH": "64",
+        "MODGATE_WORKER__BUCKETS": '["push"]',
+    }
+    proc, base = start_worker(
+        env, [sys.executable, __file__, "serve-pipeline", decode], workdir / f"push-{decode}.log"
+    )
+    try:
+        wait_ready(base, proc)
+        samples = []  # (stream length, worker / moto / redis CPU seconds, time)
+        deadline = time.monotonic() + 900
+        while (n := r.xlen(keys.VERDICT_STREAM)) < total_keys and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("worker died")
+            samples.append(
+                (
+                    n,
+                    cpu_seconds(proc.pid),
+                    cpu_seconds(moto.proc.pid),
+                    cpu_seconds(redis_pid),
+                    time.monotonic(),
+                )
+            )
+            time.sleep(0.5)
+        first = r.xrange(keys.VERDICT_STREAM, count=1)[0][0]
+        last = r.xrevrange(keys.VERDICT_STREAM, count=1)[0][0]
+        n = r.xlen(keys.VERDICT_STREAM)
+        statuses: dict[str, int] = {}
+        for _, f in r.xrange(keys.VERDICT_STREAM, count=200):
+            v = json.loads(f[b"verdict"])
+            statuses[v["status"]] = statuses.get(v["status"], 0) + 1
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    seconds = max(1e-3, (entry_ms(last) - entry_ms(first)) / 1000.0)
+    # CPU per key over the middle of the run (between 10 % and 90 % of the keys published).
+    mid = [s for s in samples if total_keys * 0.1 <= s[0] <= total_keys * 0.9]
+    per_key = {}
+    if len(mid) >= 2:
+        a, b = mid[0], mid[-1]
+        keys_done = b[0] - a[0]
+        for i, name in ((1, "worker"), (2, "moto"), (3, "redis")):
+            per_key[name] = round(1000 * (b[i] - a[i]) / keys_done, 3)
+        per_key["wall_keys_per_s_mid"] = round(keys_done / (b[4] - a[4]), 1)
+    return {
+        "decode": decode,
+        "keys": n,
+        "seconds": round(seconds, 3),
+        "keys_per_s": round((n - 1) / seconds, 1),
+        "core_ms_per_key": per_key,
+        "worker_keys_per_core_s": round(1000 / per_key["worker"], 1) if per_key.get("worker") else None,
+        "sampled_statuses": statuses,
+        "enqueue_keys_per_s": round(total_keys / fill_s, 1),
+    }
+
+
+def pipeline_inprocess(moto: MotoServer, total_keys: int, batch: int = 64) -> dict[str, Any]:
+    """The same work without Celery, in this process: core-ms per key of the Fetcher alone
+    (32 threads) and of the Pipeline (fetch, decode skipped or PIL, batcher, aggregate)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from worker import pipeline
+    from worker.detectors import LoadedDetectors
+    from worker.fetch import Fetcher
+    from worker.settings import load_settings
+    from worker.verdict import Source
+
+    global _PIXEL
+    _PIXEL = Image.new("RGB", (1, 1))
+    settings = load_settings(s3={"endpoint_url": moto.url}, batch={"max_batch": batch})
+    sources = [
+        Source(kind="s3", uri=f"s3://push/k/{i:08d}.jpg", bucket="push", key=f"k/{i:08d}.jpg")
+        for i in range(total_keys)
+    ]
+    out: dict[str, Any] = {}
+    fetcher = Fetcher(settings.s3)
+    cpu = time.process_time()
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(fetcher.fetch, sources))
+    out["fetch_only_core_ms_per_key"] = round(1000 * (time.process_time() - cpu) / total_keys, 3)
+    real = pipeline.decode_image  # type: ignore[attr-defined]
+    for mode, decode in (("decode_skipped", header_only_decode), ("pil_decode", real)):
+        pipeline.decode_image = decode  # type: ignore[attr-defined]
+        try:
+            loaded = LoadedDetectors([NoopDetector()], {})  # type: ignore[list-item]
+            with pipeline.Pipeline(settings, loaded) as pipe:
+                list(pipe.moderate(sources[: 2 * batch]))  # warm-up: pools, connections
+                cpu, wall = time.process_time(), time.perf_counter()
+                verdicts = list(pipe.moderate(sources))
+                cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        finally:
+            pipeline.decode_image = real  # type: ignore[attr-defined]
+        assert all(v.status == "ok" for v in verdicts), [v.error for v in verdicts if v.error][:1]
+        out[f"pipeline_{mode}_core_ms_per_key"] = round(1000 * cpu / total_keys, 3)
+        out[f"pipeline_{mode}_keys_per_s"] = round(total_keys / wall, 1)
+    return out
+
+
+def upload(moto: MotoServer, total_keys: int, distinct: int = 64) -> None:
+    """``total_keys`` objects under push/k/…, ``distinct`` different 640×480 JPEGs, in
+    parallel (moto answers one request per thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto.url)
+    try:
+        s3.create_bucket(Bucket="push")
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        return
+    images = [jpeg(i) for i in range(distinct)]
+    with ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda i: s3.put_object(Bucket="push", Key=f"k/{i:08d}.jpg", Body=images[i % distinct]),
+                range(total_keys),
+            )
+        )
+
+
 def start_worker(env: dict[str, str], args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     full_env = {
@@ -135,11 +359,11 @@ def producer(redis_url: str) -> Any:
     return app
 
 
-def fill(app: Any, total_keys: int, per_message: int, bucket: str = "bench") -> None:
+def fill(app: Any, total_keys: int, per_message: int, bucket: str = "bench", etag: str | None = "e") -> None:
     with app.producer_or_acquire() as prod:
         for start in range(0, total_keys, per_message):
             items = [
-                {"bucket": bucket, "key": f"k/{i:08d}.jpg", "etag": "e"}
+                {"bucket": bucket, "key": f"k/{i:08d}.jpg", **({"etag": etag} if etag else {})}
                 for i in range(start, min(total_keys, start + per_message))
             ]
             app.send_task(MODERATE_TASK, args=[{"items": items}], queue=MODERATE_QUEUE, producer=prod)
@@ -183,11 +407,9 @@ def throughput(redis_url: str, r: Any, total_keys: int, per_message: int, workdi
 
 
 def jpeg(seed: int) -> bytes:
-    from worker.samples import photo
+    from worker.bench import jpeg_bytes
 
-    buf = io.BytesIO()
-    photo(640, 480, seed).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
+    return jpeg_bytes(640, 480, seed)
 
 
 def latency(redis_url: str, r: Any, moto: MotoServer, seconds: float, workdir: Path) -> dict[str, Any]:
@@ -278,50 +500,100 @@ def main() -> None:
     if sys.argv[1:2] == ["serve-noop"]:
         serve_noop()
         return
+    if sys.argv[1:2] == ["serve-pipeline"]:
+        serve_pipeline(sys.argv[2])
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--keys", type=int, default=20_000)
     parser.add_argument("--latency-s", type=float, default=20.0)
+    parser.add_argument("--pipeline-keys", type=int, default=6400)
+    parser.add_argument(
+        "--only", choices=["queue", "latency", "pipeline"], help="run one part; the others stay as in --out"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "queue.json")
     args = parser.parse_args()
 
     import redis
 
+    run = {part: args.only in (None, part) for part in ("queue", "latency", "pipeline")}
+    result: dict[str, Any] = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     workdir = Path(tempfile.mkdtemp(prefix="modgate-bench-"))
     server = RedisServer(workdir)
     moto = MotoServer()
     r = redis.Redis.from_url(server.url)
     try:
-        single = throughput(server.url, r, min(args.keys, 5000), 1, workdir)
-        multi = throughput(server.url, r, args.keys, 64, workdir)
-        lat = latency(server.url, r, moto, args.latency_s, workdir)
+        if run["queue"]:
+            single = throughput(server.url, r, min(args.keys, 5000), 1, workdir)
+            multi = throughput(server.url, r, args.keys, 64, workdir)
+            result["queue_noop"] = {
+                "one_key_messages": single,
+                "64_key_messages": multi,
+                "ratio_64_over_1": round(multi["keys_per_s"] / single["keys_per_s"], 2),
+                "goal_keys_per_s": 10_000,
+            }
+        if run["latency"]:
+            result["latency_half_load"] = latency(server.url, r, moto, args.latency_s, workdir)
+        if run["pipeline"]:
+            for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")):
+                os.environ.setdefault(k, v)
+            os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+            upload(moto, args.pipeline_keys)
+            assert server.proc is not None
+            result["pipeline_push"] = {
+                "what": "one worker process, real Pipeline (moto S3 fetch, batcher at 64), no-op detector, "
+                "64-key messages, 640x480 JPEGs",
+                "decode_skipped": pipeline_push(
+                    server.url, r, moto, server.proc.pid, args.pipeline_keys, "skip", workdir
+                ),
+                "pil_decode": pipeline_push(
+                    server.url, r, moto, server.proc.pid, args.pipeline_keys, "pil", workdir
+                ),
+            }
+            # Without Celery: what the fetch and the Pipeline cost on their own.
+            result["pipeline_push"]["in_process"] = pipeline_inprocess(moto, min(args.pipeline_keys, 2000))
     finally:
         moto.stop()
         server.stop()
-    result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "queue_noop": {
-            "one_key_messages": single,
-            "64_key_messages": multi,
-            "ratio_64_over_1": round(multi["keys_per_s"] / single["keys_per_s"], 2),
-            "goal_keys_per_s": 10_000,
-        },
-        "latency_half_load": lat,
-        "command": "python bench/bench_queue.py " + " ".join(sys.argv[1:]),
+    result["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
     }
+    command = "python bench/bench_queue.py " + " ".join(sys.argv[1:])
+    if args.only:  # the other parts' figures came from an earlier command
+        result.setdefault("commands", {})[args.only] = command
+    else:
+        result["command"], result["commands"] = command, {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"queue path, no-op pipeline, 1-key messages : {single['keys_per_s']:>9.1f} keys/s")
-    print(f"queue path, no-op pipeline, 64-key messages: {multi['keys_per_s']:>9.1f} keys/s (goal 10000)")
-    print(
-        f"open_nsfw end to end at {lat['offered_keys_per_s']} keys/s (half of {lat['capacity_keys_per_s']}): "
-        f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms"
-    )
+    if run["queue"]:
+        q = result["queue_noop"]
+        print(
+            f"queue path, no-op pipeline, 1-key messages : {q['one_key_messages']['keys_per_s']:>9.1f} keys/s"
+        )
+        print(
+            f"queue path, no-op pipeline, 64-key messages: {q['64_key_messages']['keys_per_s']:>9.1f} keys/s"
+            " (goal 10000)"
+        )
+    if run["latency"]:
+        lat = result["latency_half_load"]
+        print(
+            f"open_nsfw end to end at {lat['offered_keys_per_s']} keys/s "
+            f"(half of {lat['capacity_keys_per_s']}): "
+            f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms"
+        )
+    if run["pipeline"]:
+        for name, p in result["pipeline_push"].items():
+            if isinstance(p, dict) and "keys_per_s" in p:
+                per_key = p["core_ms_per_key"]
+                print(
+                    f"queue + Pipeline, no-op detector, {name:<15}: {p['keys_per_s']:>8.1f} keys/s; "
+                    f"worker {per_key.get('worker')} core-ms/key (= {p['worker_keys_per_core_s']} keys "
+                    f"per core-second), moto {per_key.get('moto')}, redis {per_key.get('redis')}"
+                )
+        print(f"without Celery: {result['pipeline_push']['in_process']}")
     print(f"wrote {args.out}")
 
 

@@ -9,11 +9,15 @@ verdict for that image; ``submit`` never loses an item.
 
 from __future__ import annotations
 
+import collections
 import logging
+import multiprocessing
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +26,14 @@ import numpy as np
 from worker.aggregator import assess, fuse_frames
 from worker.batcher import BatchInfo, DynamicBatcher
 from worker.decode import DecodedImage, Frame, decode_image
+from worker.decode_pool import DecodeProcesses, Preparers
 from worker.detectors import LoadedDetectors, load_detectors
 from worker.detectors.base import DetectorOutput
 from worker.errors import ErrorCode, ModerationError
 from worker.fetch import Fetched, Fetcher
 from worker.policy import Policy
+from worker.probe import probe
+from worker.runtime import configure_threads
 from worker.settings import Settings
 from worker.verdict import DetectorResult, ImageInfo, Source, Verdict, error_verdict, verdict_id
 
@@ -40,7 +47,7 @@ _CLIP = "clip_backbone"
 class PreparedFrame:
     """A decoded frame with every detector's preprocessed input, built on a decode thread."""
 
-    frame: Frame
+    frame: Frame | None  # None when a decode process prepared every input (only those came back)
     inputs: dict[str, Any]
 
 
@@ -53,11 +60,86 @@ class FrameResult:
     infer_ms: float
 
 
+class Cancelled(Exception):
+    """The job's ``Cancel`` was set before its verdict was ready; no verdict will come."""
+
+
+class Cancel:
+    """Set by whoever submitted jobs once it no longer wants their verdicts (its message
+    timed out or goes back to the queue), or due at ``deadline`` (``time.monotonic()``).
+    Stages check it in between, so the work of a timed-out message stops instead of piling
+    up behind a backlog."""
+
+    def __init__(self, deadline: float | None = None) -> None:
+        self.deadline = deadline
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+
+class _Budget:
+    """A counting budget (images in flight, bytes buffered). Waiters give up once their
+    ``Cancel`` is set; a request larger than the whole budget passes when nothing else holds
+    any, so it cannot wait forever."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, amount: int, cancel: Cancel | None = None) -> bool:
+        with self._cond:
+            while self.used and self.used + amount > self.capacity:
+                if cancel is not None and cancel.cancelled:
+                    return False
+                self._cond.wait(0.2 if cancel is not None else None)
+            self.used += amount
+            return True
+
+    def release(self, amount: int) -> None:
+        with self._cond:
+            self.used -= amount
+            self._cond.notify_all()
+
+
+class _Turns:
+    """First come, first served: one submitter at a time, in arrival order. Under a backlog
+    messages then enter the pipeline whole, one after the other, and finish in that order,
+    instead of all advancing together and all running out of time together."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+
+    def take(self, cancel: Cancel | None) -> object | None:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            while self._queue[0] is not me:
+                if cancel is not None and cancel.cancelled:
+                    self._queue.remove(me)
+                    self._cond.notify_all()
+                    return None
+                self._cond.wait(0.2 if cancel is not None else None)
+        return me
+
+    def give(self, me: object) -> None:
+        with self._cond:
+            self._queue.remove(me)
+            self._cond.notify_all()
+
+
 @dataclass
 class _Job:
     source: Source
     request_id: str | None
     policy: Policy
+    cancel: Cancel | None = None
     future: Future[Verdict] = field(default_factory=Future)
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
@@ -76,6 +158,8 @@ class Pipeline:
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
+        # Size native thread pools before any pool starts (decode threads vs OpenCV/torch).
+        configure_threads(settings.runtime)
         self.detectors = detectors if detectors is not None else load_detectors(settings)
         self.fetcher = fetcher if fetcher is not None else Fetcher(settings.s3)
         self.policy = settings.policy
@@ -84,22 +168,62 @@ class Pipeline:
         self._draft_side = self.detectors.draft_side(settings.decode.draft_always)
         self._fetch_pool = ThreadPoolExecutor(settings.s3.max_concurrency, thread_name_prefix="modgate-fetch")
         self._decode_pool = ThreadPoolExecutor(settings.decode.workers, thread_name_prefix="modgate-decode")
+        self._decode_procs: DecodeProcesses | None = None
+        self._parent_keys: list[str] = []  # inputs prepared here, for detectors without a preparer
+        # A daemonic process (e.g. a multiprocessing pool's worker) may not have children.
+        if settings.decode.processes and not multiprocessing.current_process().daemon:
+            preparers, self._parent_keys = self._preparers()
+            self._decode_procs = DecodeProcesses(
+                settings.decode.workers,
+                settings.decode,
+                self._draft_side,
+                preparers,
+                keep_frames=bool(self._parent_keys),
+            )
         self._batcher: DynamicBatcher[PreparedFrame, FrameResult] = DynamicBatcher(
             self._infer,
             max_batch=settings.batch.max_batch,
             max_wait_s=settings.batch.max_wait_ms / 1000.0,
             name="modgate-batcher",
         )
+        # Backpressure: what one process holds stays bounded however long the backlog is.
+        self._slots = _Budget(settings.worker.inflight(settings.batch.max_batch))
+        self._buffered = _Budget(settings.worker.max_buffered_bytes)
+        self._turns = _Turns()
 
     # -- public -------------------------------------------------------------------------
 
     def submit(
-        self, source: Source, request_id: str | None = None, policy: Policy | None = None
+        self,
+        source: Source,
+        request_id: str | None = None,
+        policy: Policy | None = None,
+        cancel: Cancel | None = None,
     ) -> Future[Verdict]:
-        """Moderate one image; the future always resolves to a verdict (ok or error)."""
-        job = _Job(source, request_id, policy or self.policy)
+        """Moderate one image; the future resolves to a verdict (ok or error), or fails with
+        ``Cancelled`` once ``cancel`` is set before the verdict is ready.
+
+        Blocks while ``worker.max_inflight`` images are in the pipeline: the caller is a
+        message's own thread, and making it wait is what keeps memory flat under a backlog."""
+        job = _Job(source, request_id, policy or self.policy, cancel)
+        if not self._slots.acquire(1, cancel):
+            job.future.set_exception(Cancelled(f"{source.uri}: cancelled before it entered the pipeline"))
+            return job.future
+        job.future.add_done_callback(lambda _: self._slots.release(1))
+        job.started = time.perf_counter()
         self._fetch_pool.submit(self._guard, job, self._fetch_stage, job)
         return job.future
+
+    @contextmanager
+    def admission(self, cancel: Cancel | None = None) -> Iterator[bool]:
+        """Hold the submitting turn (first come, first served) while submitting a message's
+        items; yields False if ``cancel`` was set before the turn came."""
+        me = self._turns.take(cancel)
+        try:
+            yield me is not None
+        finally:
+            if me is not None:
+                self._turns.give(me)
 
     def moderate(self, sources: Iterable[Source], max_inflight: int | None = None) -> Iterator[Verdict]:
         """Verdicts for ``sources`` in completion order, with at most ``max_inflight`` in
@@ -122,6 +246,8 @@ class Pipeline:
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=True)
         self._decode_pool.shutdown(wait=True)
+        if self._decode_procs is not None:
+            self._decode_procs.close()
         self._batcher.close()
 
     def __enter__(self) -> Pipeline:
@@ -134,6 +260,9 @@ class Pipeline:
 
     def _guard(self, job: _Job, stage, *args) -> None:  # type: ignore[no-untyped-def]
         """Run a stage; turn whatever it raises into this job's error verdict."""
+        if job.cancel is not None and job.cancel.cancelled:
+            self._cancelled(job)
+            return
         try:
             stage(*args)
         except ModerationError as exc:
@@ -149,17 +278,25 @@ class Pipeline:
         finally:
             job.timings["fetch_ms"] = _ms(time.perf_counter() - t)
         job.source = fetched.source
-        self._decode_pool.submit(self._guard, job, self._decode_stage, job, fetched)
+        size = len(fetched.data)
+        if not self._buffered.acquire(size, job.cancel):
+            self._cancelled(job)
+            return
+        self._decode_pool.submit(self._decode_buffered, job, fetched, size)
+
+    def _decode_buffered(self, job: _Job, fetched: Fetched, size: int) -> None:
+        try:
+            self._guard(job, self._decode_stage, job, fetched)
+        finally:
+            self._buffered.release(size)
+
+    @staticmethod
+    def _cancelled(job: _Job) -> None:
+        if not job.future.done():
+            job.future.set_exception(Cancelled(f"{job.source.uri}: cancelled"))
 
     def _decode_stage(self, job: _Job, fetched: Fetched) -> None:
-        t = time.perf_counter()
-        try:
-            decoded = decode_image(fetched.data, self.settings.decode, self._draft_side)
-        finally:
-            job.timings["decode_ms"] = _ms(time.perf_counter() - t)
-        t = time.perf_counter()
-        prepared = [PreparedFrame(frame, self._prepare(frame)) for frame in decoded.frames]
-        job.timings["prepare_ms"] = _ms(time.perf_counter() - t)
+        decoded, prepared = self._decode_and_prepare(job, fetched.data)
         futures = [self._batcher.submit(item) for item in prepared]
         remaining = [len(futures)]
         lock = threading.Lock()
@@ -174,13 +311,71 @@ class Pipeline:
         for f in futures:
             f.add_done_callback(on_frame_done)
 
-    def _prepare(self, frame: Frame) -> dict[str, Any]:
+    def _decode_and_prepare(self, job: _Job, data: bytes) -> tuple[DecodedImage, list[PreparedFrame]]:
+        """JPEGs decode on this thread (bounded by the pixel cap, and a draft decode is
+        small); animated and other formats in a decode process with a hard time limit,
+        which sends back the detectors' inputs rather than the frames."""
+        info = probe(data)
+        if self._decode_procs is None or not data or info.format == "JPEG":
+            t = time.perf_counter()
+            try:
+                decoded = decode_image(data, self.settings.decode, self._draft_side, info)
+            finally:
+                job.timings["decode_ms"] = _ms(time.perf_counter() - t)
+            t = time.perf_counter()
+            prepared = [PreparedFrame(frame, self._prepare(frame)) for frame in decoded.frames]
+            job.timings["prepare_ms"] = _ms(time.perf_counter() - t)
+            return decoded, prepared
+        t = time.perf_counter()
+        try:
+            out = self._decode_procs.run(data, info)
+        finally:
+            job.timings["decode_ms"] = _ms(time.perf_counter() - t)
+        # The child's preprocessing belongs to prepare_ms, as on the thread path.
+        job.timings["decode_ms"] = _ms(max(0.0, time.perf_counter() - t - out.prepare_s))
+        t = time.perf_counter()
+        prepared = []
+        for item in out.frames:
+            inputs = item.inputs
+            if self._parent_keys and item.frame is not None:
+                inputs = {**inputs, **self._prepare(item.frame, self._parent_keys)}
+            prepared.append(PreparedFrame(item.frame, inputs))
+        job.timings["prepare_ms"] = _ms(out.prepare_s + time.perf_counter() - t)
+        # The frames stayed in the decode process; only their count matters from here on.
+        return DecodedImage([], out.format, out.width, out.height, out.frame_count), prepared
+
+    def _preparers(self) -> tuple[Preparers, list[str]]:
+        """Picklable preparers for the decode processes, and the input keys whose
+        detector has none (prepared here, on the frame sent back)."""
+        preparers: Preparers = {}
+        parent: list[str] = []
+        sources: list[tuple[str, Any]] = []
+        if self.detectors.backbone is not None:
+            sources.append((_CLIP, self.detectors.backbone))
+        sources += [(d.id, d) for d in self.detectors.detectors if d.input == "image"]
+        for key, owner in sources:
+            make = getattr(owner, "preparer", None)
+            fn = make() if make is not None else None
+            if fn is not None:
+                try:
+                    pickle.dumps(fn)
+                except Exception as exc:
+                    log.warning("%s: preparer cannot go to a decode process (%s); preparing here", key, exc)
+                    fn = None
+            if fn is None:
+                parent.append(key)
+            else:
+                preparers[key] = fn
+        return preparers, parent
+
+    def _prepare(self, frame: Frame, keys: Sequence[str] | None = None) -> dict[str, Any]:
+        """Every detector's input for ``frame`` (only ``keys`` when given)."""
         inputs = {}
         backbone = self.detectors.backbone
-        if backbone is not None:
+        if backbone is not None and (keys is None or _CLIP in keys):
             inputs[_CLIP] = backbone.prepare(frame)
         for detector in self.detectors.detectors:
-            if detector.input != "image":
+            if detector.input != "image" or (keys is not None and detector.id not in keys):
                 continue
             try:
                 inputs[detector.id] = detector.prepare(frame)

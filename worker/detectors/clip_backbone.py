@@ -12,8 +12,10 @@ head trained on one CLIP never silently runs on another.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,10 @@ def clip_preprocess(image: Image.Image, size: int) -> np.ndarray:
     left = round((new_w - size) / 2.0)
     arr = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
     return np.ascontiguousarray(((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
+
+
+def prepare_frame(frame: Frame, size: int) -> np.ndarray:
+    return clip_preprocess(frame.image, size)
 
 
 def fingerprint(projection: torch.Tensor) -> str:
@@ -225,6 +231,10 @@ class ClipBackbone:
 
     def prepare(self, frame: Frame) -> np.ndarray:
         return clip_preprocess(frame.image, self.image_size)
+
+    def preparer(self) -> Callable[[Frame], np.ndarray]:
+        """``prepare`` for a decode process (picklable, no weights; see Detector.preparer)."""
+        return functools.partial(prepare_frame, size=self.image_size)
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:

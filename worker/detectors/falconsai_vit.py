@@ -6,7 +6,8 @@ one batched forward pass). Scores are the softmax over its labels, as the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,10 @@ def _local_dir(settings: Settings) -> Path | None:
     ):
         return settings.detectors.model_dir / "falconsai_vit"
     return None
+
+
+def prepare_frame(frame: Frame, processor: Any) -> torch.Tensor:
+    return processor(images=frame.image, return_tensors="pt")["pixel_values"][0]
 
 
 class FalconsaiViT(Detector):
@@ -81,7 +86,11 @@ class FalconsaiViT(Detector):
         return cls(model, processor, str(source), torch_device(settings))
 
     def prepare(self, frame: Frame) -> torch.Tensor:
-        return self.processor(images=frame.image, return_tensors="pt")["pixel_values"][0]
+        return prepare_frame(frame, self.processor)
+
+    def preparer(self) -> Callable[[Frame], torch.Tensor]:
+        """``prepare`` for a decode process: the image processor pickles without the model."""
+        return functools.partial(prepare_frame, processor=self.processor)
 
     def infer(self, inputs: Sequence[torch.Tensor]) -> list[DetectorOutput]:
         with torch.inference_mode():

@@ -1,0 +1,69 @@
+"""CPU node benchmark: how close the CPU pipeline gets to what the machine can do.
+
+Runs ``modgate bench`` (worker/bench.py) in one process over the same generated
+large-photo JPEG mix (0.3–12 MP) with ``open_nsfw`` + ``nudenet``, for each variant in
+turn: full-size and draft decoding, each with OpenCV's per-call threads at the old
+default (one per core) and at ``runtime.preprocess_threads=1``. Per variant: end to end
+and pure images/s, the limit set by unavoidable work and the fraction reached, and the
+CPU end to end spends per image over that work.
+
+    python bench/bench_cpu.py [--seconds 30] [--count 24] [--out bench/results/cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from worker import bench
+from worker.detectors import load_detectors
+from worker.settings import load_settings
+
+DETECTORS = ["open_nsfw", "nudenet"]
+VARIANTS = {
+    "full_decode_cv2_threads_per_core": {"decode": {}, "runtime": {"preprocess_threads": bench.cpu_count()}},
+    "full_decode": {"decode": {}, "runtime": {}},
+    "draft_decode_cv2_threads_per_core": {
+        "decode": {"draft_always": True},
+        "runtime": {"preprocess_threads": bench.cpu_count()},
+    },
+    "draft_decode": {"decode": {"draft_always": True}, "runtime": {}},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--count", type=int, default=24)
+    parser.add_argument("--images", type=Path, default=Path(".cache/bench-images-jpeg"))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/cpu.json"))
+    args = parser.parse_args()
+
+    paths = bench.jpeg_mix(args.images, args.count)
+    results = {}
+    for name in args.variants.split(","):
+        v = VARIANTS[name]
+        settings = load_settings(detectors={"enabled": DETECTORS}, decode=v["decode"], runtime=v["runtime"])
+        r = bench.run_bench(settings, paths, args.seconds, str(args.images), load_detectors(settings))
+        results[name] = r
+        lim, e2e = r["limit"], r["end_to_end"]
+        print(
+            f"{name:<36} end to end {e2e['images_per_s']:6.2f}/s, limit {lim['images_per_s']:6.2f}/s, "
+            f"fraction {100 * lim['achieved_fraction']:5.1f}% "
+            f"(alone: {100 * lim['fraction_if_unshared']:5.1f}%), CPU {e2e['core_ms_per_image']:6.1f} "
+            f"core-ms/img = {lim['cpu_overhead']:.2f}x the work",
+            flush=True,
+        )
+    out = {"benchmark": "cpu", "command": "python bench/bench_cpu.py " + " ".join(sys.argv[1:]), **results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
