@@ -145,6 +145,16 @@ class _Job:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _stack(inputs: list[Any]) -> Any:
+    """A batch of per-frame inputs: numpy for the PIL path's, ``stack_inputs`` (torch, on
+    the device) once the tensor path's are among them."""
+    if all(isinstance(x, np.ndarray) for x in inputs):
+        return np.stack(inputs)
+    from worker.preprocess_tensor import stack_inputs
+
+    return stack_inputs(inputs)
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
@@ -186,6 +196,7 @@ class Pipeline:
             max_wait_s=settings.batch.max_wait_ms / 1000.0,
             name="modgate-batcher",
         )
+        self._tensor = self._tensor_stage_for(settings)
         # Backpressure: what one process holds stays bounded however long the backlog is.
         self._slots = _Budget(settings.worker.inflight(settings.batch.max_batch))
         self._buffered = _Budget(settings.worker.max_buffered_bytes)
@@ -241,10 +252,12 @@ class Pipeline:
 
     def alive(self) -> bool:
         """False once the inference thread has died: the process should be restarted."""
-        return self._batcher.alive()
+        return self._batcher.alive() and (self._tensor is None or self._tensor.alive())
 
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=True)
+        if self._tensor is not None:
+            self._tensor.close()  # before the decode pool: its fallbacks go there
         self._decode_pool.shutdown(wait=True)
         if self._decode_procs is not None:
             self._decode_procs.close()
@@ -282,6 +295,10 @@ class Pipeline:
         if not self._buffered.acquire(size, job.cancel):
             self._cancelled(job)
             return
+        if self._tensor is not None and fetched.data[:3] == b"\xff\xd8\xff":
+            future = self._tensor.submit(fetched.data, job.cancel)
+            future.add_done_callback(lambda f: self._tensor_done(job, fetched, size, f))
+            return
         self._decode_pool.submit(self._decode_buffered, job, fetched, size)
 
     def _decode_buffered(self, job: _Job, fetched: Fetched, size: int) -> None:
@@ -297,6 +314,9 @@ class Pipeline:
 
     def _decode_stage(self, job: _Job, fetched: Fetched) -> None:
         decoded, prepared = self._decode_and_prepare(job, fetched.data)
+        self._submit_frames(job, decoded, prepared)
+
+    def _submit_frames(self, job: _Job, decoded: DecodedImage, prepared: list[PreparedFrame]) -> None:
         futures = [self._batcher.submit(item) for item in prepared]
         remaining = [len(futures)]
         lock = threading.Lock()
@@ -310,6 +330,53 @@ class Pipeline:
 
         for f in futures:
             f.add_done_callback(on_frame_done)
+
+    def _tensor_stage_for(self, settings: Settings) -> Any:
+        """The tensor decode path's batcher (worker/preprocess_tensor.py), when
+        ``decode.backend`` resolves to it on this device; None: PIL only."""
+        if settings.decode.backend == "pil":
+            return None
+        from worker.decode_tensor import backend_for
+        from worker.detectors.clip_backbone import torch_device
+
+        device = torch_device(settings)
+        if backend_for(settings.decode.backend, device.type) != "tensor":
+            return None
+        from worker.preprocess_tensor import TensorPath, TensorStage
+
+        path = TensorPath(settings.decode, device, self.detectors.backbone, self.detectors.detectors)
+        return TensorStage(path, settings.batch.max_batch, settings.batch.max_wait_ms / 1000.0)
+
+    def _tensor_done(self, job: _Job, fetched: Fetched, size: int, future: Future[Any]) -> None:
+        """On the decode-batch thread: the image's frame goes to the inference batcher, or,
+        when the tensor path left it (Fallback, or its batch item raised), to the PIL path."""
+        from worker.decode_tensor import Cancelled as NotDecoded
+        from worker.decode_tensor import Fallback
+
+        try:
+            outcome = future.result()
+        except Exception as exc:
+            outcome = Fallback(f"tensor path: {type(exc).__name__}: {exc}")
+        if isinstance(outcome, Fallback):
+            try:
+                self._decode_pool.submit(self._decode_buffered, job, fetched, size)
+                return
+            except RuntimeError as exc:  # the pool is shut down: the job still gets a verdict
+                outcome = ModerationError(ErrorCode.INTERNAL, f"PIL fallback refused: {exc}")
+        self._buffered.release(size)
+        if isinstance(outcome, NotDecoded):
+            self._cancelled(job)
+            return
+        self._guard(job, self._tensor_frames, job, outcome)
+
+    def _tensor_frames(self, job: _Job, outcome: Any) -> None:
+        if isinstance(outcome, ModerationError):
+            raise outcome  # the shared decode budget refused it: its error verdict
+        job.timings["decode_ms"] = _ms(outcome.decode_s)
+        job.timings["prepare_ms"] = _ms(outcome.prepare_s)
+        image = outcome.image
+        decoded = DecodedImage([], image.format, image.width, image.height, image.frame_count)
+        self._submit_frames(job, decoded, [PreparedFrame(None, outcome.inputs)])
 
     def _decode_and_prepare(self, job: _Job, data: bytes) -> tuple[DecodedImage, list[PreparedFrame]]:
         """JPEGs decode on this thread (bounded by the pixel cap, and a draft decode is
@@ -438,7 +505,7 @@ class Pipeline:
         if backbone is None:
             return [None] * len(frames)
         try:
-            return list(backbone.embed(np.stack([f.inputs[_CLIP] for f in frames])))
+            return list(backbone.embed(_stack([f.inputs[_CLIP] for f in frames])))
         except Exception as exc:
             log.warning("clip backbone failed on a batch of %d (%s); retrying one by one", len(frames), exc)
         rows: list[Any] = []

@@ -94,6 +94,8 @@ class FalconsaiViT(Detector):
 
     def infer(self, inputs: Sequence[torch.Tensor]) -> list[DetectorOutput]:
         with torch.inference_mode():
-            logits = self.net(pixel_values=torch.stack(list(inputs)).to(self.device)).logits
+            # A batch can mix host inputs (PIL path) with device ones (tensor path).
+            pixels = torch.stack([torch.as_tensor(x).to(self.device, non_blocking=True) for x in inputs])
+            logits = self.net(pixel_values=pixels).logits
             probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return [DetectorOutput(dict(zip(self.labels, map(float, row), strict=True))) for row in probs]

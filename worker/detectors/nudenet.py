@@ -195,7 +195,13 @@ class NudeNet(Detector):
         return prepare_frame
 
     def infer(self, inputs: Sequence[tuple[np.ndarray, int, int, float]]) -> list[DetectorOutput]:
-        raw = self.run(np.concatenate([blob for blob, *_ in inputs]))
+        blobs = [blob for blob, *_ in inputs]
+        if all(isinstance(b, np.ndarray) for b in blobs):
+            raw = self.run(np.concatenate(blobs))
+        else:  # the tensor decode path's blobs stay on their device
+            from worker.preprocess_tensor import cat_inputs
+
+            raw = self.run(cat_inputs(blobs))
         outputs = []
         for (_, width, height, scale), out in zip(inputs, raw, strict=True):
             detections = postprocess(out, width, height, scale)

@@ -97,6 +97,11 @@ class OpenNSFW(Detector):
     def preparer(self) -> Callable[[Frame], np.ndarray]:
         return prepare_frame
 
-    def infer(self, inputs: Sequence[np.ndarray]) -> list[DetectorOutput]:
-        batch = np.stack(inputs)
+    def infer(self, inputs: Sequence[Any]) -> list[DetectorOutput]:
+        if all(isinstance(x, np.ndarray) for x in inputs):
+            batch = np.stack(inputs)
+        else:  # the tensor decode path's inputs stay on their device
+            from worker.preprocess_tensor import stack_inputs
+
+            batch = stack_inputs(inputs)
         return [DetectorOutput({"nsfw": float(nsfw), "sfw": float(sfw)}) for sfw, nsfw in self.run(batch)]
