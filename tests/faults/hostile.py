@@ -1,0 +1,73 @@
+"""Hostile inputs for the fault suite, built in well under a second each: a decode-bomb
+GIF (many full frames on a huge canvas, small on disk), 16-bit giant PNGs, truncated files."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+from PIL import Image
+
+
+def _gif_frame_data(side: int) -> bytes:
+    """The LZW image data (min code size byte, sub-blocks, terminator) of one side×side
+    frame of palette index 0, taken from a GIF Pillow wrote: encoded once, reused for every
+    frame, since each frame gets its own colour table anyway."""
+    buf = io.BytesIO()
+    Image.new("P", (side, side), 0).save(buf, "GIF")
+    data = buf.getvalue()
+    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # header + global table
+    while data[pos] == 0x21:  # extension blocks before the image descriptor
+        pos += 2
+        while data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+    assert data[pos] == 0x2C, "expected an image descriptor"
+    flags = data[pos + 9]
+    pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    start = pos
+    pos += 1  # LZW minimum code size
+    while data[pos]:
+        pos += data[pos] + 1
+    return data[start : pos + 1]
+
+
+def bomb_gif(frames: int = 120, side: int = 4000) -> bytes:
+    """``frames`` full side×side frames, each a different colour (so no decoder can skip
+    one): ~1.5 MB at the defaults, 1.9 G decoded pixels; seeking to a late frame decodes
+    every frame before it."""
+    lzw = _gif_frame_data(side)
+    out = [b"GIF89a", struct.pack("<HHBBB", side, side, 0x80, 0, 0), b"\x00\x00\x00\xff\xff\xff"]
+    out.append(b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00")  # loop forever
+    for i in range(frames):
+        out.append(b"\x21\xf9\x04\x04\x05\x00\x00\x00")  # 50 ms, disposal: leave in place
+        # Image descriptor with a local 2-colour table whose index 0 changes per frame.
+        out.append(b"\x2c" + struct.pack("<HHHH", 0, 0, side, side) + b"\x80")
+        out.append(bytes([(37 * i) % 256, (91 * i) % 256, (173 * i) % 256]) + b"\x00\x00\x00")
+        out.append(lzw)
+    out.append(b"\x3b")
+    return b"".join(out)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def giant_png16(width: int, height: int, color: bool = False) -> bytes:
+    """A valid 16-bit PNG (grey, or RGB with ``color``) of width×height: a gradient row
+    repeated, so it is small on disk but every pixel is real when decoded."""
+    channels = 3 if color else 1
+    row = bytearray(b"\x00")  # filter: none
+    for x in range(width):
+        value = (x * 65535 // max(1, width - 1)).to_bytes(2, "big")
+        row += value * channels
+    comp = zlib.compressobj(9)
+    body = b"".join(comp.compress(bytes(row)) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2 if color else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", body) + _chunk(b"IEND", b"")
+
+
+def truncated(data: bytes, keep: float = 0.4) -> bytes:
+    """The first ``keep`` of a file: the header parses, the pixels run out."""
+    return data[: max(64, int(len(data) * keep))]

@@ -1,0 +1,92 @@
+"""Hostile uploads interleaved with ordinary ones in the queue: decode-bomb GIFs (120 full
+frames on a 4000×4000 canvas, ~1.5 MB), 16-bit giant PNGs and truncated files among 200
+normal JPEGs. Every normal image must get an ok verdict within the message timeout (the
+suite's 30 s, so the check can fail), every hostile one a verdict with a coded error."""
+
+from __future__ import annotations
+
+import json
+
+from producers.enqueuer import Enqueuer
+from tests.faults.conftest import MESSAGE_TIMEOUT_S
+from tests.faults.hostile import bomb_gif, giant_png16, truncated
+from tests.helpers import jpeg, wait_for
+from worker import keys
+from worker.contract import Item
+from worker.settings import ProducerRoute, load_settings
+
+N_NORMAL = 200
+PER_MESSAGE = 4
+
+
+def _hostile() -> dict[str, tuple[bytes, set[str]]]:
+    """key -> (bytes, the outcomes allowed: an error code, or "ok" for valid giants)."""
+    bomb = bomb_gif()
+    png16 = giant_png16(8000, 8000)  # 64 MP grey 16-bit (I;16): ~1 GB peak decoded naively
+    return {
+        **{f"hostile/bomb-{i}.gif": (bomb, {"image_too_complex"}) for i in range(4)},
+        "hostile/bomb-truncated.gif": (truncated(bomb), {"image_too_complex", "corrupt_image"}),
+        "hostile/giant-grey16.png": (png16, {"ok", "image_too_complex"}),
+        "hostile/giant-rgb48.png": (giant_png16(4000, 4000, color=True), {"ok", "image_too_complex"}),
+        "hostile/truncated-grey16.png": (truncated(giant_png16(2000, 2000)), {"corrupt_image"}),
+        "hostile/truncated.jpg": (truncated(jpeg(7, 640, 480)), {"corrupt_image"}),
+    }
+
+
+def test_hostile_uploads_do_not_stall_or_fail_open_the_normal_ones(env, r, workers, s3_client, bucket):
+    hostile = _hostile()
+    for key, (data, _) in hostile.items():
+        s3_client.put_object(Bucket=bucket, Key=key, Body=data)
+    normal = [f"normal/{i:03d}.jpg" for i in range(N_NORMAL)]
+    for i, key in enumerate(normal):
+        s3_client.put_object(Bucket=bucket, Key=key, Body=jpeg(i))
+    # A hostile key every ~22 normal ones, so they share messages and decode threads.
+    order = list(normal)
+    for n, key in enumerate(hostile):
+        order.insert((n + 1) * len(order) // (len(hostile) + 1), key)
+
+    worker = workers(env, queues="modgate")
+    enqueuer = Enqueuer(load_settings(redis={"url": env["MODGATE_REDIS__URL"]}))
+    sent_ms: dict[str, int] = {}
+    for i in range(0, len(order), PER_MESSAGE):
+        chunk = order[i : i + PER_MESSAGE]
+        seconds, micros = r.time()  # Redis' clock, the one stream entry ids use
+        sent_ms.update({k: seconds * 1000 + micros // 1000 for k in chunk})
+        enqueuer.send([Item(bucket=bucket, key=k) for k in chunk], ProducerRoute(bucket=bucket))
+
+    def entries() -> dict[str, list[tuple[int, dict]]]:
+        out: dict[str, list[tuple[int, dict]]] = {}
+        for entry_id, fields in r.xrange(keys.VERDICT_STREAM):
+            verdict = json.loads(fields[b"verdict"])
+            out.setdefault(verdict["source"]["key"], []).append((int(entry_id.split(b"-")[0]), verdict))
+        return out
+
+    try:
+        wait_for(
+            lambda: set(entries()) >= set(order) and r.zcard(keys.OUTBOX) == 0,
+            timeout=240,
+            what="a verdict for every key",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {len(entries())}/{len(order)}\n{worker.tail(3000)}") from None
+
+    got = entries()
+    assert {k: len(v) for k, v in got.items() if len(v) != 1} == {}, "keys with more than one verdict"
+    late_or_failed = {}
+    for key in normal:
+        at_ms, verdict = got[key][0]
+        if verdict["status"] != "ok" or at_ms - sent_ms[key] > MESSAGE_TIMEOUT_S * 1000:
+            code = (verdict.get("error") or {}).get("code")
+            late_or_failed[key] = f"{verdict['status']}/{code} after {(at_ms - sent_ms[key]) / 1000:.1f}s"
+    outcomes = {}
+    for key, (_, allowed) in hostile.items():
+        at_ms, verdict = got[key][0]
+        outcome = "ok" if verdict["status"] == "ok" else verdict["error"]["code"]
+        if outcome not in allowed:
+            outcomes[key] = f"{outcome} after {(at_ms - sent_ms[key]) / 1000:.1f}s (want {sorted(allowed)})"
+    slowest = max(got[k][0][0] - sent_ms[k] for k in normal) / 1000
+    print(f"\nhostile mix: slowest normal image {slowest:.1f}s after it was sent")
+    assert (late_or_failed, outcomes) == ({}, {}), (
+        f"{len(late_or_failed)}/{N_NORMAL} normal images not ok within {MESSAGE_TIMEOUT_S}s "
+        f"(e.g. {dict(list(late_or_failed.items())[:3])}); hostile inputs with the wrong outcome: {outcomes}"
+    )
