@@ -27,6 +27,7 @@ from worker import actions, keys, metrics
 from worker.actions import ObjectActions, TransientActionError
 from worker.contract import MODERATE_QUEUE, Item, ModerateMessage, validate_message
 from worker.errors import ErrorCode
+from worker.fetch import is_transient
 from worker.health import Health
 from worker.policy import Policy
 from worker.publisher import Published, ResultPublisher
@@ -196,14 +197,20 @@ class Service:
             return counts
         policy = self._policy(message.policy)
         counts["items"] = len(message.items)
-        deadline = time.monotonic() + self.settings.worker.message_timeout_s
-        cancel = Cancel(deadline)
+        # Until its turn to enter the pipeline comes, a message may wait admission_wait_s;
+        # its timeout starts when it enters. Under a backlog, a message that had already
+        # used up its time waiting would otherwise be admitted only to be cancelled half-way,
+        # and every message after it likewise: the work done would go to waste.
+        cancel = Cancel(time.monotonic() + self.settings.worker.admission_wait_s)
         refused, waiting = self._screen(message, policy)
         failed_actions = self._finish(refused, message, policy, counts)
         # future -> (source, when it entered the pipeline)
         pending: dict[Future[Verdict], tuple[Source, float]] = {}
+        unfetched: list[Verdict] = []  # fetch_failed that may pass: held back, see below
         try:
             with self.pipeline.admission(cancel) as admitted:
+                if admitted:
+                    cancel.deadline = time.monotonic() + self.settings.worker.message_timeout_s
                 while admitted and waiting and not self._draining(cancel):
                     future = self.pipeline.submit(waiting[0], message.request_id, policy, cancel=cancel)
                     if future.done() and isinstance(future.exception(), Cancelled):
@@ -213,7 +220,10 @@ class Service:
                 done = [f for f in pending if f.done() and f.exception() is None]
                 for future in done:
                     pending.pop(future)
-                failed_actions += self._finish([f.result() for f in done], message, policy, counts)
+                results = [f.result() for f in done]
+                unfetched += [v for v in results if _transient_fetch(v)]
+                results = [v for v in results if not _transient_fetch(v)]
+                failed_actions += self._finish(results, message, policy, counts)
                 if not pending and not waiting:
                     break
                 if self._draining(cancel):
@@ -226,6 +236,8 @@ class Service:
                 wait(list(pending), timeout=0.25, return_when=FIRST_COMPLETED)
         finally:
             cancel.set()  # whatever is still in the pipeline for this message stops at its next stage
+        if unfetched:
+            failed_actions += self._fetch_failed(task_id, message, policy, unfetched, counts)
         if failed_actions:
             self._actions_failed(task_id, failed_actions)
         metrics.MESSAGES.labels("done").inc()
@@ -302,6 +314,31 @@ class Service:
         pending.clear()
         waiting.clear()
         self._finish(late, message, policy, counts)
+
+    def _fetch_failed(
+        self,
+        task_id: str,
+        message: ModerateMessage,
+        policy: Policy,
+        unfetched: list[Verdict],
+        counts: dict[str, int],
+    ) -> list[tuple[Verdict, str]]:
+        """Items whose fetch failed transiently (S3 throttling, 5xx, connection errors, out
+        of time waiting for S3 to recover) after ``s3.max_attempts``: like a timeout, the
+        message goes back to the queue, sharing the ``timeout_retries`` count; once that is
+        spent they get their ``fetch_failed`` verdicts. Returns failed actions, as ``_finish``."""
+        retries = self._count_retry(task_id)
+        if retries <= self.settings.worker.timeout_retries:
+            metrics.MESSAGES.labels("requeued_fetch").inc()
+            log.warning(
+                "S3 fetch failed transiently for %d item(s); re-queued (retry %d of %d)",
+                len(unfetched),
+                retries,
+                self.settings.worker.timeout_retries,
+                extra={"task_id": task_id, "request_id": message.request_id, "uri": unfetched[0].source.uri},
+            )
+            raise Requeue(f"{len(unfetched)} of {counts['items']} items could not be fetched yet")
+        return self._finish(unfetched, message, policy, counts)
 
     def _count_retry(self, task_id: str) -> int:
         pipe = self.redis.pipeline(transaction=True)
@@ -623,6 +660,11 @@ class Service:
             },
         )
         return outcome
+
+
+def _transient_fetch(verdict: Verdict) -> bool:
+    error = verdict.error
+    return error is not None and is_transient(error.code, error.message)
 
 
 def _source(item: Item) -> Source:

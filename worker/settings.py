@@ -38,8 +38,14 @@ class S3Settings(BaseModel):
     max_object_bytes: int = Field(50 * MiB, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)
-    # botocore "standard" retries: exponential backoff with jitter on throttling and 5xx.
+    # Requests per object fetch, the first included (and per list/action call, which
+    # botocore retries). GETs are retried by modgate, behind a gate shared by the process:
+    # on throttling, 5xx or a connection error every fetch waits until it reopens.
     max_attempts: int = Field(5, ge=1)
+    # The gate stays closed base × 2^(n-1) (n = failed rounds in a row, jittered to half to
+    # full, at most backoff_max_s), then one probe request decides.
+    backoff_base_s: float = Field(0.2, gt=0)
+    backoff_max_s: float = Field(20.0, gt=0)
     max_concurrency: int = Field(32, ge=1)
 
 
@@ -187,6 +193,14 @@ class WorkerSettings(BaseModel):
 
     def inflight(self, max_batch: int) -> int:
         return self.max_inflight or max(4 * max_batch, 32)
+
+    @property
+    def admission_wait_s(self) -> float:
+        """How long a reserved message may wait for its turn to enter the pipeline before it
+        goes back to the queue (at no retry's cost). Its message timeout starts when it
+        enters, so waiting plus running must stay inside the visibility timeout, with 10 s
+        to spare for publishing; the validator above guarantees at least 20 s."""
+        return self.visibility_timeout_s - self.message_timeout_s - 10
 
     @property
     def reconcile_after_s(self) -> float:

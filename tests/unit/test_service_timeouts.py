@@ -78,3 +78,30 @@ def test_a_stuck_message_is_requeued_then_finished_with_timeout_verdicts(svc):
         "b.jpg": "timeout",
     }
     assert svc.redis.get(keys.message_retries("task-2")) is None
+
+
+class LateTurn(Backlogged):
+    """The turn to enter comes after longer than the message timeout (others were ahead);
+    once in, each item takes 0.3 s."""
+
+    def admission(self, cancel=None):
+        time.sleep(1.5)
+        return nullcontext(not cancel.cancelled)
+
+    def submit(self, source, request_id=None, policy=None, cancel=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from worker.errors import ErrorCode
+        from worker.verdict import error_verdict
+
+        verdict = error_verdict(source, policy.version, ErrorCode.NOT_FOUND, "no such key")
+        return ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.3), verdict)[1])
+
+
+def test_the_message_timeout_starts_when_the_message_enters_the_pipeline(svc):
+    """Waiting for the turn is backpressure, not work: a message admitted late still gets its
+    whole timeout, instead of being cancelled half-way and its work wasted."""
+    svc.pipeline = LateTurn()
+    counts = svc.moderate("task-3", MESSAGE, {})
+    assert counts["published"] == 2
+    assert svc.redis.get(keys.message_retries("task-3")) is None
