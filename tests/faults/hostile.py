@@ -33,15 +33,18 @@ def _gif_frame_data(side: int) -> bytes:
     return data[start : pos + 1]
 
 
-def bomb_gif(frames: int = 120, side: int = 4000) -> bytes:
-    """``frames`` full side×side frames, each a different colour (so no decoder can skip
-    one): ~1.5 MB at the defaults, 1.9 G decoded pixels; seeking to a late frame decodes
-    every frame before it."""
+def bomb_gif(frames: int = 120, side: int = 4000, keyframes: bool = True) -> bytes:
+    """``frames`` full side×side frames, each a different colour: ~1.5 MB at the defaults,
+    1.9 G decoded pixels when every frame is decoded. With ``keyframes`` each frame replaces
+    the whole canvas, so a sampled frame decodes on its own (cheap: modgate seeks to them);
+    without, every frame declares a transparent colour, so each one composites over the one
+    before and a late frame can only be had by decoding every frame before it."""
     lzw = _gif_frame_data(side)
     out = [b"GIF89a", struct.pack("<HHBBB", side, side, 0x80, 0, 0), b"\x00\x00\x00\xff\xff\xff"]
     out.append(b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00")  # loop forever
     for i in range(frames):
-        out.append(b"\x21\xf9\x04\x04\x05\x00\x00\x00")  # 50 ms, disposal: leave in place
+        # 50 ms, disposal: leave in place; transparent colour 1 (unused) unless keyframes.
+        out.append(b"\x21\xf9\x04" + (b"\x04" if keyframes else b"\x05") + b"\x05\x00\x01\x00")
         # Image descriptor with a local 2-colour table whose index 0 changes per frame.
         out.append(b"\x2c" + struct.pack("<HHHH", 0, 0, side, side) + b"\x80")
         out.append(bytes([(37 * i) % 256, (91 * i) % 256, (173 * i) % 256]) + b"\x00\x00\x00")

@@ -1,7 +1,8 @@
-"""Hostile uploads interleaved with ordinary ones in the queue: decode-bomb GIFs (120 full
-frames on a 4000×4000 canvas, ~1.5 MB), 16-bit giant PNGs and truncated files among 200
-normal JPEGs. Every normal image must get an ok verdict within the message timeout (the
-suite's 30 s, so the check can fail), every hostile one a verdict with a coded error."""
+"""Hostile uploads interleaved with ordinary ones in the queue: decode-bomb GIFs (120
+frames compositing over each other on a 4000×4000 canvas, ~1.5 MB), 16-bit giant PNGs and
+truncated files among 200 normal JPEGs. Every normal image must get an ok verdict within
+the message timeout (the suite's 30 s, so the check can fail), every hostile one a verdict
+with a coded error."""
 
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ PER_MESSAGE = 4
 
 def _hostile() -> dict[str, tuple[bytes, set[str]]]:
     """key -> (bytes, the outcomes allowed: an error code, or "ok" for valid giants)."""
-    bomb = bomb_gif()
+    bomb = bomb_gif(keyframes=False)
     png16 = giant_png16(8000, 8000)  # 64 MP grey 16-bit (I;16): ~1 GB peak decoded naively
     return {
         **{f"hostile/bomb-{i}.gif": (bomb, {"image_too_complex"}) for i in range(4)},
+        # The same size with full-canvas frames is cheap to sample (8 frames decoded, not
+        # 120): within budget, judged, but never a stall.
+        "hostile/big-animation.gif": (bomb_gif(), {"ok", "image_too_complex"}),
         "hostile/bomb-truncated.gif": (truncated(bomb), {"image_too_complex", "corrupt_image"}),
         "hostile/giant-grey16.png": (png16, {"ok", "image_too_complex"}),
         "hostile/giant-rgb48.png": (giant_png16(4000, 4000, color=True), {"ok", "image_too_complex"}),
