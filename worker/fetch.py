@@ -3,7 +3,9 @@ and sources into bytes, with size caps, bounded retries and a clear code per fai
 
 One boto3 client serves every fetch thread (boto3 clients are thread-safe);
 ``endpoint_url`` makes MinIO, moto and other S3-compatible servers work; credentials come
-from boto3's own chain.
+from boto3's own chain. GETs are retried here, not by botocore: a process-wide
+``BackoffGate`` holds every fetch thread back while S3 sheds load, so an outage costs a
+few probe requests instead of every thread retrying on its own schedule.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from worker.errors import ErrorCode, ModerationError
 from worker.settings import S3Settings
@@ -26,10 +28,136 @@ from worker.verdict import Source
 _CHUNK = 1 << 20
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "NoSuchVersion"}
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+# S3 answers that say "not now" rather than "never" (botocore's standard-mode lists).
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "BandwidthLimitExceeded",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "PriorRequestNotComplete",
+}
+_TRANSIENT_STATUS = {"429", "500", "502", "503", "504"}
+# Marks the message of a fetch_failed that may pass: the verdict carries only code and
+# message, and this is how the service tells "retry the message later" from "give up".
+_TRANSIENT_MARK = "transient: "
 
 
 class TargetError(Exception):
     """A target that cannot be listed at all: a usage or infrastructure problem."""
+
+
+class TransientFetchError(ModerationError):
+    """``fetch_failed`` that may pass (throttling, 5xx, connection errors, or no chance to
+    try before the caller's deadline): the message is worth retrying later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.FETCH_FAILED, _TRANSIENT_MARK + message)
+
+
+def is_transient(code: ErrorCode | str | None, message: str | None) -> bool:
+    """Whether an error (a verdict's code and message) came from ``TransientFetchError``."""
+    return code == ErrorCode.FETCH_FAILED and message is not None and message.startswith(_TRANSIENT_MARK)
+
+
+class GateTimeout(Exception):
+    """The gate would not reopen before the caller's deadline (or the caller was cancelled)."""
+
+
+class _Transient(Exception):
+    """One attempt failed in a way that may pass; the text is the error's."""
+
+
+class CancelLike(Protocol):
+    """What the fetcher needs of ``worker.pipeline.Cancel`` (not imported: pipeline imports us)."""
+
+    deadline: float | None
+
+    @property
+    def cancelled(self) -> bool: ...
+
+
+class BackoffGate:
+    """One per process, shared by every fetch thread: closed after a transient S3 failure,
+    for an exponentially growing, jittered, capped delay. When the delay is over a single
+    caller goes through as a probe while the others keep waiting; the probe's success opens
+    the gate for all, its failure closes it for longer. Failures of requests sent before the
+    gate closed (the burst in flight when the outage began) do not lengthen the delay."""
+
+    def __init__(self, base_s: float, max_s: float, clock: Any = time.monotonic) -> None:
+        self.base_s = base_s
+        self.max_s = max_s
+        self._clock = clock
+        self._cond = threading.Condition()
+        self.failures = 0  # consecutive failed rounds; 0 = open
+        self.open_at = 0.0
+        self._probing = False
+        self._epoch = 0  # bumps on every close/open: reports from an older epoch are stale
+
+    @property
+    def closed(self) -> bool:
+        return self.failures > 0
+
+    def enter(self, cancel: CancelLike | None = None) -> tuple[int, bool]:
+        """Wait until this caller may send a request; returns (epoch, is_probe) for the
+        report. Raises ``GateTimeout`` instead of waiting past ``cancel``'s deadline, or
+        once it is set."""
+        with self._cond:
+            while True:
+                if not self.failures:
+                    return self._epoch, False
+                now = self._clock()
+                if not self._probing and now >= self.open_at:
+                    self._probing = True
+                    return self._epoch, True
+                if cancel is not None and cancel.cancelled:
+                    raise GateTimeout("the caller ran out of time waiting for S3 to recover")
+                deadline = cancel.deadline if cancel is not None else None
+                if deadline is not None and not self._probing and self.open_at >= deadline:
+                    # Nothing will get through before the caller runs out of time.
+                    raise GateTimeout("S3 backoff lasts past the caller's deadline")
+                until = self.open_at if not self._probing else now + 1.0
+                if cancel is not None:
+                    until = min(until, now + 0.2)  # Cancel.set() does not wake us: poll it
+                self._cond.wait(max(0.0, until - now))
+
+    def success(self, epoch: int, probe: bool) -> None:
+        """S3 answered (any answer that is not "not now"): a successful probe opens the gate."""
+        with self._cond:
+            if probe:
+                self._probing = False
+            if epoch == self._epoch and self.failures:
+                self.failures = 0
+                self._epoch += 1
+            self._cond.notify_all()
+
+    def failure(self, epoch: int, probe: bool) -> float:
+        """A transient failure: closes the gate (or keeps it closed); returns the delay set."""
+        with self._cond:
+            if probe:
+                self._probing = False
+            if epoch == self._epoch:
+                self.failures += 1
+                self._epoch += 1
+                step = min(self.max_s, self.base_s * 2 ** (self.failures - 1))
+                delay = random.uniform(step / 2, step)  # "equal jitter": grows, yet spread out
+                self.open_at = self._clock() + delay
+            self._cond.notify_all()
+            return max(0.0, self.open_at - self._clock())
+
+    def abandon(self, probe: bool) -> None:
+        """The request ended with neither verdict on S3's health (a bug, an interrupt)."""
+        with self._cond:
+            if probe:
+                self._probing = False
+            self._cond.notify_all()
 
 
 @dataclass(frozen=True)
@@ -46,7 +174,9 @@ class Fetcher:
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
         self._client: Any = None
+        self._get_client: Any = None
         self._lock = threading.Lock()
+        self.gate = BackoffGate(settings.backoff_base_s, settings.backoff_max_s)
 
     # -- targets ----------------------------------------------------------------------
 
@@ -109,29 +239,44 @@ class Fetcher:
 
     @property
     def client(self) -> Any:
+        """The client for listing and S3 actions: botocore retries those itself
+        (``total_max_attempts`` counts the first try; its ``max_attempts`` would not)."""
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    import boto3
-                    from botocore.config import Config
-
-                    s = self.settings
-                    config = Config(
-                        retries={"mode": "standard", "max_attempts": s.max_attempts},
-                        connect_timeout=s.connect_timeout_s,
-                        read_timeout=s.read_timeout_s,
-                        max_pool_connections=s.max_concurrency,
-                        region_name=s.region,
-                    )
-                    self._client = boto3.session.Session().client(
-                        "s3", endpoint_url=s.endpoint_url, config=config
-                    )
+                    self._client = self._make_client(self.settings.max_attempts)
         return self._client
 
-    def fetch(self, source: Source) -> Fetched:
+    @property
+    def get_client(self) -> Any:
+        """The client for GETs: botocore does not retry (one attempt, so its process-wide
+        retry quota is never drawn on either); ``_fetch_s3`` counts and paces attempts."""
+        if self._get_client is None:
+            with self._lock:
+                if self._get_client is None:
+                    self._get_client = self._make_client(1)
+        return self._get_client
+
+    def _make_client(self, total_max_attempts: int) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        s = self.settings
+        config = Config(
+            retries={"mode": "standard", "total_max_attempts": total_max_attempts},
+            connect_timeout=s.connect_timeout_s,
+            read_timeout=s.read_timeout_s,
+            max_pool_connections=s.max_concurrency,
+            region_name=s.region,
+        )
+        return boto3.session.Session().client("s3", endpoint_url=s.endpoint_url, config=config)
+
+    def fetch(self, source: Source, cancel: CancelLike | None = None) -> Fetched:
+        """The bytes of ``source``. ``cancel`` bounds the time spent waiting for S3 to
+        recover: past its deadline the fetch gives up with ``TransientFetchError``."""
         if source.kind == "file":
             return self._fetch_file(source)
-        return self._fetch_s3(source)
+        return self._fetch_s3(source, cancel)
 
     def _too_large(self, size: int) -> ModerationError:
         return ModerationError(
@@ -164,33 +309,58 @@ class Fetcher:
         digest = hashlib.sha256(data).hexdigest()
         return Fetched(source.model_copy(update={"size": len(data), "sha256": digest}), data)
 
-    def _fetch_s3(self, source: Source) -> Fetched:
-        from botocore.exceptions import BotoCoreError, ClientError
-
+    def _fetch_s3(self, source: Source, cancel: CancelLike | None = None) -> Fetched:
         if source.size is not None and source.size > self.settings.max_object_bytes:
             raise self._too_large(source.size)
+        # Attempts are ours to count (botocore does not retry GETs): each is one request,
+        # and waiting at the gate costs none.
         attempts = self.settings.max_attempts
-        for attempt in range(1, attempts + 1):
+        last = ""
+        for attempt in range(attempts):
             try:
-                return self._get_once(source)
-            except ClientError as exc:
-                raise self._classify(exc, source) from None
-            except (BotoCoreError, OSError) as exc:
-                # botocore already retried the request itself; this covers failures while
-                # streaming the body, which it does not retry.
-                if attempt == attempts:
-                    raise ModerationError(
-                        ErrorCode.FETCH_FAILED,
-                        f"{source.uri}: {type(exc).__name__}: {exc} (after {attempts} attempts)",
-                    ) from None
-                time.sleep(random.uniform(0, min(5.0, 0.1 * 2**attempt)))
-        raise AssertionError("unreachable")
+                epoch, probe = self.gate.enter(cancel)
+            except GateTimeout as exc:
+                detail = f"; last error: {last}" if last else ""
+                raise TransientFetchError(f"{source.uri}: {exc} after {attempt} attempt(s){detail}") from None
+            try:
+                fetched = self._attempt(source)
+            except _Transient as exc:
+                self.gate.failure(epoch, probe)
+                last = str(exc)
+                continue
+            except ModerationError:
+                self.gate.success(epoch, probe)  # S3 answered; the object is the problem
+                raise
+            except BaseException:
+                self.gate.abandon(probe)
+                raise
+            self.gate.success(epoch, probe)
+            return fetched
+        raise TransientFetchError(f"{last} (after {attempts} attempts)")
+
+    def _attempt(self, source: Source) -> Fetched:
+        """One GET: the object, a ``ModerationError`` that retrying would not change, or
+        ``_Transient``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self._get_once(source)
+        except ClientError as exc:
+            error = self._classify(exc, source)
+            if _transient_client_error(exc):
+                raise _Transient(error.message) from None
+            raise error from None
+        except (BotoCoreError, OSError) as exc:
+            message = f"{source.uri}: {type(exc).__name__}: {exc}"
+            if _transient_exception(exc):
+                raise _Transient(message) from None
+            raise ModerationError(ErrorCode.FETCH_FAILED, message) from None
 
     def _get_once(self, source: Source) -> Fetched:
         kwargs: dict[str, Any] = {"Bucket": source.bucket, "Key": source.key}
         if source.version_id:
             kwargs["VersionId"] = source.version_id
-        response = self.client.get_object(**kwargs)
+        response = self.get_client.get_object(**kwargs)
         body = response["Body"]
         try:
             etag = _strip_etag(response.get("ETag"))
@@ -233,3 +403,18 @@ class Fetcher:
         if code in _DENIED or status == "403":
             return ModerationError(ErrorCode.ACCESS_DENIED, message)
         return ModerationError(ErrorCode.FETCH_FAILED, message)
+
+
+def _transient_client_error(exc: Any) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
+
+
+def _transient_exception(exc: BaseException) -> bool:
+    """Connection refused/reset/timed out, a body cut off while streaming: worth retrying.
+    Other botocore errors (bad parameters, no credentials) would fail the same way again."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+    return isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, OSError))

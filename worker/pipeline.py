@@ -287,7 +287,7 @@ class Pipeline:
     def _fetch_stage(self, job: _Job) -> None:
         t = time.perf_counter()
         try:
-            fetched = self.fetcher.fetch(job.source)
+            fetched = self.fetcher.fetch(job.source, cancel=job.cancel)  # S3 backoff ends with it
         finally:
             job.timings["fetch_ms"] = _ms(time.perf_counter() - t)
         job.source = fetched.source

@@ -154,10 +154,10 @@ class CountingFetcher(Fetcher):
         self.fetched = 0
         self.lock = threading.Lock()
 
-    def fetch(self, source):
+    def fetch(self, source, cancel=None):
         with self.lock:
             self.fetched += 1
-        return super().fetch(source)
+        return super().fetch(source, cancel)
 
 
 def jpegs(tmp_path, n):
