@@ -17,16 +17,23 @@ Delivery guarantees, and how the settings relate (README "Delivery guarantees"):
   2 × ``batch.max_batch``): enough one-key messages in flight to fill a batch while the
   previous one runs, and little reserved work to redeliver after a crash.
 * JSON only: pickle is refused on both sides.
+* The broker transport is kombu's Redis transport with one fix (``RedisTransport``): a
+  Redis restart under a running worker is a connection error the consumer recovers from,
+  not an ``AttributeError`` that stops the worker.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
+import redis
 from celery import Celery, signals
 from celery.exceptions import Reject
+from kombu.transport import redis as kombu_redis
 
 from worker.contract import MODERATE_QUEUE, MODERATE_TASK, WEBHOOK_QUEUE, WEBHOOK_TASK
 from worker.errors import ConfigError
@@ -41,6 +48,62 @@ EXIT_CANNOT_START = 3
 _service: Any = None
 _app: Celery | None = None
 _start_failed = False
+# The exit status Celery chose for this process's worker (None: a normal stop); Celery's
+# worker_main drops it, so `modgate worker` asks for it (see ``exit_status``).
+_worker_exitcode: int | None = None
+
+
+class _RedisChannel(kombu_redis.Channel):
+    """kombu 5.7's Redis channel, made to fail with a connection error once its connection
+    is gone (the one override of kombu internals in modgate; tests:
+    tests/unit/test_celery_app.py, "lost connection").
+
+    When the consumer loses Redis it calls ``Connection.collect()``, which sets the
+    transport's ``client`` to None, while the channels of that connection stay in use: the
+    consumer closes them again (``connection.close()`` restores their unacked messages) and
+    the tasks still running ack or reject their messages on them when they finish. kombu
+    then either raises AttributeError (``_connparams`` reads ``transport.client.hostname``
+    to build a new pool), which is not a connection error, so Celery's ``ignore_errors``
+    lets it through and the worker stops ("Unrecoverable error"); or, when the old pool is
+    still there, a ``reject(requeue=True)`` reaches the restarted Redis, removes the
+    message from the unacked set and fails to push it back (the closed channel has no
+    exchange table): the message is lost. As a connection error, both are what Celery
+    handles: the consumer reconnects, ``ack_log_error``/``reject_log_error`` log, and the
+    message stays in Redis's unacked set, where the visibility-timeout sweep puts it back on
+    the queue (at-least-once; a redelivery publishes nothing twice)."""
+
+    def _require_connection(self) -> None:
+        transport = self.connection
+        if transport is None or transport.client is None:
+            raise redis.ConnectionError("the broker connection of this channel is closed (Redis restarted?)")
+
+    def conn_or_acquire(self, client: Any = None) -> Any:  # every ack, reject and restore
+        self._require_connection()
+        return super().conn_or_acquire(client)
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:  # every new pool
+        self._require_connection()
+        return super()._connparams(asynchronous=asynchronous)
+
+
+class RedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport with ``_RedisChannel``."""
+
+    Channel = _RedisChannel
+
+
+def _broker_transport(url: str) -> dict[str, Any]:
+    """Celery settings that select ``RedisTransport`` for a ``redis://``/``rediss://`` URL."""
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss"):
+        return {}
+    conf: dict[str, Any] = {"broker_transport": RedisTransport}
+    if scheme == "rediss":
+        # kombu turns TLS on from the scheme name only, not for a transport class. Verified
+        # like modgate's own redis-py clients of the same URL (redis-py's default), rather
+        # than kombu's unverified default for rediss.
+        conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return conf
 
 
 def current_service() -> Any:
@@ -68,6 +131,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: Any = None) -
         worker_prefetch_multiplier=settings.worker.prefetch_multiplier,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
+        **_broker_transport(settings.redis.url),
         broker_transport_options={
             "visibility_timeout": settings.worker.visibility_timeout_s,
             # kombu sweeps for expired unacknowledged messages every interval × throttle
@@ -83,7 +147,6 @@ def create_app(settings: Settings | None = None, pipeline_factory: Any = None) -
     @app.task(name=MODERATE_TASK, bind=True)
     def moderate(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
         import kombu.exceptions
-        import redis
 
         from worker.service import Requeue
 
@@ -180,6 +243,15 @@ def start_failed() -> bool:
     return _start_failed
 
 
+def exit_status() -> int:
+    """The exit status this process's worker must end with: ``EXIT_CANNOT_START`` when the
+    service could not start, Celery's own non-zero status when the worker stopped on an
+    error ("Unrecoverable error" is 1), else 0. An orchestrator restarts a non-zero exit."""
+    if _start_failed:
+        return EXIT_CANNOT_START
+    return _worker_exitcode or 0
+
+
 @signals.worker_shutting_down.connect
 def _drain(**_: Any) -> None:
     if _service is not None:
@@ -187,7 +259,10 @@ def _drain(**_: Any) -> None:
 
 
 @signals.worker_shutdown.connect
-def _stop_service(**_: Any) -> None:
+def _stop_service(sender: Any = None, **_: Any) -> None:
+    global _worker_exitcode
+    code = getattr(sender, "exitcode", None)
+    _worker_exitcode = code if isinstance(code, int) else None
     if _service is not None:
         _service.close()
 

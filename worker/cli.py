@@ -283,10 +283,11 @@ def worker(
     if hostname:
         argv += ["--hostname", hostname]
     app_.worker_main(argv)
-    # worker_main drops the worker's exit status: a worker that could not load its models
-    # must not exit 0.
-    if celery_app.start_failed():
-        raise typer.Exit(EXIT_INFRA)
+    # worker_main drops the worker's exit status: a worker that could not load its models,
+    # or that stopped on an error, must not exit 0 (the orchestrator restarts it).
+    status = celery_app.exit_status()
+    if status:
+        raise typer.Exit(EXIT_INFRA if celery_app.start_failed() else status)
 
 
 webhooks_app = typer.Typer(help="Webhook dead letters: list them, replay them.")
