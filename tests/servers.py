@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -131,7 +132,11 @@ class WebhookReceiver:
     (each request takes the next one; when they run out it answers ``default``)."""
 
     def __init__(
-        self, port: int | None = None, responses: list[int] | None = None, default: int = 200
+        self,
+        port: int | None = None,
+        responses: list[int] | None = None,
+        default: int = 200,
+        before_answer: Callable[[], None] | None = None,
     ) -> None:
         import http.server
         import threading
@@ -139,6 +144,7 @@ class WebhookReceiver:
         self.requests: list[dict] = []
         self.responses = list(responses or [])
         self.default = default
+        self.before_answer = before_answer
         self.lock = threading.Lock()
         receiver = self
 
@@ -156,6 +162,8 @@ class WebhookReceiver:
                             "at": time.monotonic(),
                         }
                     )
+                if receiver.before_answer is not None:  # a fault between the POST and its answer
+                    receiver.before_answer()
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

@@ -490,7 +490,7 @@ class Dispatcher:
                 return "duplicate"
             return self._attempt(delivery, done)
         finally:
-            self._release(keys=[lease], args=[token])
+            _ride_over_redis_outage(lambda: self._release(keys=[lease], args=[token]))
 
     def _attempt(self, delivery: Delivery, done: str) -> Outcome:
         try:
@@ -516,9 +516,9 @@ class Dispatcher:
                 self.settings.max_response_bytes,
             )
         finally:
-            self.redis.zrem(slots, slot)
+            _ride_over_redis_outage(lambda: self.redis.zrem(slots, slot))
         if result.ok:
-            self.redis.set(done, "delivered", ex=self.marker_ttl_s)
+            _ride_over_redis_outage(lambda: self.redis.set(done, "delivered", ex=self.marker_ttl_s))
             return "delivered"
         return self._failed(delivery, result, done)
 
@@ -671,3 +671,24 @@ class Dispatcher:
             self.redis.xdel(self.dead_stream, entry_id)
             replayed.append(entry_id)
         return replayed
+
+
+# How long the bookkeeping after a POST keeps trying while Redis is away (a restart, a
+# failover): longer than a restart takes, far shorter than a delivery's hop.
+AFTER_POST_REDIS_RETRY_S = 30.0
+
+
+def _ride_over_redis_outage(op: Callable[[], Any], deadline_s: float = AFTER_POST_REDIS_RETRY_S) -> Any:
+    """Run an idempotent Redis write (done marker, slot and lease release) that follows a
+    POST, retrying through connection errors for up to ``deadline_s``. Raising at once would
+    re-queue a delivery the endpoint already accepted, and it would be POSTed again."""
+    import redis as redis_lib
+
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return op()
+        except (redis_lib.ConnectionError, redis_lib.TimeoutError):
+            if time.monotonic() >= end:
+                raise
+            time.sleep(0.25)

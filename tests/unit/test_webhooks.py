@@ -515,3 +515,31 @@ def test_the_readme_snippets_verify_a_real_delivery(r, tmp_path):
     assert run("old-secret", header) == run("new-secret", header) == "true"
     assert run("other", header) == run("new-secret", "t=abc,v1=00") == run("new-secret", "") == "false"
     hook.stop()
+
+
+def test_a_redis_restart_right_after_the_post_does_not_post_again(tmp_path):
+    """Redis goes away while the endpoint is answering: the done marker and the slot and
+    lease releases wait for it to come back instead of failing the delivery, which would
+    be re-queued and POSTed a second time."""
+    import threading
+
+    from tests.servers import RedisServer
+
+    server = RedisServer(tmp_path, appendonly=True, appendfsync="always")
+    try:
+
+        def restart_in_the_background() -> None:
+            server.kill()
+            threading.Thread(target=server.start, daemon=True).start()
+
+        hook = WebhookReceiver(before_answer=restart_in_the_background)
+        client = redis.Redis.from_url(server.url, socket_timeout=5)
+        dispatcher, scheduled = make(client)
+        d = Delivery.new("verdict-r", hook.url, '{"id": "verdict-r"}', tenant=None)
+        assert dispatcher.deliver(d) == "delivered"
+        hook.before_answer = None
+        assert dispatcher.deliver(d) == "duplicate"
+        assert len(hook.requests) == 1 and not scheduled
+        hook.stop()
+    finally:
+        server.stop()
