@@ -290,17 +290,12 @@ class Service:
         if not any(now - entered >= timeout / 2 for _, entered in pending.values()):
             metrics.MESSAGES.labels("requeued_backlog").inc()
             raise Requeue(f"{len(unfinished)} of {counts['items']} items waited for room past the timeout")
-        retries = self._count_retry(task_id)
-        if retries <= self.settings.worker.timeout_retries:
-            metrics.MESSAGES.labels("requeued_timeout").inc()
-            log.warning(
-                "message timed out with %d unfinished item(s); re-queued (retry %d of %d)",
-                len(unfinished),
-                retries,
-                self.settings.worker.timeout_retries,
-                extra={"task_id": task_id, "request_id": message.request_id},
-            )
-            raise Requeue(f"{len(unfinished)} of {counts['items']} items unfinished at the message timeout")
+        retries = self._requeue_while_retries_last(
+            task_id,
+            "timeout",
+            f"{len(unfinished)} of {counts['items']} items unfinished at the message timeout",
+            {"request_id": message.request_id},
+        )
         late = [
             error_verdict(
                 source,
@@ -327,33 +322,42 @@ class Service:
         of time waiting for S3 to recover) after ``s3.max_attempts``: like a timeout, the
         message goes back to the queue, sharing the ``timeout_retries`` count; once that is
         spent they get their ``fetch_failed`` verdicts. Returns failed actions, as ``_finish``."""
-        retries = self._count_retry(task_id)
-        if retries <= self.settings.worker.timeout_retries:
-            metrics.MESSAGES.labels("requeued_fetch").inc()
-            log.warning(
-                "S3 fetch failed transiently for %d item(s); re-queued (retry %d of %d)",
-                len(unfetched),
-                retries,
-                self.settings.worker.timeout_retries,
-                extra={"task_id": task_id, "request_id": message.request_id, "uri": unfetched[0].source.uri},
-            )
-            raise Requeue(f"{len(unfetched)} of {counts['items']} items could not be fetched yet")
+        self._requeue_while_retries_last(
+            task_id,
+            "fetch",
+            f"{len(unfetched)} of {counts['items']} items could not be fetched yet",
+            {"request_id": message.request_id, "uri": unfetched[0].source.uri},
+        )
         return self._finish(unfetched, message, policy, counts)
 
-    def _count_retry(self, task_id: str) -> int:
+    def _requeue_while_retries_last(self, task_id: str, why: str, what: str, context: dict[str, Any]) -> int:
+        """Count one more re-queue of this task (timeouts, transient fetch and S3 action
+        errors share ``worker.timeout_retries``) and raise ``Requeue`` while the count allows
+        it; past it, return the count so the caller records the failure instead."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.incr(keys.message_retries(task_id))
         pipe.expire(keys.message_retries(task_id), 24 * 3600)
-        return int(pipe.execute()[0])
+        retries = int(pipe.execute()[0])
+        allowed = self.settings.worker.timeout_retries
+        if retries <= allowed:
+            metrics.MESSAGES.labels(f"requeued_{why}").inc()
+            log.warning(
+                "%s; re-queued (retry %d of %d)",
+                what,
+                retries,
+                allowed,
+                extra={"task_id": task_id, **context},
+            )
+            raise Requeue(what)
+        return retries
 
     def _actions_failed(self, task_id: str, failed: list[tuple[Verdict, str]]) -> None:
         """S3 actions that failed transiently: the message goes back to the queue, and its
         redelivery (a duplicate, verdicts already on the stream) runs them again, up to
         ``timeout_retries`` times; then the error is recorded as their outcome."""
-        retries = self._count_retry(task_id)
-        if retries <= self.settings.worker.timeout_retries:
-            metrics.MESSAGES.labels("requeued_actions").inc()
-            raise Requeue(f"S3 actions failed for {len(failed)} verdict(s): {failed[0][1]}")
+        self._requeue_while_retries_last(
+            task_id, "actions", f"S3 actions failed for {len(failed)} verdict(s): {failed[0][1]}", {}
+        )
         for verdict, error in failed:
             actions.record_outcome(
                 self.redis, verdict.id, {"error": error}, self.settings.results.dedup_ttl_s
