@@ -22,6 +22,14 @@ OUTBOX_PAYLOADS = f"{PREFIX}:outbox:payloads"
 RECONCILE_LOCK = f"{PREFIX}:outbox:reconcile-lock"
 
 
+# Webhook deliveries on the queue and not yet settled: delivery id -> when it is due (zset)
+# and delivery id -> its latest payload (hash). The dispatcher removes an entry once the
+# delivery is delivered or dead-lettered; the reconciler re-sends entries quiet long past
+# their due time (kombu can lose a task popped just before Redis or the worker died).
+WEBHOOK_PENDING = f"{PREFIX}:webhooks:pending"
+WEBHOOK_PENDING_PAYLOADS = f"{PREFIX}:webhooks:pending:payloads"
+
+
 def published_marker(verdict_id: str) -> str:
     """Set (NX, with a TTL) in the same script that adds the verdict to the stream."""
     return f"{PREFIX}:published:{verdict_id}"

@@ -372,7 +372,8 @@ class Service:
                 log.warning("outbox reconcile failed: %s", exc)
 
     def reconcile(self, now: float | None = None) -> list[str]:
-        """Re-send messages that went quiet and are no longer queued (see ``keys.OUTBOX``).
+        """Re-send messages that went quiet and are no longer queued (see ``keys.OUTBOX``),
+        and webhook deliveries lost in transit (``Dispatcher.resend_lost``).
 
         One worker at a time does this (a lock, released only by its holder). Re-sending is
         safe: verdicts are published once, whatever number of copies of a message runs."""
@@ -380,6 +381,9 @@ class Service:
         if not self.redis.set(keys.RECONCILE_LOCK, token, nx=True, ex=60):
             return []
         try:
+            lost = self.dispatcher.resend_lost(self.settings.worker.visibility_timeout_s + 60, now)
+            if lost:
+                log.warning("re-sent %d webhook deliveries lost in transit", len(lost))
             cutoff = (now if now is not None else time.time()) - self.settings.worker.reconcile_after_s
             if self.redis.llen(MODERATE_QUEUE) > 0:
                 queued = self._oldest_queued()
@@ -582,7 +586,7 @@ class Service:
                     continue
                 event = event_id(vid, published.entry_id)
                 for url in urls:
-                    self.dispatcher.schedule(Delivery.new(event, url, body, tenant, verdict_id=vid), 0.0)
+                    self.dispatcher.send(Delivery.new(event, url, body, tenant, verdict_id=vid), 0.0)
         except OperationalError as exc:
             # The webhook queue is unreachable: acking now would lose these webhooks, so the
             # message goes back to the queue (its verdicts are published; a redelivery

@@ -470,7 +470,48 @@ class Dispatcher:
         ceiling = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (attempt - 1))
         return random.uniform(ceiling / 2, ceiling)
 
+    def send(self, delivery: Delivery, countdown: float) -> None:
+        """Put ``delivery`` on the webhook queue, noting it as pending first (see
+        ``keys.WEBHOOK_PENDING``), so that a task lost in transit is re-sent by
+        ``resend_lost``. Copies are harmless: the done marker and the lease see to that."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(keys.WEBHOOK_PENDING, {delivery.delivery_id: time.time() + countdown})
+        pipe.hset(keys.WEBHOOK_PENDING_PAYLOADS, delivery.delivery_id, delivery.model_dump_json())
+        pipe.execute()
+        self.schedule(delivery, countdown)
+
+    def _settled(self, delivery_id: str) -> None:
+        def forget() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zrem(keys.WEBHOOK_PENDING, delivery_id)
+            pipe.hdel(keys.WEBHOOK_PENDING_PAYLOADS, delivery_id)
+            pipe.execute()
+
+        _ride_over_redis_outage(forget)
+
+    def resend_lost(self, quiet_s: float, now: float | None = None, limit: int = 500) -> list[str]:
+        """Re-send deliveries still pending ``quiet_s`` after they were due: by then a task
+        on the queue would have run, and one held by a dead worker would have been restored
+        by the visibility timeout. Returns the delivery ids re-sent."""
+        cutoff = (now if now is not None else time.time()) - quiet_s
+        resent = []
+        for raw in self.redis.zrangebyscore(keys.WEBHOOK_PENDING, "-inf", f"({cutoff}", start=0, num=limit):
+            delivery_id = raw.decode() if isinstance(raw, bytes) else raw
+            payload = self.redis.hget(keys.WEBHOOK_PENDING_PAYLOADS, delivery_id)
+            if payload is None or self.redis.exists(keys.delivered_marker(delivery_id)):
+                self._settled(delivery_id)
+                continue
+            self.send(Delivery.model_validate_json(payload), 0.0)
+            resent.append(delivery_id)
+        return resent
+
     def deliver(self, delivery: Delivery) -> Outcome:
+        outcome = self._deliver(delivery)
+        if outcome in ("delivered", "duplicate", "dead"):
+            self._settled(delivery.delivery_id)
+        return outcome
+
+    def _deliver(self, delivery: Delivery) -> Outcome:
         done = keys.delivered_marker(delivery.delivery_id)
         if self.redis.exists(done):
             return "duplicate"
@@ -483,7 +524,7 @@ class Dispatcher:
             # Another copy is POSTing right now. Look again once its lease runs out: if its
             # process died, nobody else would ever finish this delivery.
             remaining_ms = self.redis.pttl(lease)
-            self.schedule(delivery, min(self.max_hop_s, max(1.0, remaining_ms / 1000.0 + 1.0)))
+            self.send(delivery, min(self.max_hop_s, max(1.0, remaining_ms / 1000.0 + 1.0)))
             return "busy"
         try:
             if self.redis.exists(done):  # finished between our check and the lease
@@ -544,7 +585,7 @@ class Dispatcher:
         """Over the host's cap: back on the queue, never a thread waiting for a slot."""
         if time.time() - delivery.first_at > self.settings.max_age_s:
             return self._dead(delivery.model_copy(update={"last_error": "host busy past max_age_s"}), done)
-        self.schedule(delivery, min(self.max_hop_s, random.uniform(0.5, 1.5)))
+        self.send(delivery, min(self.max_hop_s, random.uniform(0.5, 1.5)))
         return "throttled"
 
     def _hop(self, delivery: Delivery, remaining: float) -> Outcome:
@@ -565,7 +606,7 @@ class Dispatcher:
         if not self.redis.set(claim, reservation, nx=True, ex=max(1, int(self.max_hop_s))):
             return False
         try:
-            self.schedule(delivery, countdown)
+            self.send(delivery, countdown)
         except BaseException:
             try:
                 self._release(keys=[claim], args=[reservation])
@@ -667,7 +708,7 @@ class Dispatcher:
                 }
             )
             self.redis.delete(keys.delivered_marker(old.delivery_id))
-            self.schedule(fresh, 0.0)
+            self.send(fresh, 0.0)
             self.redis.xdel(self.dead_stream, entry_id)
             replayed.append(entry_id)
         return replayed

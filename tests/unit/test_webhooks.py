@@ -543,3 +543,39 @@ def test_a_redis_restart_right_after_the_post_does_not_post_again(tmp_path):
         hook.stop()
     finally:
         server.stop()
+
+
+def test_a_delivery_lost_in_transit_is_resent_until_it_settles(r):
+    """kombu can lose a webhook task popped just before Redis or the worker died: every
+    scheduled delivery stays pending until it is delivered or dead-lettered, and the
+    reconciler re-sends one still pending long after it was due."""
+    from worker import keys
+
+    hook = WebhookReceiver()
+    dispatcher, scheduled = make(r)
+    d = Delivery.new("verdict-lost", hook.url, '{"id": "verdict-lost"}', tenant=None)
+    dispatcher.send(d, 0.0)  # ... and the task never reaches a dispatcher
+    assert dispatcher.resend_lost(quiet_s=60) == []  # not yet quiet for long
+    assert dispatcher.resend_lost(quiet_s=60, now=time.time() + 61) == [d.delivery_id]
+    assert len(scheduled) == 2 and scheduled[1][0].delivery_id == d.delivery_id
+    assert dispatcher.deliver(scheduled[1][0]) == "delivered"
+    assert r.zcard(keys.WEBHOOK_PENDING) == 0 and r.hlen(keys.WEBHOOK_PENDING_PAYLOADS) == 0
+    assert dispatcher.resend_lost(quiet_s=0, now=time.time() + 1000) == []
+    assert len(hook.requests) == 1
+    hook.stop()
+
+
+def test_a_retry_keeps_its_delivery_pending_with_the_latest_payload(r):
+    from worker import keys
+
+    hook = WebhookReceiver(responses=[503])
+    dispatcher, _ = make(r)
+    d = Delivery.new("verdict-p", hook.url, '{"id": "verdict-p"}', tenant=None)
+    dispatcher.send(d, 0.0)
+    assert dispatcher.deliver(d) == "retry"
+    stored = Delivery.model_validate_json(r.hget(keys.WEBHOOK_PENDING_PAYLOADS, d.delivery_id))
+    assert stored.attempt == 2
+    assert r.zscore(keys.WEBHOOK_PENDING, d.delivery_id) > time.time()  # due after its backoff
+    assert dispatcher.deliver(stored.model_copy(update={"not_before": 0.0})) == "delivered"
+    assert r.zcard(keys.WEBHOOK_PENDING) == 0
+    hook.stop()
