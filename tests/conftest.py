@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import MotoServer, RedisServer
+from tests.servers import MotoServer, RedisServer, WorkerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,22 @@ def bucket(s3_client):
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """Start real ``modgate worker`` processes (``workers(env, name, queues=...)``); each is
+    stopped when the test ends."""
+    started: list[WorkerProcess] = []
+
+    def start(env: dict[str, str], name: str = "w", **kw) -> WorkerProcess:
+        w = WorkerProcess(env, tmp_path / f"{name}-{len(started)}.log", **kw)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import REPO
 from tests.faults.proxy import FaultProxy
-from tests.servers import RedisServer, WorkerProcess
+from tests.servers import RedisServer
 
 SECRET = "whsec-fault-suite-4711"
 # Short enough that a stalled pipeline shows up as timeouts inside the suite's time budget.
@@ -67,20 +67,6 @@ def env(s3_env, durable_redis, s3_proxy) -> dict[str, str]:
         "MODGATE_WORKER__LOG_FORMAT": "text",
         "MODGATE_BATCH__MAX_WAIT_MS": "20",
     }
-
-
-@pytest.fixture
-def workers(tmp_path: Path):
-    started: list[WorkerProcess] = []
-
-    def start(env: dict[str, str], name: str = "w", **kw) -> WorkerProcess:
-        w = WorkerProcess(env, tmp_path / f"{name}-{len(started)}.log", **kw)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.stop()
 
 
 def rss_bytes(pid: int) -> int:

@@ -16,7 +16,7 @@ from celery import Celery
 from producers.enqueuer import Enqueuer
 from tests.faults.proxy import S3_SLOW_DOWN, Fault, FaultProxy
 from tests.helpers import jpeg, upload, verdicts, wait_for
-from tests.servers import WebhookReceiver, WorkerProcess, free_port
+from tests.servers import WebhookReceiver, free_port
 from worker import keys
 from worker.actions import outcome
 from worker.contract import Item
@@ -60,20 +60,6 @@ def env(s3_env, redis_server):
         "MODGATE_WEBHOOK__MAX_ATTEMPTS": "3",
         "MODGATE_BATCH__MAX_WAIT_MS": "20",
     }
-
-
-@pytest.fixture
-def workers(tmp_path):
-    started = []
-
-    def start(env, name="w", **kw):
-        w = WorkerProcess(env, tmp_path / f"{name}-{len(started)}.log", **kw)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.stop()
 
 
 def test_every_key_gets_exactly_one_verdict_and_one_signed_webhook(
