@@ -12,7 +12,7 @@ from kombu.exceptions import OperationalError
 
 from tests.faults.proxy import Fault, FaultProxy
 from tests.helpers import upload, verdicts, wait_for
-from tests.integration.test_worker import SECRET, env, producer, r, workers  # noqa: F401 (fixtures)
+from tests.integration.test_worker import SECRET, env, producer, r  # noqa: F401 (fixtures)
 from tests.servers import WebhookReceiver, free_port
 from worker import celery_app, keys
 from worker.contract import validate_message
@@ -66,7 +66,7 @@ def test_a_timeout_then_an_ok_verdict_for_one_object_both_reach_a_deduplicating_
     service,
     env,  # noqa: F811
     r,  # noqa: F811
-    workers,  # noqa: F811
+    workers,
 ):
     hook = WebhookReceiver()
     workers(env, name="dispatcher", queues="modgate.webhooks")
@@ -90,7 +90,7 @@ def test_a_duplicate_message_sends_the_stored_entry_not_a_fresh_body(
     service,
     env,  # noqa: F811
     r,  # noqa: F811
-    workers,  # noqa: F811
+    workers,
 ):
     first_hook, second_hook = WebhookReceiver(), WebhookReceiver()
     workers(env, name="dispatcher", queues="modgate.webhooks")
@@ -145,7 +145,7 @@ def test_a_refused_callback_is_dead_lettered_once_per_message(
     env,  # noqa: F811
     r,  # noqa: F811
     producer,  # noqa: F811
-    workers,  # noqa: F811
+    workers,
     s3_client,
     bucket,
 ):
