@@ -234,3 +234,57 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log.close()
+
+
+class InferenceProcess:
+    """``modgate serve-inference`` as a subprocess, ready once its /readyz says so."""
+
+    def __init__(self, env: dict[str, str], socket: Path, log_path: Path) -> None:
+        import os
+
+        self.socket = socket
+        self.health_port = free_port()
+        self.env = {
+            **os.environ,
+            **env,
+            "MODGATE_INFERENCE__SOCKET": str(socket),
+            "MODGATE_INFERENCE__HEALTH_PORT": str(self.health_port),
+        }
+        self.log_path = log_path
+        self.log = open(log_path, "ab")  # noqa: SIM115 (lives as long as the process)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "serve-inference"],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.base = f"http://127.0.0.1:{self.health_port}"
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve-inference exited with {self.proc.returncode}: {self.tail()}")
+            return urllib.request.urlopen(self.base + "/readyz", timeout=1).status == 200
+
+        _wait(ready, "modgate serve-inference", timeout=120)
+
+    def readyz(self) -> dict:
+        import json
+
+        return json.loads(urllib.request.urlopen(self.base + "/readyz", timeout=5).read())
+
+    def tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        return self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

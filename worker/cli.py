@@ -290,6 +290,38 @@ def worker(
         raise typer.Exit(EXIT_INFRA if celery_app.start_failed() else status)
 
 
+@app.command("serve-inference")
+def serve_inference(
+    socket: Annotated[
+        Path | None, typer.Option("--socket", help="Unix socket to listen on (else inference.socket).")
+    ] = None,
+    detectors: DetectorsOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Own the models and the GPU for the ingest processes of this node (one per GPU).
+
+    `modgate worker` processes with MODGATE_INFERENCE__SOCKET set send their images here:
+    the GPU then sees full batches from all of them. SIGTERM stops it."""
+    overrides = _detector_overrides(detectors, model)
+    if socket is not None:
+        overrides["inference"] = {"socket": socket}
+    settings = _settings(config, overrides)
+
+    from worker.engine_server import serve
+    from worker.errors import ConfigError
+    from worker.logs import setup_logging
+
+    setup_logging(settings.worker.log_format)
+    try:
+        status = serve(settings)
+    except ConfigError as exc:
+        typer.echo(f"modgate: {exc}", err=True)
+        raise typer.Exit(EXIT_INFRA) from None
+    if status:
+        raise typer.Exit(status)
+
+
 webhooks_app = typer.Typer(help="Webhook dead letters: list them, replay them.")
 app.add_typer(webhooks_app, name="webhooks")
 

@@ -36,6 +36,10 @@ class ModerationError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple[type, tuple[ErrorCode, str]]:
+        # Sent between processes (decode processes, the inference process) as it is.
+        return (ModerationError, (self.code, self.message))
+
 
 class ConfigError(Exception):
     """Bad settings or missing weights: an infrastructure problem, not an image's."""

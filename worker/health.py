@@ -53,6 +53,8 @@ class Health:
         return all(check() for check in self.live_checks)
 
     def redis_ok(self) -> bool:
+        if self.redis is None:  # a process without Redis (serve-inference)
+            return True
         try:
             return bool(self.redis.ping())
         except Exception:

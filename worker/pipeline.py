@@ -21,14 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from worker.aggregator import assess, fuse_frames
-from worker.batcher import BatchInfo, DynamicBatcher
 from worker.decode import DecodedImage, Frame, decode_image
 from worker.decode_pool import DecodeProcesses, Preparers
 from worker.detectors import LoadedDetectors, load_detectors
-from worker.detectors.base import DetectorOutput
+from worker.engine import CLIP, Engine, FrameResult, LocalEngine, PreparedFrame, prepare_inputs
 from worker.errors import ErrorCode, ModerationError
 from worker.fetch import Fetched, Fetcher
 from worker.policy import Policy
@@ -38,27 +35,6 @@ from worker.settings import Settings
 from worker.verdict import DetectorResult, ImageInfo, Source, Verdict, error_verdict, verdict_id
 
 log = logging.getLogger(__name__)
-
-# Key of the CLIP backbone's preprocessed input in PreparedFrame.inputs.
-_CLIP = "clip_backbone"
-
-
-@dataclass(frozen=True)
-class PreparedFrame:
-    """A decoded frame with every detector's preprocessed input, built on a decode thread."""
-
-    frame: Frame | None  # None when a decode process prepared every input (only those came back)
-    inputs: dict[str, Any]
-
-
-@dataclass
-class FrameResult:
-    outputs: dict[str, DetectorOutput]
-    errors: dict[str, str]
-    batch_size: int
-    queue_ms: float
-    infer_ms: float
-
 
 class Cancelled(Exception):
     """The job's ``Cancel`` was set before its verdict was ready; no verdict will come."""
@@ -145,18 +121,18 @@ class _Job:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _stack(inputs: list[Any]) -> Any:
-    """A batch of per-frame inputs: numpy for the PIL path's, ``stack_inputs`` (torch, on
-    the device) once the tensor path's are among them."""
-    if all(isinstance(x, np.ndarray) for x in inputs):
-        return np.stack(inputs)
-    from worker.preprocess_tensor import stack_inputs
-
-    return stack_inputs(inputs)
-
-
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
+
+
+def _engine_for(settings: Settings, detectors: LoadedDetectors | None, on_batch: Any) -> Engine:
+    """The models in this process, or, with ``inference.socket`` set, in the
+    ``modgate serve-inference`` process listening there (nothing is loaded here)."""
+    if detectors is None and settings.inference.socket is not None:
+        from worker.engine_client import RemoteEngine
+
+        return RemoteEngine(settings.inference)
+    return LocalEngine(settings, detectors if detectors is not None else load_detectors(settings), on_batch)
 
 
 class Pipeline:
@@ -166,14 +142,16 @@ class Pipeline:
         detectors: LoadedDetectors | None = None,
         fetcher: Fetcher | None = None,
         on_batch: Callable[[int], None] | None = None,
+        engine: Engine | None = None,
     ) -> None:
         self.settings = settings
         # Size native thread pools before any pool starts (decode threads vs OpenCV/torch).
         configure_threads(settings.runtime)
-        self.detectors = detectors if detectors is not None else load_detectors(settings)
+        self.engine: Engine = engine if engine is not None else _engine_for(settings, detectors, on_batch)
+        # The detectors' metadata and preprocessing (on a remote engine: no weights here).
+        self.detectors = self.engine.detectors
         self.fetcher = fetcher if fetcher is not None else Fetcher(settings.s3)
         self.policy = settings.policy
-        self._on_batch = on_batch
         self._loaded_ids = {d.id for d in self.detectors.detectors}
         self._draft_side = self.detectors.draft_side(settings.decode.draft_always)
         self._fetch_pool = ThreadPoolExecutor(settings.s3.max_concurrency, thread_name_prefix="modgate-fetch")
@@ -190,13 +168,6 @@ class Pipeline:
                 preparers,
                 keep_frames=bool(self._parent_keys),
             )
-        self._batcher: DynamicBatcher[PreparedFrame, FrameResult] = DynamicBatcher(
-            self._infer,
-            max_batch=settings.batch.max_batch,
-            max_wait_s=settings.batch.max_wait_ms / 1000.0,
-            name="modgate-batcher",
-        )
-        self._tensor = self._tensor_stage_for(settings)
         # Backpressure: what one process holds stays bounded however long the backlog is.
         self._slots = _Budget(settings.worker.inflight(settings.batch.max_batch))
         self._buffered = _Budget(settings.worker.max_buffered_bytes)
@@ -252,16 +223,14 @@ class Pipeline:
 
     def alive(self) -> bool:
         """False once the inference thread has died: the process should be restarted."""
-        return self._batcher.alive() and (self._tensor is None or self._tensor.alive())
+        return self.engine.alive()
 
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=True)
-        if self._tensor is not None:
-            self._tensor.close()  # before the decode pool: its fallbacks go there
+        self.engine.close()  # before the decode pool: the tensor path's fallbacks go there
         self._decode_pool.shutdown(wait=True)
         if self._decode_procs is not None:
             self._decode_procs.close()
-        self._batcher.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -295,8 +264,8 @@ class Pipeline:
         if not self._buffered.acquire(size, job.cancel):
             self._cancelled(job)
             return
-        if self._tensor is not None and fetched.data[:3] == b"\xff\xd8\xff":
-            future = self._tensor.submit(fetched.data, job.cancel)
+        if self.engine.tensor and fetched.data[:3] == b"\xff\xd8\xff":
+            future = self.engine.submit_jpeg(fetched.data, job.cancel)
             future.add_done_callback(lambda f: self._tensor_done(job, fetched, size, f))
             return
         self._decode_pool.submit(self._decode_buffered, job, fetched, size)
@@ -317,7 +286,7 @@ class Pipeline:
         self._submit_frames(job, decoded, prepared)
 
     def _submit_frames(self, job: _Job, decoded: DecodedImage, prepared: list[PreparedFrame]) -> None:
-        futures = [self._batcher.submit(item) for item in prepared]
+        futures = [self.engine.submit_frame(item) for item in prepared]
         remaining = [len(futures)]
         lock = threading.Lock()
 
@@ -330,22 +299,6 @@ class Pipeline:
 
         for f in futures:
             f.add_done_callback(on_frame_done)
-
-    def _tensor_stage_for(self, settings: Settings) -> Any:
-        """The tensor decode path's batcher (worker/preprocess_tensor.py), when
-        ``decode.backend`` resolves to it on this device; None: PIL only."""
-        if settings.decode.backend == "pil":
-            return None
-        from worker.decode_tensor import backend_for
-        from worker.detectors.clip_backbone import torch_device
-
-        device = torch_device(settings)
-        if backend_for(settings.decode.backend, device.type) != "tensor":
-            return None
-        from worker.preprocess_tensor import TensorPath, TensorStage
-
-        path = TensorPath(settings.decode, device, self.detectors.backbone, self.detectors.detectors)
-        return TensorStage(path, settings.batch.max_batch, settings.batch.max_wait_ms / 1000.0)
 
     def _tensor_done(self, job: _Job, fetched: Fetched, size: int, future: Future[Any]) -> None:
         """On the decode-batch thread: the image's frame goes to the inference batcher, or,
@@ -374,9 +327,10 @@ class Pipeline:
             raise outcome  # the shared decode budget refused it: its error verdict
         job.timings["decode_ms"] = _ms(outcome.decode_s)
         job.timings["prepare_ms"] = _ms(outcome.prepare_s)
-        image = outcome.image
-        decoded = DecodedImage([], image.format, image.width, image.height, image.frame_count)
-        self._submit_frames(job, decoded, [PreparedFrame(None, outcome.inputs)])
+        decoded = DecodedImage([], outcome.format, outcome.width, outcome.height, outcome.frame_count)
+        done: Future[FrameResult] = Future()
+        done.set_result(outcome.result)
+        self._finish(job, decoded, [done])
 
     def _decode_and_prepare(self, job: _Job, data: bytes) -> tuple[DecodedImage, list[PreparedFrame]]:
         """JPEGs decode on this thread (bounded by the pixel cap, and a draft decode is
@@ -418,7 +372,7 @@ class Pipeline:
         parent: list[str] = []
         sources: list[tuple[str, Any]] = []
         if self.detectors.backbone is not None:
-            sources.append((_CLIP, self.detectors.backbone))
+            sources.append((CLIP, self.detectors.backbone))
         sources += [(d.id, d) for d in self.detectors.detectors if d.input == "image"]
         for key, owner in sources:
             make = getattr(owner, "preparer", None)
@@ -437,87 +391,7 @@ class Pipeline:
 
     def _prepare(self, frame: Frame, keys: Sequence[str] | None = None) -> dict[str, Any]:
         """Every detector's input for ``frame`` (only ``keys`` when given)."""
-        inputs = {}
-        backbone = self.detectors.backbone
-        if backbone is not None and (keys is None or _CLIP in keys):
-            inputs[_CLIP] = backbone.prepare(frame)
-        for detector in self.detectors.detectors:
-            if detector.input != "image" or (keys is not None and detector.id not in keys):
-                continue
-            try:
-                inputs[detector.id] = detector.prepare(frame)
-            except Exception as exc:
-                raise ModerationError(
-                    ErrorCode.DETECTOR_FAILED,
-                    f"{detector.id}: preprocessing failed: {type(exc).__name__}: {exc}",
-                ) from None
-        return inputs
-
-    def _infer(self, frames: Sequence[PreparedFrame], info: BatchInfo) -> list[FrameResult]:
-        t = time.perf_counter()
-        if self._on_batch is not None:
-            self._on_batch(len(frames))
-        outputs: list[dict[str, DetectorOutput]] = [{} for _ in frames]
-        errors: list[dict[str, str]] = [{} for _ in frames]
-        embeddings = self._embed(frames, errors)
-        for detector in self.detectors.detectors:
-            if detector.input == "clip_embedding":
-                inputs: list[Any] = embeddings
-            else:
-                inputs = [f.inputs[detector.id] for f in frames]
-            if all(x is not None for x in inputs):
-                try:
-                    batch_out = detector.infer(inputs)
-                except Exception as exc:
-                    log.warning(
-                        "%s failed on a batch of %d (%s); retrying one by one", detector.id, len(frames), exc
-                    )
-                    batch_out = self._infer_singly(detector, inputs, errors)
-            else:
-                batch_out = self._infer_singly(detector, inputs, errors)
-            for i, out in enumerate(batch_out):
-                if out is not None:
-                    outputs[i][detector.id] = out
-        infer_ms = _ms(time.perf_counter() - t)
-        return [
-            FrameResult(outputs[i], errors[i], info.size, _ms(info.waited_s[i]), infer_ms)
-            for i in range(len(frames))
-        ]
-
-    @staticmethod
-    def _infer_singly(detector: Any, inputs: list[Any], errors: list[dict[str, str]]) -> list[Any]:
-        """Isolate the frame that broke a batch; frames without input (failed upstream) get none."""
-        out: list[Any] = []
-        for i, one in enumerate(inputs):
-            if one is None:
-                out.append(None)
-                continue
-            try:
-                out.append(detector.infer([one])[0])
-            except Exception as exc:
-                errors[i][detector.id] = f"{type(exc).__name__}: {exc}"
-                out.append(None)
-        return out
-
-    def _embed(self, frames: Sequence[PreparedFrame], errors: list[dict[str, str]]) -> list[Any]:
-        """One backbone forward pass for the whole batch; every CLIP head reads its rows."""
-        backbone = self.detectors.backbone
-        if backbone is None:
-            return [None] * len(frames)
-        try:
-            return list(backbone.embed(_stack([f.inputs[_CLIP] for f in frames])))
-        except Exception as exc:
-            log.warning("clip backbone failed on a batch of %d (%s); retrying one by one", len(frames), exc)
-        rows: list[Any] = []
-        for i, f in enumerate(frames):
-            try:
-                rows.append(backbone.embed(f.inputs[_CLIP][None])[0])
-            except Exception as exc:
-                rows.append(None)
-                for d in self.detectors.detectors:
-                    if d.input == "clip_embedding":
-                        errors[i][d.id] = f"clip backbone: {type(exc).__name__}: {exc}"
-        return rows
+        return prepare_inputs(self.detectors, frame, keys)
 
     def _finish(self, job: _Job, decoded: DecodedImage, futures: list[Future[FrameResult]]) -> None:
         t = time.perf_counter()

@@ -69,7 +69,7 @@ def test_one_verdict_per_image_with_scores_and_timings(tmp_path, settings, open_
         assert set(v.timings_ms) >= {"fetch_ms", "decode_ms", "queue_ms", "infer_ms", "total_ms"}
         assert v.image.width == 320 and v.frames == 1
         assert v.categories["sexual"].covered and not v.categories["violence"].covered
-    assert pipe._batcher.batches_run < 10  # they were batched, not run one by one
+    assert pipe.engine._batcher.batches_run < 10  # they were batched, not run one by one
 
 
 def test_a_detector_failure_costs_only_its_image(tmp_path, settings, open_nsfw):
