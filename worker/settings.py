@@ -69,6 +69,13 @@ class DecodeSettings(BaseModel):
     # child processes, so a decoder that hangs or crashes costs one image, not the worker.
     # JPEGs decode on threads (libjpeg is bounded by the pixel cap; no copy back).
     processes: bool = True
+    # Address space (MiB) a decode process may add to its size after start-up (the cap is
+    # RLIMIT_AS, which counts virtual memory: idle size is ~0.2 GB, ~3.7 GB with torch
+    # preparers). Over it the image gets image_too_large and the process is replaced,
+    # instead of one hostile image growing until the node's OOM killer picks a random
+    # process. The largest legitimate decode measured, a 64 Mpx RGBA PNG, peaks at
+    # ~1.5 GB; 0 = no cap.
+    process_memory_mb: int = Field(2048, ge=0)
     # JPEG draft mode: decode at 1/2, 1/4 or 1/8 scale when the result still covers the
     # largest input any enabled detector needs.
     draft: bool = True
@@ -106,6 +113,22 @@ class RuntimeSettings(BaseModel):
     # open_nsfw follows `precision`), onnxruntime on CPU (faster there). "torch" forces
     # the conversion on CPU too.
     onnx: Literal["auto", "onnxruntime", "torch"] = "auto"
+
+
+class InferenceSettings(BaseModel):
+    """The split shape of a GPU node: one ``modgate serve-inference`` process per GPU owns
+    the models and the CUDA context; several ``modgate worker`` (ingest) processes feed it,
+    because one Python process cannot fetch and handle as many images per second as a
+    GPU infers (README, "Process shape on a GPU node")."""
+
+    # Unix socket of the inference process. On `modgate serve-inference`: where it
+    # listens. On `modgate worker`: set = load no models, send every batch item there.
+    socket: Path | None = None
+    # serve-inference: /livez, /readyz, /metrics (0 = none).
+    health_port: int = Field(9109, ge=0, le=65535)
+    health_host: str = "0.0.0.0"
+    # worker: how long start-up waits for the inference process (it loads the models).
+    connect_timeout_s: float = Field(300.0, gt=0)
 
 
 DEFAULT_DETECTORS: tuple[str, ...] = (
@@ -344,6 +367,10 @@ class ReceiverSettings(BaseModel):
     # The whole body must arrive within this many seconds, or the connection is closed
     # (408): a stalled upload cannot hold a connection and its buffer indefinitely.
     body_timeout_s: float = Field(10.0, gt=0, le=600)
+    # The request line and headers must arrive within this many seconds of the connection
+    # opening (or of the previous response), else it is closed: a client that never
+    # finishes its headers (slowloris) cannot hold a connection forever.
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
     # Request bodies held at once across all connections; above it new body bytes get a
     # 503 with Retry-After, so slow or stalled senders cannot exhaust memory.
     max_buffered_bytes: int = Field(64 * MiB, ge=MiB)
@@ -371,6 +398,7 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     # A policy file replaces parts of the built-in policy; inline ``policy`` entries
     # (YAML config or env) are merged on top of that.
     policy_file: Path | None = None
