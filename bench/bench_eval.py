@@ -5,7 +5,7 @@
     as a user runs it: a fresh process, default bootstrap (1,000 resamples), plots and
     HTML included. Wall time and the process's CPU time (user + sys) are both reported:
     on a shared machine the CPU time is what the command itself needs.
-(b) The synthetic detectors of tests/unit/test_quality_calibrate.py (two noisy views of a
+(b) The synthetic detectors of worker/quality/synthetic.py (two noisy views of a
     latent label, one useless score), fitted on 3,000 images and judged on 3,000 others:
     held-out F1 of the best single detector, the default policy, calibrated max and
     calibrated logistic fusion.
@@ -52,34 +52,25 @@ def time_eval(count: int, work: Path) -> dict[str, float]:
 
 
 def held_out_quality() -> dict[str, float]:
-    from tests.unit.test_quality_calibrate import SCORES, base, held_out, single
-    from worker.policy import CATEGORIES
     from worker.quality.calibrate import Target, calibrate
-    from worker.quality.labels import LabelRow, LabelSet, join
-    from worker.quality.synthetic import generate
+    from worker.quality.synthetic import CALIBRATION_SCORES, base_policy, calibration_halves, held_out
+    from worker.quality.synthetic import single_detector_f1 as single
 
-    verdicts, rows = generate(6000, seed=11, scores=SCORES, categories=["sexual"], unsafe_rate=0.3)
-
-    def joined(part: slice):  # type: ignore[no-untyped-def]
-        labels = [
-            LabelRow(r["uri"], f"/synthetic/{r['uri']}", r["label"] == "unsafe",
-                     {c: int(c == r["category"]) for c in CATEGORIES}, r["split"], 0)
-            for r in rows[part]
-        ]  # fmt: skip
-        return join(LabelSet(labels, "unsafebench"), verdicts[part])
-
-    train, test = joined(slice(0, 3000)), joined(slice(3000, 6000))
-    singles = {f"{s.detector}.{s.score}": single(train, test, s.detector, s.score) for s in SCORES}
-    fpr_policy = calibrate(train, base(), Target.parse("fpr=0.01"), "logistic").policy
+    # The same 6,000 verdicts as tests/unit/test_quality_calibrate.py: 3,000 fit, 3,000 held out.
+    train, test = calibration_halves(6000, seed=11)
+    singles = {
+        f"{s.detector}.{s.score}": single(train, test, s.detector, s.score) for s in CALIBRATION_SCORES
+    }
+    fpr_policy = calibrate(train, base_policy(), Target.parse("fpr=0.01"), "logistic").policy
     return {
         "best_single_detector_f1": round(max(singles.values()), 4),
         "single_detector_f1": {k: round(v, 4) for k, v in singles.items()},
-        "default_policy_f1": round(held_out(base(), test)[0], 4),
+        "default_policy_f1": round(held_out(base_policy(), test)[0], 4),
         "calibrated_max_f1": round(
-            held_out(calibrate(train, base(), Target("f1"), "max").policy, test)[0], 4
+            held_out(calibrate(train, base_policy(), Target("f1"), "max").policy, test)[0], 4
         ),
         "calibrated_logistic_f1": round(
-            held_out(calibrate(train, base(), Target("f1"), "logistic").policy, test)[0], 4
+            held_out(calibrate(train, base_policy(), Target("f1"), "logistic").policy, test)[0], 4
         ),
         "logistic_fpr_target_0.01_held_out_fpr": round(float(held_out(fpr_policy, test)[1]), 4),
     }

@@ -7,7 +7,8 @@ answer, never retried), 400 (with the reason) for a body in which nothing is val
 401/403 for missing or wrong credentials, 408 for a body that does not arrive within
 ``receiver.body_timeout_s``, 413 for a body above ``receiver.max_body_bytes``, 503 with
 ``Retry-After`` only while Redis does not accept work or while the bodies being read
-already hold ``receiver.max_buffered_bytes``.
+already hold ``receiver.max_buffered_bytes``. A connection whose request line and headers
+are not complete within ``receiver.header_timeout_s`` is closed (``http_protocol``).
 
 Unauthenticated clients cost nothing: the bearer token (and the form and age of a
 ``Modgate-Signature``) are checked from the headers before any body byte is read, and an
@@ -30,10 +31,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from producers.enqueuer import EVENTS, Enqueuer
 from producers.events import MalformedEvent, Parsed, parse
-from worker.settings import Settings
+from worker.settings import ReceiverSettings, Settings
 from worker.webhooks import verify
 
 log = logging.getLogger(__name__)
@@ -352,3 +354,67 @@ def create_app(settings: Settings, enqueuer: Enqueuer | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+# -- the connection: a deadline on request heads -------------------------------------------
+
+
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request head: from the moment the
+    connection can take a request (opened, or the previous response sent) until that
+    request's line and headers are complete, else the connection is closed. uvicorn has
+    no such limit: a new connection has no timer, and its keep-alive timer stops at the
+    first byte of the next request, so a client that never finishes its headers
+    (slowloris) would hold the connection forever. The body has its own deadline
+    (``read_body``)."""
+
+    header_timeout_s: float = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def handle_events(self) -> None:
+        headers = self.headers
+        super().handle_events()
+        if self.headers is not headers:  # a request head was parsed (uvicorn sets them anew)
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            # Armed before super(): it parses a pipelined request that may already be here.
+            self._arm()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        # An idle keep-alive connection closing is routine; a head begun and not finished is not.
+        if self.conn.trailing_data[0]:
+            EVENTS.labels("timed_out").inc()
+            log.info(
+                "%s: request headers not received within %g s; closing", self.client, self.header_timeout_s
+            )
+        self.transport.close()
+
+
+def http_protocol(settings: ReceiverSettings) -> type[asyncio.Protocol]:
+    """The protocol class for ``uvicorn.run(..., http=...)``: h11 with the header deadline."""
+    return type(
+        "HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": settings.header_timeout_s}
+    )

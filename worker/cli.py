@@ -559,7 +559,7 @@ def serve_events(
     """HTTP receiver for S3/MinIO event notifications: POST /events, GET /healthz, /openapi.json."""
     import uvicorn
 
-    from producers.receiver import create_app
+    from producers.receiver import create_app, http_protocol
     from worker.logs import setup_logging
 
     settings = _settings(config, {})
@@ -569,7 +569,14 @@ def serve_events(
     except ValueError as exc:
         typer.echo(f"modgate: {exc}", err=True)
         raise typer.Exit(EXIT_INFRA) from None
-    uvicorn.run(api, host=host, port=port, log_config=None, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        api,
+        host=host,
+        port=port,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+        http=http_protocol(settings.receiver),
+    )
 
 
 class RandomSize(StrEnum):

@@ -5,9 +5,11 @@ Each slot is one long-lived child (forkserver context: forking the worker itself
 torch and threads started is unsafe) that receives an image's bytes and sends back only
 the detector-sized inputs (``Detector.preparer``), plus the decoded frame where some
 detector must prepare in the parent. A child that exceeds ``decode.max_decode_s`` is
-killed and replaced, and the image gets ``image_too_complex``. The pool is a handful of
-lines of our own rather than ``ProcessPoolExecutor``, which turns Broken for every
-caller once one child is killed.
+killed and replaced, and the image gets ``image_too_complex``. Each child's address space
+is capped at its size after start-up plus ``decode.process_memory_mb`` (RLIMIT_AS): an
+image that needs more gets ``image_too_large`` and the child is replaced, rather than the
+node's OOM killer choosing a victim. The pool is a handful of lines of our own rather than
+``ProcessPoolExecutor``, which turns Broken for every caller once one child is killed.
 
 As with any spawn/forkserver child, a script that builds a Pipeline must guard its entry
 point with ``if __name__ == "__main__":`` (the child imports the main module).
@@ -18,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -82,6 +86,8 @@ def decode_and_prepare(
         for key, prepare in preparers.items():
             try:
                 inputs[key] = prepare(frame)
+            except MemoryError:
+                raise  # the image's size, not the detector: image_too_large (_child_main)
             except Exception as exc:
                 raise ModerationError(
                     ErrorCode.DETECTOR_FAILED, f"{key}: preprocessing failed: {type(exc).__name__}: {exc}"
@@ -109,46 +115,106 @@ def _warm_up(preparers: Preparers) -> None:
             prepare(frame)
 
 
-def _child_main(conn: Connection, job: Job, args: tuple[Any, ...], preparers: Preparers) -> None:
+def _address_space() -> int | None:
+    """This process's virtual size in bytes (what RLIMIT_AS counts); None off Linux."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cap_memory(memory_mb: int) -> None:
+    """Cap the address space at its size now (libraries loaded, warmed up) plus
+    ``memory_mb``: a fixed cap would have to guess that size, which torch alone makes
+    several GB of mostly unbacked mappings."""
+    size = _address_space()
+    if memory_mb <= 0 or size is None:
+        return
+    limit = size + memory_mb * 1024 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a MemoryError (decode_image turns
+    one into a coded ModerationError)."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, MemoryError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _child_main(
+    conn: Connection, job: Job, args: tuple[Any, ...], preparers: Preparers, memory_mb: int
+) -> None:
     # Ctrl-C goes to the whole process group; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One image at a time in each child: the children are the parallelism, so the native
     # libraries' own pools (OpenCV, torch) would only contend with them for the cores.
     configure_threads(RuntimeSettings(threads=1, preprocess_threads=1))
     _warm_up(preparers)
+    _cap_memory(memory_mb)  # before the first image, after the imports it must not charge
+    oom = "over decode.process_memory_mb" if memory_mb > 0 else "the host is out of memory"
     conn.send_bytes(b"ready")
     while True:
+        # A reply is (ok, result or (code, message), retire): after a MemoryError the child
+        # answers and exits (a C library that failed an allocation may have leaked or left
+        # state behind), and the parent starts a fresh one.
         try:
             message = conn.recv_bytes()
+            if not message:
+                return  # shutdown
+            data, info = pickle.loads(message)
         except (EOFError, OSError):
             return  # the parent is gone
-        if not message:
-            return  # shutdown
-        data, info = pickle.loads(message)
+        except MemoryError:
+            conn.send_bytes(pickle.dumps((False, (ErrorCode.IMAGE_TOO_LARGE.value, oom), True)))
+            return
+        retire = False
         try:
-            result: tuple[bool, Any] = (True, job(data, info, *args))
+            result: tuple[bool, Any, bool] = (True, job(data, info, *args), False)
         except ModerationError as exc:
-            result = (False, (exc.code.value, exc.message))
+            retire = _out_of_memory(exc)
+            text = f"{exc.message} ({oom})" if retire else exc.message
+            result = (False, (exc.code.value, text), retire)
+        except MemoryError:
+            retire = True
+            result = (False, (ErrorCode.IMAGE_TOO_LARGE.value, f"ran out of memory ({oom})"), True)
         except BaseException as exc:  # a hostile file may make a decoder raise anything
-            result = (False, (ErrorCode.INTERNAL.value, f"{type(exc).__name__}: {exc}"))
+            result = (False, (ErrorCode.INTERNAL.value, f"{type(exc).__name__}: {exc}"), False)
         try:
             # Plain pickle, not multiprocessing's: torch tensors go by value, not as
             # shared-memory handles that would outlive this call.
             out = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            out = pickle.dumps((False, (ErrorCode.INTERNAL.value, f"result cannot be sent back: {exc}")))
+            retire = retire or _out_of_memory(exc)
+            failed = (ErrorCode.INTERNAL.value, f"result cannot be sent back: {type(exc).__name__}: {exc}")
+            out = pickle.dumps((False, failed, retire))
         conn.send_bytes(out)
+        if retire:
+            return
 
 
 class _Child:
-    def __init__(self, ctx: Any, job: Job, args: tuple[Any, ...], preparers: Preparers) -> None:
+    def __init__(
+        self, ctx: Any, job: Job, args: tuple[Any, ...], preparers: Preparers, memory_mb: int
+    ) -> None:
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(
-            target=_child_main, args=(child_conn, job, args, preparers), name="modgate-decode", daemon=True
+            target=_child_main,
+            args=(child_conn, job, args, preparers, memory_mb),
+            name="modgate-decode",
+            daemon=True,
         )
         self.process.start()
         child_conn.close()
         self.ready = False
+        self.retired = False  # ran out of memory: answered, and exits
 
     def call(self, data: bytes, info: Probe, limit_s: float) -> Decoded:
         if not self.ready:
@@ -164,7 +230,7 @@ class _Child:
                 ErrorCode.IMAGE_TOO_COMPLEX,
                 f"decoding took over {limit_s:g} s; the decode process was stopped",
             )
-        ok, payload = pickle.loads(self.conn.recv_bytes())
+        ok, payload, self.retired = pickle.loads(self.conn.recv_bytes())
         if ok:
             return payload
         code, message = payload
@@ -213,6 +279,7 @@ class DecodeProcesses:
         self._preparers = preparers
         self._args = (settings, min_side, preparers, keep_frames)
         self._limit_s = settings.max_decode_s
+        self._memory_mb = settings.process_memory_mb
         self._slots: queue.Queue[_Child | None] = queue.Queue()
         for _ in range(workers):
             # Started now, so the first images do not wait for them; replaced on first
@@ -243,7 +310,11 @@ class DecodeProcesses:
                 log.warning("decode process died (exit code %s); replacing it", exitcode)
                 raise self._died_error(exitcode) from None
             except ModerationError:
-                if not child.process.is_alive():  # killed past the time limit
+                if child.retired:
+                    log.warning("decode process ran out of memory; replacing it")
+                    child.stop()
+                    child = None
+                elif not child.process.is_alive():  # killed past the time limit
                     log.warning("decode process stopped after %.1f s; replacing it", self._limit_s)
                     child = None
                 raise
@@ -254,7 +325,7 @@ class DecodeProcesses:
             self._slots.put(child)
 
     def _start(self) -> _Child:
-        return _Child(self._ctx, self._job, self._args, self._preparers)
+        return _Child(self._ctx, self._job, self._args, self._preparers, self._memory_mb)
 
     @staticmethod
     def _died_error(exitcode: int | None) -> ModerationError:

@@ -6,6 +6,7 @@ store (tests/fixtures/events/)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -239,6 +240,33 @@ def test_a_stalled_upload_is_closed_at_the_body_deadline(start):
     )
     answer = raw_request(receiver.port, headers, b'{"Records": [')  # then nothing more
     assert answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer.lower()
+
+
+def test_a_request_head_that_never_completes_is_closed_at_the_header_deadline(start, own_redis):
+    receiver = start(MODGATE_RECEIVER__HEADER_TIMEOUT_S="1")
+    # Half a request line, then nothing (slowloris): closed without an answer. The socket
+    # timeout is far above the deadline: without one, recv raises TimeoutError instead.
+    with socket.create_connection(("127.0.0.1", receiver.port)) as sock:
+        sock.sendall(b"POST /eve")
+        sock.settimeout(20)
+        assert sock.recv(65536) == b""
+    # Also on a kept-alive connection, whose keep-alive timer the next request's first
+    # byte stops: the deadline runs from the previous response.
+    conn = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=20)
+    try:
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("connection") != "close"
+        response.read()
+        assert conn.sock is not None
+        conn.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line
+        assert conn.sock.recv(65536) == b""
+    finally:
+        conn.close()
+    # A request whose head is complete is served as before.
+    status, body = post(receiver.base + "/events", {"Records": [record(key="after.jpg")]})
+    assert status == 202, body
+    assert queued_keys(redis.Redis.from_url(own_redis.url)) == ["after.jpg"]
 
 
 def test_bodies_in_flight_are_capped_across_connections(start):

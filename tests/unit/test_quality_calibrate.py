@@ -1,64 +1,25 @@
 """Calibration on synthetic detectors with known behaviour: two noisy views of a latent
 label and one useless score. Fitted on one half, judged on the other."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import yaml
-from sklearn.metrics import f1_score
 
-from worker.policy import CATEGORIES, Policy, default_policy_dict
+from worker.policy import CATEGORIES
 from worker.quality.calibrate import CalibrationError, Target, calibrate, fit_review, fit_threshold
-from worker.quality.labels import LabelRow, LabelSet, join
 from worker.quality.replay import reaggregate
-from worker.quality.synthetic import SyntheticScore, generate
+from worker.quality.synthetic import CALIBRATION_SCORES as SCORES
+from worker.quality.synthetic import base_policy as base
+from worker.quality.synthetic import calibration_halves, held_out
+from worker.quality.synthetic import single_detector_f1 as single
 from worker.settings import Settings
 
-SCORES = [
-    SyntheticScore("open_nsfw", "nsfw", ("sexual",), gain=3.0, noise=1.3),
-    SyntheticScore("nudenet", "sexual", ("sexual",), gain=3.0, noise=1.3),
-    SyntheticScore("falconsai_vit", "nsfw", ("sexual",), gain=0.0, noise=1.3, offset=0.0),  # useless
-]
 N = 6000  # 3,000 to fit, 3,000 held out
 
 
 @pytest.fixture(scope="module")
 def halves():
-    verdicts, rows = generate(N, seed=11, scores=SCORES, categories=["sexual"], unsafe_rate=0.3)
-
-    def joined(part):
-        labels = [
-            LabelRow(
-                uri=r["uri"],
-                key=str(Path("/synthetic") / r["uri"]),
-                unsafe=r["label"] == "unsafe",
-                truth={c: int(c == r["category"]) for c in CATEGORIES},
-                split=r["split"],
-                line=0,
-            )
-            for r in rows[part]
-        ]
-        return join(LabelSet(labels, "unsafebench"), verdicts[part])
-
-    return joined(slice(0, N // 2)), joined(slice(N // 2, N))
-
-
-def base() -> Policy:
-    return Policy.model_validate(default_policy_dict())
-
-
-def held_out(policy, test):
-    """(F1, FPR) of the sexual category's flag on the held-out half, by scikit-learn."""
-    y = test.truth("sexual").astype(bool)
-    flagged = np.array([reaggregate(v, policy).categories["sexual"].flagged for v in test.verdicts])
-    return f1_score(y, flagged), flagged[~y].mean()
-
-
-def single(train, test, detector, score):
-    values = [np.array([v.detectors[detector].scores[score] for v in j.verdicts]) for j in (train, test)]
-    threshold, _ = fit_threshold(train.truth("sexual").astype(bool), values[0], Target("f1"))
-    return f1_score(test.truth("sexual").astype(bool), values[1] >= threshold)
+    return calibration_halves(N, seed=11)
 
 
 def test_logistic_fusion_beats_every_single_detector_and_the_default_policy(halves):

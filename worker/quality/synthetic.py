@@ -1,6 +1,8 @@
 """Synthetic labelled verdicts with known detector behaviour, for the tests and
 ``bench/bench_eval.py``: each detector score is a noisy function of a latent label (or
-of nothing, for a useless one), stored as ``modgate scan`` would store it.
+of nothing, for a useless one), stored as ``modgate scan`` would store it. The
+calibration helpers below (``CALIBRATION_SCORES`` … ``single_detector_f1``) are shared by
+tests/unit/test_quality_calibrate.py and the bench, so both judge the same setup.
 
     python -m worker.quality.synthetic --out DIR --count 10000
 """
@@ -19,6 +21,7 @@ import numpy as np
 from worker.aggregator import assess
 from worker.errors import ErrorCode
 from worker.policy import CATEGORIES, Policy, default_policy_dict
+from worker.quality.labels import Joined, LabelRow, LabelSet, join
 from worker.verdict import DetectorResult, Source, Verdict, error_verdict, verdict_id
 
 
@@ -124,6 +127,66 @@ def write(out: Path, verdicts: Sequence[Verdict], rows: Sequence[dict[str, str]]
         for verdict in verdicts:
             handle.write(verdict.model_dump_json() + "\n")
     return labels, stored
+
+
+# -- calibration on synthetic detectors (tests and bench/bench_eval.py) ------------------
+
+# Two noisy views of a latent "sexual" label and one useless score.
+CALIBRATION_SCORES = [
+    SyntheticScore("open_nsfw", "nsfw", ("sexual",), gain=3.0, noise=1.3),
+    SyntheticScore("nudenet", "sexual", ("sexual",), gain=3.0, noise=1.3),
+    SyntheticScore("falconsai_vit", "nsfw", ("sexual",), gain=0.0, noise=1.3, offset=0.0),
+]
+
+
+def base_policy() -> Policy:
+    return Policy.model_validate(default_policy_dict())
+
+
+def calibration_halves(n: int = 6000, seed: int = 11) -> tuple[Joined, Joined]:
+    """``n`` labelled verdicts of ``CALIBRATION_SCORES`` (30 % unsafe, all "sexual"), joined
+    to their labels and split in two halves: one to fit on, one held out."""
+    verdicts, rows = generate(n, seed=seed, scores=CALIBRATION_SCORES, categories=["sexual"], unsafe_rate=0.3)
+
+    def joined(part: slice) -> Joined:
+        labels = [
+            LabelRow(
+                uri=r["uri"],
+                key=str(Path("/synthetic") / r["uri"]),
+                unsafe=r["label"] == "unsafe",
+                truth={c: int(c == r["category"]) for c in CATEGORIES},
+                split=r["split"],
+                line=0,
+            )
+            for r in rows[part]
+        ]
+        return join(LabelSet(labels, "unsafebench"), verdicts[part])
+
+    return joined(slice(0, n // 2)), joined(slice(n // 2, n))
+
+
+def held_out(policy: Policy, test: Joined) -> tuple[float, float]:
+    """(F1, FPR) of the sexual category's flag on the held-out half, by scikit-learn (an
+    implementation independent of ours)."""
+    # Imported here: scikit-learn is the eval extra, and generate() must not need it.
+    from sklearn.metrics import f1_score
+
+    from worker.quality.replay import reaggregate
+
+    y = test.truth("sexual").astype(bool)
+    flagged = np.array([reaggregate(v, policy).categories["sexual"].flagged for v in test.verdicts])
+    return float(f1_score(y, flagged)), float(flagged[~y].mean())
+
+
+def single_detector_f1(train: Joined, test: Joined, detector: str, score: str) -> float:
+    """Held-out F1 of one score alone, its threshold fitted for F1 on ``train``."""
+    from sklearn.metrics import f1_score
+
+    from worker.quality.calibrate import Target, fit_threshold
+
+    values = [np.array([v.detectors[detector].scores[score] for v in j.verdicts]) for j in (train, test)]
+    threshold, _ = fit_threshold(train.truth("sexual").astype(bool), values[0], Target("f1"))
+    return float(f1_score(test.truth("sexual").astype(bool), values[1] >= threshold))
 
 
 def main() -> None:
