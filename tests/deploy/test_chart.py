@@ -53,6 +53,11 @@ VALUE_SETS = {
         "sqsListener": {"enabled": True, "queueUrl": "https://sqs.eu-west-1.amazonaws.com/1/q"},
         "serviceMonitor": {"enabled": True},
     },
+    "split": {
+        **BASE,
+        "inference": {"enabled": True, "ingestProcesses": 3},
+        "serviceMonitor": {"enabled": True},
+    },
     "examples-aws": yaml.safe_load((REPO / "helm" / "examples" / "values-aws.yaml").read_text()),
     "examples-minio": yaml.safe_load((REPO / "helm" / "examples" / "values-minio.yaml").read_text()),
 }
@@ -203,3 +208,113 @@ def test_the_worker_allowlist_follows_the_buckets_the_release_is_for():
     assert worker_config(VALUE_SETS["examples-minio"])["worker"]["buckets"] == ["uploads"]
     with pytest.raises(helm.HelmValuesError):
         helm.Chart.load(str(CHART)).validate_schema({**BASE, "buckets": "uploads"})
+
+
+def worker_pod(docs):
+    return by_kind(docs, "Deployment")["mg-modgate-worker"]["spec"]["template"]["spec"]
+
+
+def env_of(container):
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def port_number(container, name):
+    (port,) = (p["containerPort"] for p in container["ports"] if p["name"] == name)
+    return port
+
+
+def test_split_worker_pod_feeds_one_inference_container_from_several_ingest_processes():
+    drain, grace = 60, 90
+    (single,) = worker_pod(render(BASE))["containers"]
+    docs = render({**BASE, "inference": {"enabled": True, "ingestProcesses": 3}})
+    worker = by_kind(docs, "Deployment")["mg-modgate-worker"]
+    kubernetes_validate.validate(worker, KUBE, strict=True)
+    pod = worker["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["inference", "ingest-0", "ingest-1", "ingest-2"]
+    inference, *ingest = pod["containers"]
+    socket = "/run/modgate/inference.sock"
+
+    # The inference process owns the GPU the single worker had, and its probes use its health port.
+    assert inference["args"] == ["serve-inference"]
+    assert (
+        inference["resources"] == single["resources"]
+        and inference["resources"]["limits"]["nvidia.com/gpu"] == 1
+    )
+    assert env_of(inference)["MODGATE_INFERENCE__SOCKET"] == socket
+    assert port_number(inference, inference["livenessProbe"]["httpGet"]["port"]) == 9109
+    assert env_of(inference)["MODGATE_INFERENCE__HEALTH_PORT"] == "9109"
+    assert inference["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert inference["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # It serves until the ingest processes have drained through it (serve-inference waits
+    # for its clients after SIGTERM), inside the grace period: no preStop delay needed.
+    assert pod["terminationGracePeriodSeconds"] == grace
+    assert drain < grace and "lifecycle" not in inference
+
+    # Each ingest process runs the worker's own command, without GPU, on its own port.
+    ports = []
+    for c in ingest:
+        env = env_of(c)
+        assert c["args"] == single["args"] == ["worker", "--queues", "modgate"]
+        assert env["MODGATE_INFERENCE__SOCKET"] == socket
+        # it waits for the socket as long as the inference container may take to load the models
+        assert float(env["MODGATE_INFERENCE__CONNECT_TIMEOUT_S"]) == 600
+        assert "nvidia.com/gpu" not in json.dumps(c["resources"]) and env["NVIDIA_VISIBLE_DEVICES"] == "void"
+        assert c["resources"]["requests"]["cpu"] == "1"
+        port = int(env["MODGATE_WORKER__METRICS_PORT"])
+        for probe, path in (
+            ("startupProbe", "/livez"),
+            ("livenessProbe", "/livez"),
+            ("readinessProbe", "/readyz"),
+        ):
+            assert c[probe]["httpGet"]["path"] == path
+            assert port_number(c, c[probe]["httpGet"]["port"]) == port
+        ports.append(port)
+    assert len(set(ports)) == 3 and 9109 not in ports
+    names = [p["name"] for c in pod["containers"] for p in c["ports"]]
+    assert len(set(names)) == len(names) and all(len(n) <= 15 for n in names)  # IANA service names
+
+    # One in-memory emptyDir carries the socket; every container keeps config, secret and /tmp.
+    (volume,) = (v for v in pod["volumes"] if v["name"] == "inference-socket")
+    assert volume["emptyDir"] == {"medium": "Memory"}
+    for c in pod["containers"]:
+        assert {"name": "inference-socket", "mountPath": "/run/modgate"} in c["volumeMounts"]
+        assert all(m in c["volumeMounts"] for m in single["volumeMounts"] if m["name"] != "models")
+        assert all(e in c["env"] for e in single["env"]) and c["envFrom"] == single["envFrom"]
+        assert c["securityContext"] == single["securityContext"] and c["image"] == single["image"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in ingest[0]["volumeMounts"]
+
+    # A trailing slash on socketDir still names one socket.
+    docs = render({**BASE, "inference": {"enabled": True, "socketDir": "/var/run/mg/", "ingestProcesses": 1}})
+    pod = worker_pod(docs)
+    sockets = {env_of(c)["MODGATE_INFERENCE__SOCKET"] for c in pod["containers"]}
+    assert sockets == {"/var/run/mg/inference.sock"}
+    assert len(pod["containers"]) == 2
+
+
+def test_single_process_pod_by_default():
+    docs = render(BASE)
+    pod = worker_pod(docs)
+    assert [c["name"] for c in pod["containers"]] == ["worker"]
+    assert "MODGATE_INFERENCE" not in json.dumps(docs) and "inference-socket" not in json.dumps(docs)
+    assert helm.Chart.load(str(CHART)).values["inference"]["enabled"] is False
+
+
+def test_split_pod_metrics_are_scraped_and_reachable_from_every_process():
+    docs = render(VALUE_SETS["split"])
+    port_names = {p["name"] for c in worker_pod(docs)["containers"] for p in c["ports"]}
+    service = by_kind(docs, "Service")["mg-modgate-worker-metrics"]
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == port_names
+    monitor = by_kind(docs, "ServiceMonitor")["mg-modgate-worker"]
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {p["name"] for p in service["spec"]["ports"]}
+    policy = by_kind(docs, "NetworkPolicy")["mg-modgate-metrics"]
+    assert {p["port"] for p in policy["spec"]["ingress"][0]["ports"]} == port_names
+
+
+def test_split_pod_needs_one_gpu_and_sane_values():
+    with pytest.raises(helm.HelmError, match="one inference process per GPU"):
+        render({**BASE, "inference": {"enabled": True}, "worker": {"gpus": 2}})
+    chart = helm.Chart.load(str(CHART))
+    chart.validate_schema({**BASE, "inference": {"enabled": True, "ingestProcesses": 8}})
+    for bad in ({"ingestProcesses": 0}, {"socketDir": "run/modgate"}, {"ingestProccesses": 4}):
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({**BASE, "inference": {"enabled": True, **bad}})

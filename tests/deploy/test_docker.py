@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -55,8 +55,38 @@ def test_compose_stack():
         services["minio"]["environment"]["MINIO_NOTIFY_WEBHOOK_ENDPOINT_MODGATE"]
         == "http://receiver:8080/events"
     )
-    for name in ("receiver", "worker", "dispatcher"):
+    for name in ("receiver", "worker", "dispatcher", "inference", "ingest"):
         assert services[name]["read_only"] is True
+
+
+def test_compose_split_profile_feeds_one_inference_service_from_ingest_workers():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    # `docker compose up` runs what it ran before: the split services are behind a profile.
+    default = {name for name, s in services.items() if not s.get("profiles")}
+    assert default == {"redis", "minio", "minio-init", "receiver", "worker", "dispatcher"}
+    inference, ingest = services["inference"], services["ingest"]
+    assert inference["profiles"] == ingest["profiles"] == ["split"]
+    assert inference["command"] == ["serve-inference"]
+    assert ingest["command"] == services["worker"]["command"]
+    assert ingest["deploy"]["replicas"] > 1
+    # Only the inference service holds the GPU; the ingest workers cannot see one.
+    assert inference["deploy"] == services["worker"]["deploy"]
+    assert "resources" not in ingest["deploy"] and ingest["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"
+    # Both sides name one socket, in a directory both mount from one in-memory volume that
+    # the images' user (USER 10001:10001) owns.
+    socket = PurePosixPath(inference["environment"]["MODGATE_INFERENCE__SOCKET"])
+    assert ingest["environment"]["MODGATE_INFERENCE__SOCKET"] == str(socket)
+    for service in (inference, ingest):
+        assert f"inference-socket:{socket.parent}" in service["volumes"]
+    options = compose["volumes"]["inference-socket"]["driver_opts"]
+    assert options["type"] == "tmpfs" and "uid=10001" in options["o"] and "gid=10001" in options["o"]
+    assert "USER 10001:10001" in (DOCKER / "worker.Dockerfile").read_text()
+    # Ingest workers start once the inference process is ready (models loaded), on its port.
+    assert ingest["depends_on"]["inference"] == {"condition": "service_healthy"}
+    port = inference["environment"]["MODGATE_INFERENCE__HEALTH_PORT"]
+    assert f"127.0.0.1:{port}/readyz" in " ".join(inference["healthcheck"]["test"])
+    assert ingest["stop_grace_period"] == services["worker"]["stop_grace_period"]
 
 
 def _distribution(requirement: str) -> str:

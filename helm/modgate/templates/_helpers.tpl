@@ -83,3 +83,13 @@ imagePullSecrets:
 - name: tmp
   mountPath: /tmp
 {{- end -}}
+
+{{/* Indexes of the split worker pod's ingest containers (JSON list; empty unless
+inference.enabled): (dict "ctx" . "component" "worker") */}}
+{{- define "modgate.ingestIndexes" -}}
+{{- if and (eq .component "worker") .ctx.Values.inference.enabled -}}
+{{- until (int .ctx.Values.inference.ingestProcesses) | toJson -}}
+{{- else -}}
+[]
+{{- end -}}
+{{- end -}}
