@@ -108,6 +108,25 @@ def backend_for(setting: str, device: str) -> str:
     return setting
 
 
+def _head(data: bytes) -> bytes:
+    """The markers up to and including the start-of-scan segment: all Pillow reads to
+    open a JPEG. ``data`` may be any buffer (a mapped file from an ingest process): only
+    this part is copied for Pillow, never the whole image."""
+    if isinstance(data, bytes):
+        return data  # BytesIO shares a bytes object without copying
+    n, pos = len(data), 2
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            pos += 1 if marker == 0xFF else 2
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:  # start of scan: the header ends with its segment
+            return bytes(data[: end + 2])
+        pos = end
+    return bytes(data)
+
+
 def classify(data: bytes, settings: DecodeSettings, device: str = "cpu") -> Accepted | Fallback:
     """Decide from the header whether the tensor path takes ``data``. Raises the budget's
     ModerationError (image_too_large / image_too_complex) before anything is decoded."""
@@ -118,7 +137,7 @@ def classify(data: bytes, settings: DecodeSettings, device: str = "cpu") -> Acce
         return Fallback(f"format {info.format or 'unknown'}")
     check_budget(info, settings)
     try:
-        im = Image.open(io.BytesIO(data))  # reads the header only
+        im = Image.open(io.BytesIO(_head(data)))  # reads the header only
     except Exception as exc:
         return Fallback(f"header: {type(exc).__name__}")
     if im.format != "JPEG":
@@ -138,7 +157,7 @@ def classify(data: bytes, settings: DecodeSettings, device: str = "cpu") -> Acce
     # nvJPEG's behaviour is not specified, so it goes to Pillow, whose error verdict
     # (corrupt_image) is the reference. (A damaged scan that still ends in EOI decodes
     # with grey fill in Pillow and libjpeg alike: the same pixels either way.)
-    if not data.rstrip(b"\x00\r\n ").endswith(_EOI):
+    if not bytes(data[-4096:]).rstrip(b"\x00\r\n ").endswith(_EOI):
         return Fallback("no end-of-image marker")
     try:
         orientation = int(im.getexif().get(0x0112, 1))

@@ -7,21 +7,32 @@ process, on its decode threads and processes). A request stays pending, with its
 until its reply comes; if the inference process goes away (restart, crash), the client
 reconnects and sends every pending request again, so a restart costs latency, not
 verdicts. A request whose job was cancelled meanwhile (its message timed out and went
-back to the queue) is dropped instead. The wire format is ``worker.engine_server``'s.
+back to the queue) is dropped instead.
+
+Wire format, both ways: a 12-byte head (pickled header length, raw payload length), the
+pickled header ``(kind, id, object)``, then the raw payload. The bytes of an image are
+never pickled: a small JPEG follows its header as the payload; a larger one is written
+to a memfd whose descriptor travels with the head (SCM_RIGHTS) and the inference process
+maps it, so its CPU per image does not grow with the upload's size — it is the one
+process per GPU, and copying is what would cap it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import mmap
+import os
 import pickle
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from multiprocessing.connection import Client, Connection
-from typing import Any
+from typing import Any, BinaryIO
 
 from worker.engine import FrameResult, PreparedFrame
 from worker.errors import ConfigError
@@ -30,6 +41,127 @@ from worker.settings import InferenceSettings
 log = logging.getLogger(__name__)
 
 PROTOCOL = 1
+_HEAD = struct.Struct("!IQ")
+_BUFFER = 4 * 1024 * 1024  # socket buffers: a large JPEG crosses in a few system calls
+
+
+INLINE_MAX = 128 * 1024  # larger JPEGs cross as a memfd
+
+
+class _Fd:
+    """A file descriptor closed when the last reference goes (a pending request may be
+    sent again after a reconnect while its reply is on the way)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+@dataclass
+class Message:
+    parts: list[bytes | bytearray]
+    fd: _Fd | None = None
+
+    def send(self, sock: socket.socket) -> None:
+        parts = self.parts
+        if self.fd is not None:
+            sent = socket.send_fds(sock, [parts[0]], [self.fd.fd])
+            parts = [parts[0][sent:], *parts[1:]]
+        for part in parts:
+            sock.sendall(part)
+
+
+def jpeg_message(rid: int, data: bytes) -> Message:
+    """A JPEG request: inline when small, else in a memfd (one copy here, none there)."""
+    if len(data) < INLINE_MAX or not hasattr(os, "memfd_create"):
+        return Message(encode(("jpeg", rid, None), data))
+    fd = _Fd(os.memfd_create("modgate-jpeg", os.MFD_CLOEXEC))
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += os.write(fd.fd, view[written:])
+    return Message(encode(("jpeg", rid, ("memfd", len(data)))), fd)
+
+
+def read_request(sock: socket.socket) -> tuple[Any, Any]:
+    """The next request on an unbuffered socket (descriptors arrive with the head's first
+    byte): its header and its data — a bytearray, a private mapping of the sender's
+    memfd, the error that mapping raised, or None. EOFError once the peer is gone."""
+    first, fds, _, _ = socket.recv_fds(sock, _HEAD.size, 1)
+    try:
+        if not first:
+            raise EOFError("connection closed")
+        head = bytes(first) + (_recv_exact(sock, _HEAD.size - len(first)) if len(first) < _HEAD.size else b"")
+        head_size, payload_size = _HEAD.unpack(head)
+        header = pickle.loads(_recv_exact(sock, head_size))
+        if payload_size:
+            return header, _recv_exact(sock, payload_size)
+        obj = header[2]
+        if fds and isinstance(obj, tuple) and obj[:1] == ("memfd",):
+            # Private and writable: torch.frombuffer wants a writable buffer; nothing
+            # writes to it, so no page is ever copied.
+            try:
+                data = mmap.mmap(
+                    fds[0], obj[1], flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                )
+            except (OSError, ValueError) as exc:  # e.g. a file shorter than announced
+                return header, exc
+            return header, data
+        return header, None
+    finally:
+        for fd in fds:
+            os.close(fd)  # a mapping outlives its descriptor
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise EOFError("connection closed")
+        got += n
+    return buf
+
+
+def encode(header: Any, payload: bytes | bytearray | None = None) -> list[bytes | bytearray]:
+    """One message as buffers for ``sendall`` (the payload is not copied)."""
+    head = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+    size = len(payload) if payload is not None else 0
+    parts: list[bytes | bytearray] = [_HEAD.pack(len(head), size) + head]
+    if payload is not None:
+        parts.append(payload)
+    return parts
+
+
+def read_message(stream: BinaryIO) -> tuple[Any, bytearray | None]:
+    """The next message from a buffered socket reader; EOFError once the peer is gone."""
+    head = _read_exact(stream, _HEAD.size)
+    head_size, payload_size = _HEAD.unpack(head)
+    header = pickle.loads(_read_exact(stream, head_size))
+    return header, (_read_exact(stream, payload_size) if payload_size else None)
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = stream.readinto(view[got:])
+        if not n:
+            raise EOFError("connection closed")
+        got += n
+    return buf
+
+
+def tune(sock: socket.socket) -> None:
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):  # the kernel's limit applies
+            sock.setsockopt(socket.SOL_SOCKET, option, _BUFFER)
 
 
 class RemoteError(Exception):
@@ -116,9 +248,32 @@ class RemoteDetectors:
 @dataclass
 class _Request:
     future: Future[Any]
-    message: bytes
+    message: Message
     cancel: Any
     on_cancel: Callable[[Future[Any]], None]
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    reader: BinaryIO
+
+    @classmethod
+    def open(cls, path: str) -> _Conn:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            tune(sock)
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, sock.makefile("rb", buffering=256 * 1024))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.reader.close()
+        self.sock.close()
 
 
 def _cancel_jpeg(future: Future[Any]) -> None:
@@ -153,7 +308,7 @@ class RemoteEngine:
         self.meta = meta
         self.detectors = RemoteDetectors(meta.detectors, meta.skipped, meta.backbone, meta.devices)
         self.tensor = meta.tensor
-        self._conn: Connection | None = conn
+        self._conn: _Conn | None = conn
         self._reader = threading.Thread(target=self._read_loop, name="modgate-engine-client", daemon=True)
         self._reader.start()
 
@@ -161,10 +316,10 @@ class RemoteEngine:
 
     def submit_frame(self, frame: PreparedFrame) -> Future[FrameResult]:
         # Only the inputs travel: every preparer ran here, the frame is not needed there.
-        return self._request("frame", frame.inputs, None, _cancel_frame)
+        return self._request(lambda rid: Message(encode(("frame", rid, frame.inputs))), None, _cancel_frame)
 
     def submit_jpeg(self, data: bytes, cancel: Any = None) -> Future[Any]:
-        return self._request("jpeg", data, cancel, _cancel_jpeg)
+        return self._request(lambda rid: jpeg_message(rid, data), cancel, _cancel_jpeg)
 
     def alive(self) -> bool:
         """False once the reader thread died or the inference process came back with other
@@ -189,14 +344,17 @@ class RemoteEngine:
     # -- internals ----------------------------------------------------------------------
 
     def _request(
-        self, kind: str, payload: Any, cancel: Any, on_cancel: Callable[[Future[Any]], None]
+        self,
+        build: Callable[[int], Message],
+        cancel: Any,
+        on_cancel: Callable[[Future[Any]], None],
     ) -> Future[Any]:
         rid = next(self._ids)
         future: Future[Any] = Future()
         if self._closed.is_set():
             future.set_exception(EngineClosed("the engine is closed"))
             return future
-        message = pickle.dumps((kind, rid, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        message = build(rid)
         with self._lock:
             self._pending[rid] = _Request(future, message, cancel, on_cancel)
             conn = self._conn
@@ -204,21 +362,21 @@ class RemoteEngine:
             self._send(conn, message)  # on failure the reader reconnects and sends it again
         return future
 
-    def _send(self, conn: Connection, message: bytes) -> bool:
+    def _send(self, conn: _Conn, message: Message) -> bool:
         try:
             with self._send_lock:
-                conn.send_bytes(message)
+                message.send(conn.sock)
             return True
         except (OSError, ValueError):
             return False
 
-    def _connect(self, deadline: float) -> tuple[Connection | None, EngineMeta | None]:
+    def _connect(self, deadline: float) -> tuple[_Conn | None, EngineMeta | None]:
         delay = 0.05
         while not self._closed.is_set():
             try:
-                conn = Client(self.path, family="AF_UNIX")
+                conn = _Conn.open(self.path)
                 try:
-                    kind, meta = pickle.loads(conn.recv_bytes())
+                    (kind, _, meta), _ = read_message(conn.reader)
                 except BaseException:
                     conn.close()
                     raise
@@ -240,7 +398,7 @@ class RemoteEngine:
                 self._reconnect()
                 continue
             try:
-                kind, rid, payload = pickle.loads(conn.recv_bytes())
+                (kind, rid, payload), _ = read_message(conn.reader)
             except (OSError, EOFError):
                 if self._closed.is_set():
                     return

@@ -2,12 +2,14 @@
 context and serves ``LocalEngine`` to the ingest processes over a Unix socket.
 
 Every client's requests go into the same decode batch and inference batcher, so the GPU
-sees full batches however many processes feed it. Wire format (``multiprocessing``
-connection frames, each a pickle): on connect the server sends ``("meta", EngineMeta)``;
-a client sends ``("jpeg", id, bytes)`` or ``("frame", id, inputs)``; the server answers
-``("ok", id, outcome)`` or ``("err", id, text)``, in completion order. Pickle is safe
-here only because the socket is: it is created mode 0600 in a directory shared by the
-containers of one pod, never exposed on a network.
+sees full batches however many processes feed it. Messages (framing in
+``worker.engine_client``): on connect the server sends ``("meta", 0, EngineMeta)``; a
+client sends ``("jpeg", id, None)`` + the JPEG's bytes as payload, ``("jpeg", id,
+("memfd", size))`` with the descriptor of a memfd holding them, or ``("frame", id,
+inputs)``; the server answers ``("ok", id, outcome)`` or ``("err", id, text)``, in
+completion order, as many as are ready in one write. Pickle is safe here only because the
+socket is: it is created mode 0600 in a directory shared by the containers of one pod,
+never exposed on a network.
 """
 
 from __future__ import annotations
@@ -18,17 +20,25 @@ import os
 import pickle
 import queue
 import signal
+import socket
 import stat
 import threading
 import time
 from concurrent.futures import Future
-from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
 from worker.decode_tensor import Fallback
 from worker.engine import LocalEngine, PreparedFrame
-from worker.engine_client import PROTOCOL, EngineMeta, RemoteBackbone, RemoteDetector
+from worker.engine_client import (
+    PROTOCOL,
+    EngineMeta,
+    RemoteBackbone,
+    RemoteDetector,
+    encode,
+    read_request,
+    tune,
+)
 from worker.errors import ConfigError
 from worker.settings import Settings
 
@@ -69,10 +79,11 @@ class InferenceServer:
     def __init__(self, path: Path, engine: LocalEngine) -> None:
         self.path = path
         self.engine = engine
-        self._meta = pickle.dumps(("meta", engine_meta(engine)), protocol=pickle.HIGHEST_PROTOCOL)
-        self._listener: Listener | None = None
+        self._meta = b"".join(encode(("meta", 0, engine_meta(engine))))
+        self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self._conns: set[socket.socket] = set()
         self.clients = 0
 
     def start(self) -> None:
@@ -81,11 +92,14 @@ class InferenceServer:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(self.path.lstat().st_mode):
                 self.path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # created 0600: only this user's processes may connect
         try:
-            self._listener = Listener(str(self.path), family="AF_UNIX", backlog=64)
+            listener.bind(str(self.path))
         finally:
             os.umask(old)
+        listener.listen(64)
+        self._listener = listener
         self._thread = threading.Thread(
             target=self._accept_loop, name="modgate-inference-accept", daemon=True
         )
@@ -99,7 +113,12 @@ class InferenceServer:
         self._closed.set()
         if self._listener is not None:
             with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 self._listener.close()
+        for conn in list(self._conns):  # their clients reconnect to the next process
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -107,7 +126,7 @@ class InferenceServer:
         assert self._listener is not None
         while not self._closed.is_set():
             try:
-                conn = self._listener.accept()
+                conn, _ = self._listener.accept()
             except OSError:
                 if self._closed.is_set():
                     return
@@ -117,9 +136,11 @@ class InferenceServer:
                 target=self._serve, args=(conn,), name="modgate-inference-conn", daemon=True
             ).start()
 
-    def _serve(self, conn: Connection) -> None:
+    def _serve(self, conn: socket.socket) -> None:
         """One client: this thread reads requests; a writer thread sends the replies, so a
         slow client never blocks the batcher threads that complete its futures."""
+        tune(conn)
+        self._conns.add(conn)
         out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         writer = threading.Thread(
             target=_write_loop, args=(conn, out), name="modgate-inference-send", daemon=True
@@ -130,17 +151,23 @@ class InferenceServer:
             out.put(self._meta)
             while not self._closed.is_set():
                 try:
-                    kind, rid, payload = pickle.loads(conn.recv_bytes())
+                    (kind, rid, obj), data = read_request(conn)
                 except (EOFError, OSError):
                     return
-                self._handle(kind, rid, payload).add_done_callback(lambda f, rid=rid: out.put(_reply(rid, f)))
+                if isinstance(data, Exception):  # its memfd could not be mapped
+                    future: Future[Any] = Future()
+                    future.set_exception(data)
+                else:
+                    future = self._handle(kind, obj if data is None else data)
+                future.add_done_callback(lambda f, rid=rid: out.put(_reply(rid, f)))
         finally:
             self.clients -= 1
             out.put(None)
             writer.join(5)
+            self._conns.discard(conn)
             conn.close()
 
-    def _handle(self, kind: str, rid: int, payload: Any) -> Future[Any]:
+    def _handle(self, kind: str, payload: Any) -> Future[Any]:
         try:
             if kind == "frame":
                 return self.engine.submit_frame(PreparedFrame(None, payload))
@@ -159,18 +186,27 @@ class InferenceServer:
 
 def _reply(rid: int, future: Future[Any]) -> bytes:
     try:
-        message: tuple[str, int, Any] = ("ok", rid, future.result())
-        return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        return encode(("ok", rid, future.result()))[0]
     except Exception as exc:
-        return pickle.dumps(("err", rid, f"{type(exc).__name__}: {exc}"), protocol=pickle.HIGHEST_PROTOCOL)
+        return encode(("err", rid, f"{type(exc).__name__}: {exc}"))[0]
 
 
-def _write_loop(conn: Connection, out: queue.SimpleQueue[bytes | None]) -> None:
+def _write_loop(conn: socket.socket, out: queue.SimpleQueue[bytes | None]) -> None:
+    """Send replies as they come, every one already waiting in the same write (a batch
+    completes tens of futures at once)."""
     while (message := out.get()) is not None:
+        batch = [message]
         try:
-            conn.send_bytes(message)
+            while (more := out.get_nowait()) is not None:
+                batch.append(more)
+        except queue.Empty:
+            more = b""
+        try:
+            conn.sendall(b"".join(batch))
         except (OSError, ValueError):
             return  # the client went away; its reader thread ends too
+        if more is None:
+            return
 
 
 def serve(settings: Settings) -> int:

@@ -92,6 +92,9 @@ def ingest_env(s3_env, redis_server, socket_dir):
 def mixed_objects() -> dict[str, bytes]:
     """JPEGs for the tensor path, and what it hands back to the ingest process's PIL path."""
     objects = {f"photo/{i:02d}.jpg": jpeg(i, 480, 360) for i in range(8)}
+    # Above engine_client.INLINE_MAX: its bytes cross in a memfd, mapped by the server.
+    objects["photo/large.jpg"] = large = jpeg(60, 2400, 1800)
+    assert len(large) > 128 * 1024
     png = io.BytesIO()
     Image.open(io.BytesIO(jpeg(20))).save(png, "PNG")
     objects["other/image.png"] = png.getvalue()
