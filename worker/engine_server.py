@@ -84,7 +84,6 @@ class InferenceServer:
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
         self._conns: set[socket.socket] = set()
-        self.clients = 0
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +104,11 @@ class InferenceServer:
         )
         self._thread.start()
         log.info("inference process listening", extra={"socket": str(self.path)})
+
+    @property
+    def clients(self) -> int:
+        """Ingest processes connected now."""
+        return len(self._conns)
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.engine.alive()
@@ -146,7 +150,6 @@ class InferenceServer:
             target=_write_loop, args=(conn, out), name="modgate-inference-send", daemon=True
         )
         writer.start()
-        self.clients += 1
         try:
             out.put(self._meta)
             while not self._closed.is_set():
@@ -161,7 +164,6 @@ class InferenceServer:
                     future = self._handle(kind, obj if data is None else data)
                 future.add_done_callback(lambda f, rid=rid: out.put(_reply(rid, f)))
         finally:
-            self.clients -= 1
             out.put(None)
             writer.join(5)
             self._conns.discard(conn)

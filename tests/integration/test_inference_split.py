@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -213,3 +214,19 @@ def test_an_ingest_process_without_its_inference_process_exits_before_consuming(
     assert proc.returncode == 3
     assert b"no inference process answered" in proc.stdout + proc.stderr
     assert r.llen("modgate") == 1  # the message is still queued for a worker that can serve it
+
+
+def test_sigterm_keeps_the_inference_process_serving_until_its_ingest_processes_leave(
+    inference, ingest_env, workers, r, send, s3_client, bucket
+):
+    s3_client.put_object(Bucket=bucket, Key="k/after.jpg", Body=jpeg(7))
+    server = inference()
+    ingest = workers(ingest_env, name="ingest", queues="modgate")
+    server.proc.send_signal(signal.SIGTERM)  # a pod stopping: every container gets it at once
+    time.sleep(2.0)
+    assert server.proc.poll() is None  # still serving its draining client
+    send(bucket, ["k/after.jpg"])
+    wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= 1, what="the verdict of a message sent after SIGTERM")
+    assert verdicts(r)[0]["status"] == "ok"
+    assert ingest.terminate() == 0
+    assert server.proc.wait(30) == 0  # gone once its last client left
