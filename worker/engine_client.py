@@ -46,6 +46,7 @@ _BUFFER = 4 * 1024 * 1024  # socket buffers: a large JPEG crosses in a few syste
 
 
 INLINE_MAX = 128 * 1024  # larger JPEGs cross as a memfd
+MAX_LOSSES = 3  # a request pending at this many deaths of the inference process is not resent
 
 
 class _Fd:
@@ -251,6 +252,8 @@ class _Request:
     message: Message
     cancel: Any
     on_cancel: Callable[[Future[Any]], None]
+    on_give_up: Callable[[Future[Any]], None]
+    losses: int = 0  # times the inference process went away with this request in flight
 
 
 @dataclass
@@ -274,6 +277,17 @@ class _Conn:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.reader.close()
         self.sock.close()
+
+
+def _give_up_jpeg(future: Future[Any]) -> None:
+    from worker.decode_tensor import Fallback
+
+    # Pillow in the ingest process decodes it instead: another decoder than nvJPEG's.
+    future.set_result(Fallback("in flight each time the inference process went away"))
+
+
+def _give_up_frame(future: Future[Any]) -> None:
+    future.set_exception(RemoteError("in flight each time the inference process went away"))
 
 
 def _cancel_jpeg(future: Future[Any]) -> None:
@@ -316,10 +330,12 @@ class RemoteEngine:
 
     def submit_frame(self, frame: PreparedFrame) -> Future[FrameResult]:
         # Only the inputs travel: every preparer ran here, the frame is not needed there.
-        return self._request(lambda rid: Message(encode(("frame", rid, frame.inputs))), None, _cancel_frame)
+        return self._request(
+            lambda rid: Message(encode(("frame", rid, frame.inputs))), None, _cancel_frame, _give_up_frame
+        )
 
     def submit_jpeg(self, data: bytes, cancel: Any = None) -> Future[Any]:
-        return self._request(lambda rid: jpeg_message(rid, data), cancel, _cancel_jpeg)
+        return self._request(lambda rid: jpeg_message(rid, data), cancel, _cancel_jpeg, _give_up_jpeg)
 
     def alive(self) -> bool:
         """False once the reader thread died or the inference process came back with other
@@ -348,6 +364,7 @@ class RemoteEngine:
         build: Callable[[int], Message],
         cancel: Any,
         on_cancel: Callable[[Future[Any]], None],
+        on_give_up: Callable[[Future[Any]], None],
     ) -> Future[Any]:
         rid = next(self._ids)
         future: Future[Any] = Future()
@@ -356,7 +373,7 @@ class RemoteEngine:
             return future
         message = build(rid)
         with self._lock:
-            self._pending[rid] = _Request(future, message, cancel, on_cancel)
+            self._pending[rid] = _Request(future, message, cancel, on_cancel, on_give_up)
             conn = self._conn
         if conn is not None:
             self._send(conn, message)  # on failure the reader reconnects and sends it again
@@ -406,6 +423,8 @@ class RemoteEngine:
                 with self._lock:
                     if self._conn is conn:
                         self._conn = None
+                        for req in self._pending.values():
+                            req.losses += 1
                 conn.close()
                 continue
             except Exception:
@@ -438,7 +457,20 @@ class RemoteEngine:
                 log.error("inference process changed its models; this process must restart")
             with self._lock:
                 self._conn = conn
+                # A request in flight at every one of several deaths may be what kills the
+                # process (a decoder crash): it must not take the GPU down in a loop.
+                poison = [rid for rid, req in self._pending.items() if req.losses >= MAX_LOSSES]
+                given_up = [self._pending.pop(rid) for rid in poison]
                 messages = [req.message for req in self._pending.values()]
+            for req in given_up:
+                if not req.future.done():
+                    req.on_give_up(req.future)
+            if given_up:
+                log.warning(
+                    "%d requests were in flight at %d deaths of the inference process: not resent",
+                    len(given_up),
+                    MAX_LOSSES,
+                )
             log.info("reconnected to the inference process; resending %d requests", len(messages))
             for message in messages:
                 if not self._send(conn, message):

@@ -194,3 +194,32 @@ def test_no_inference_process_is_a_config_error(sock_path):
 
     with pytest.raises(ConfigError, match="no inference process answered"):
         RemoteEngine(InferenceSettings(socket=sock_path, connect_timeout_s=0.3))
+
+
+def test_a_request_in_flight_at_every_death_is_not_resent_again(sock_path):
+    """A JPEG that crashes the decoder must not take the inference process down in a loop:
+    after MAX_LOSSES deaths with it in flight it goes to the ingest process's PIL path."""
+    from worker.decode_tensor import Fallback
+    from worker.engine_client import MAX_LOSSES
+
+    engines = [FakeEngine() for _ in range(MAX_LOSSES + 1)]
+    for e in engines[:-1]:
+        e.hold.set()  # answers nothing before it "crashes"
+    server = InferenceServer(sock_path, engines[0])
+    server.start()
+    client = RemoteEngine(InferenceSettings(socket=sock_path, connect_timeout_s=5))
+    try:
+        poison = client.submit_jpeg(b"\xff" * 10)
+        for i in range(MAX_LOSSES):
+            wait(lambda i=i: engines[i].seen)
+            server.close()
+            wait(lambda: not client.connected)
+            server = InferenceServer(sock_path, engines[i + 1])
+            server.start()
+            wait(lambda: client.connected)
+        assert isinstance(poison.result(5), Fallback)
+        assert engines[-1].seen == []  # never sent to the last one
+        assert client.submit_jpeg(b"\x01" * 5).result(5) == (5, 1)  # the rest goes on
+    finally:
+        client.close()
+        server.close()
