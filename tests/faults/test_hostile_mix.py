@@ -2,22 +2,53 @@
 frames compositing over each other on a 4000×4000 canvas, ~1.5 MB), 16-bit giant PNGs and
 truncated files among 200 normal JPEGs. Every normal image must get an ok verdict within
 the message timeout (the suite's 30 s, so the check can fail), every hostile one a verdict
-with a coded error."""
+with a coded error. Twice: one worker process, and the split shape of a GPU node (an
+ingest process feeding a ``modgate serve-inference`` process whose tensor decode path
+takes the JPEGs)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
 
 from producers.enqueuer import Enqueuer
 from tests.faults.conftest import MESSAGE_TIMEOUT_S
 from tests.faults.hostile import bomb_gif, giant_png16, truncated
 from tests.helpers import jpeg, wait_for
+from tests.servers import InferenceProcess
 from worker import keys
 from worker.contract import Item
 from worker.settings import ProducerRoute, load_settings
 
 N_NORMAL = 200
 PER_MESSAGE = 4
+
+
+def huge_header_jpeg() -> bytes:
+    """A small JPEG whose frame header claims 65,000 × 65,000 pixels."""
+    data = bytearray(jpeg(3))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (65000).to_bytes(2, "big") * 2
+    return bytes(data)
+
+
+@pytest.fixture(params=["single", "split"])
+def shape_env(request, env, tmp_path):
+    """The worker's env for one process, or for an ingest process with its inference process."""
+    if request.param == "single":
+        yield env
+        return
+    sock_dir = Path(tempfile.mkdtemp(prefix="mg-"))
+    inference = InferenceProcess(
+        {**env, "MODGATE_DECODE__BACKEND": "tensor"}, sock_dir / "inference.sock", tmp_path / "inference.log"
+    )
+    yield {**env, "MODGATE_INFERENCE__SOCKET": str(inference.socket)}
+    inference.stop()
+    shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def _hostile() -> dict[str, tuple[bytes, set[str]]]:
@@ -34,10 +65,12 @@ def _hostile() -> dict[str, tuple[bytes, set[str]]]:
         "hostile/giant-rgb48.png": (giant_png16(4000, 4000, color=True), {"ok", "image_too_complex"}),
         "hostile/truncated-grey16.png": (truncated(giant_png16(2000, 2000)), {"corrupt_image"}),
         "hostile/truncated.jpg": (truncated(jpeg(7, 640, 480)), {"corrupt_image"}),
+        "hostile/huge-header.jpg": (huge_header_jpeg(), {"image_too_large"}),
     }
 
 
-def test_hostile_uploads_do_not_stall_or_fail_open_the_normal_ones(env, r, workers, s3_client, bucket):
+def test_hostile_uploads_do_not_stall_or_fail_open_the_normal_ones(shape_env, r, workers, s3_client, bucket):
+    env = shape_env
     hostile = _hostile()
     for key, (data, _) in hostile.items():
         s3_client.put_object(Bucket=bucket, Key=key, Body=data)
