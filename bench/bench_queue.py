@@ -14,11 +14,19 @@
     decoding small JPEGs. Besides keys/s, the worker's own CPU per key (from /proc), which
     says what one process needs of a core whatever else shares this machine.
 
+(d) The split shape of a GPU node (``modgate serve-inference`` + ingest ``modgate worker``
+    processes, ``--ingest N``): the same no-op detector behind a real inference process
+    whose JPEG path probes the header and checks the decode budget but skips the decode
+    (nvJPEG's part on a GPU). The figure that decides the design: the inference process's
+    own CPU per key (its Python work per image: socket, batcher, replies) — one process
+    per GPU, so 1000 ÷ that is the most keys/s it can hand a GPU — and the ingest
+    processes' CPU per key, which says how many of them a GPU's target needs.
+
 The queue is filled before the worker starts, and throughput is read from the stream
 entry ids (Redis server time): (entries − 1) ÷ (last − first).
 
     python bench/bench_queue.py [--keys 20000] [--latency-s 20] [--pipeline-keys 6400]
-                                [--only pipeline] [--out bench/results/queue.json]
+                                [--ingest 2] [--only pipeline|split] [--out bench/results/queue.json]
 """
 
 from __future__ import annotations
@@ -183,6 +191,56 @@ def serve_pipeline(decode: str) -> None:
     )
 
 
+class RemoteNoopDetector(NoopDetector):
+    def preparer(self) -> Any:
+        import operator
+
+        return operator.truth  # importable in an ingest process (it is never called here)
+
+
+def serve_noop_inference(socket: str) -> None:
+    """Subprocess entry: ``modgate serve-inference`` with the no-op detector and a JPEG path
+    that probes and budgets the header and skips the decode (nvJPEG's part on a GPU)."""
+    from concurrent.futures import Future
+
+    from worker.decode import check_budget
+    from worker.detectors import LoadedDetectors
+    from worker.engine import InferredImage, LocalEngine, PreparedFrame
+    from worker.engine_server import InferenceServer
+    from worker.errors import ModerationError
+    from worker.logs import setup_logging
+    from worker.probe import probe
+    from worker.settings import load_settings
+
+    class HeaderOnlyEngine(LocalEngine):
+        def submit_jpeg(self, data: bytes, cancel: Any = None) -> Future:
+            out: Future = Future()
+            try:
+                info = probe(data)
+                check_budget(info, settings.decode)
+            except ModerationError as exc:
+                out.set_result(exc)
+                return out
+
+            def inferred(f: Future) -> None:
+                out.set_result(
+                    InferredImage("JPEG", info.width or 0, info.height or 0, 1, 0.0, 0.0, f.result())
+                )
+
+            self.submit_frame(PreparedFrame(None, {"noop": 0})).add_done_callback(inferred)
+            return out
+
+    settings = load_settings(decode={"backend": "pil"})
+    setup_logging("text")
+    engine = HeaderOnlyEngine(settings, LoadedDetectors([RemoteNoopDetector()], {}))  # type: ignore[list-item]
+    engine.tensor = True
+    server = InferenceServer(Path(socket), engine)
+    server.start()
+    import threading
+
+    threading.Event().wait()
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -255,6 +313,159 @@ def pipeline_push(
         "sampled_statuses": statuses,
         "enqueue_keys_per_s": round(total_keys / fill_s, 1),
     }
+
+
+def split_push(
+    redis_url: str, r: Any, moto: MotoServer, redis_pid: int, total_keys: int, ingest: int, workdir: Path
+) -> dict[str, Any]:
+    """Keys/s through ``ingest`` ingest processes feeding one inference process (no-op
+    detector, decode skipped), and each kind of process's CPU per key."""
+    r.flushall()
+    app = producer(redis_url)
+    fill(app, total_keys, 64, bucket="push", etag=None)
+    socket = Path(tempfile.mkdtemp(prefix="mg-")) / "inference.sock"
+    log = (workdir / "split-inference.log").open("ab")
+    server = subprocess.Popen(
+        [sys.executable, __file__, "serve-noop-inference", str(socket)], stdout=log, stderr=subprocess.STDOUT
+    )
+    env = {
+        "MODGATE_REDIS__URL": redis_url,
+        "MODGATE_S3__ENDPOINT_URL": moto.url,
+        "MODGATE_BATCH__MAX_BATCH": "64",
+        "MODGATE_WORKER__BUCKETS": '["push"]',
+        "MODGATE_INFERENCE__SOCKET": str(socket),
+    }
+    workers = [
+        start_worker(
+            env,
+            [sys.executable, "-m", "worker.cli", "worker", "-Q", MODERATE_QUEUE],
+            workdir / f"split-ingest-{i}.log",
+        )
+        for i in range(ingest)
+    ]
+    try:
+        for proc, base in workers:
+            wait_ready(base, proc)
+        samples = []  # (stream length, inference / ingest (sum) / moto / redis CPU seconds, time)
+        deadline = time.monotonic() + 900
+        while (n := r.xlen(keys.VERDICT_STREAM)) < total_keys and time.monotonic() < deadline:
+            if server.poll() is not None or any(p.poll() is not None for p, _ in workers):
+                raise RuntimeError("a process died")
+            samples.append(
+                (
+                    n,
+                    cpu_seconds(server.pid),
+                    sum(cpu_seconds(p.pid) for p, _ in workers),
+                    cpu_seconds(moto.proc.pid),
+                    cpu_seconds(redis_pid),
+                    time.monotonic(),
+                )
+            )
+            time.sleep(0.5)
+        first = r.xrange(keys.VERDICT_STREAM, count=1)[0][0]
+        last = r.xrevrange(keys.VERDICT_STREAM, count=1)[0][0]
+        n = r.xlen(keys.VERDICT_STREAM)
+        statuses: dict[str, int] = {}
+        for _, f in r.xrange(keys.VERDICT_STREAM, count=200):
+            status = json.loads(f[b"verdict"])["status"]
+            statuses[status] = statuses.get(status, 0) + 1
+    finally:
+        for proc, _ in workers:
+            proc.terminate()
+        for proc, _ in workers:
+            proc.wait(60)
+        server.terminate()
+        server.wait(60)
+    seconds = max(1e-3, (entry_ms(last) - entry_ms(first)) / 1000.0)
+    mid = [s for s in samples if total_keys * 0.1 <= s[0] <= total_keys * 0.9]
+    per_key: dict[str, float] = {}
+    if len(mid) >= 2:
+        a, b = mid[0], mid[-1]
+        done = b[0] - a[0]
+        for i, name in ((1, "inference"), (2, "ingest_all"), (3, "moto"), (4, "redis")):
+            per_key[name] = round(1000 * (b[i] - a[i]) / done, 3)
+    target = 2500
+    return {
+        "ingest_processes": ingest,
+        "keys": n,
+        "seconds": round(seconds, 3),
+        "keys_per_s": round((n - 1) / seconds, 1),
+        "core_ms_per_key": per_key,
+        "inference_keys_per_core_s": round(1000 / per_key["inference"], 1)
+        if per_key.get("inference")
+        else None,
+        "ingest_keys_per_core_s": round(1000 / per_key["ingest_all"], 1)
+        if per_key.get("ingest_all")
+        else None,
+        "ingest_cores_for_target": round(target * per_key["ingest_all"] / 1000, 1)
+        if per_key.get("ingest_all")
+        else None,
+        "target_keys_per_s": target,
+        "sampled_statuses": statuses,
+    }
+
+
+class _Tracker:
+    """At most ``inflight`` requests out; ``done`` once ``total`` have come back."""
+
+    def __init__(self, total: int, inflight: int) -> None:
+        import threading
+
+        self.slots = threading.BoundedSemaphore(inflight)
+        self.done = threading.Event()
+        self._left = total
+        self._lock = threading.Lock()
+
+    def finished(self, _: Any) -> None:
+        self.slots.release()
+        with self._lock:
+            self._left -= 1
+            if self._left == 0:
+                self.done.set()
+
+
+def inference_direct(keys_per_size: int = 10_000) -> dict[str, Any]:
+    """The inference process alone: this process sends JPEGs straight to it through
+    ``RemoteEngine`` (512 in flight), no Celery, no S3 — its CPU per key for a small and a
+    large upload (the large one crosses as a memfd)."""
+
+    from worker.bench import jpeg_bytes
+    from worker.engine_client import INLINE_MAX, RemoteEngine
+    from worker.settings import InferenceSettings
+
+    socket = Path(tempfile.mkdtemp(prefix="mg-")) / "inference.sock"
+    server = subprocess.Popen(
+        [sys.executable, __file__, "serve-noop-inference", str(socket)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    out: dict[str, Any] = {}
+    try:
+        engine = RemoteEngine(InferenceSettings(socket=socket, connect_timeout_s=120))
+        for name, (w, h) in (("640x480", (640, 480)), ("2400x1800", (2400, 1800))):
+            data = jpeg_bytes(w, h, 1)
+            for _ in range(200):  # warm-up
+                engine.submit_jpeg(data).result()
+            tracker = _Tracker(keys_per_size, 512)
+            c0, t0 = cpu_seconds(server.pid), time.perf_counter()
+            for _ in range(keys_per_size):
+                tracker.slots.acquire()
+                engine.submit_jpeg(data).add_done_callback(tracker.finished)
+            tracker.done.wait()
+            c1, t1 = cpu_seconds(server.pid), time.perf_counter()
+            core_ms = 1000 * (c1 - c0) / keys_per_size
+            out[name] = {
+                "jpeg_bytes": len(data),
+                "transport": "inline" if len(data) < INLINE_MAX else "memfd",
+                "keys_per_s": round(keys_per_size / (t1 - t0), 1),
+                "inference_core_ms_per_key": round(core_ms, 3),
+                "inference_keys_per_core_s": round(1000 / core_ms, 1),
+            }
+        engine.close()
+    finally:
+        server.terminate()
+        server.wait(60)
+    return out
 
 
 def pipeline_inprocess(moto: MotoServer, total_keys: int, batch: int = 64) -> dict[str, Any]:
@@ -503,6 +714,9 @@ def main() -> None:
     if sys.argv[1:2] == ["serve-pipeline"]:
         serve_pipeline(sys.argv[2])
         return
+    if sys.argv[1:2] == ["serve-noop-inference"]:
+        serve_noop_inference(sys.argv[2])
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -510,14 +724,17 @@ def main() -> None:
     parser.add_argument("--latency-s", type=float, default=20.0)
     parser.add_argument("--pipeline-keys", type=int, default=6400)
     parser.add_argument(
-        "--only", choices=["queue", "latency", "pipeline"], help="run one part; the others stay as in --out"
+        "--only",
+        choices=["queue", "latency", "pipeline", "split"],
+        help="run one part; the others stay as in --out",
     )
+    parser.add_argument("--ingest", type=int, default=2, help="ingest processes in the split part")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "queue.json")
     args = parser.parse_args()
 
     import redis
 
-    run = {part: args.only in (None, part) for part in ("queue", "latency", "pipeline")}
+    run = {part: args.only in (None, part) for part in ("queue", "latency", "pipeline", "split")}
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     workdir = Path(tempfile.mkdtemp(prefix="modgate-bench-"))
     server = RedisServer(workdir)
@@ -553,6 +770,19 @@ def main() -> None:
             }
             # Without Celery: what the fetch and the Pipeline cost on their own.
             result["pipeline_push"]["in_process"] = pipeline_inprocess(moto, min(args.pipeline_keys, 2000))
+        if run["split"]:
+            for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")):
+                os.environ.setdefault(k, v)
+            os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+            upload(moto, args.pipeline_keys)
+            assert server.proc is not None
+            result["split_push"] = {
+                "what": "serve-inference (no-op detector, header probe + budget, decode skipped) fed by "
+                "ingest modgate worker processes (moto S3 fetch, batcher at 64), 64-key messages, "
+                "640x480 JPEGs",
+                **split_push(server.url, r, moto, server.proc.pid, args.pipeline_keys, args.ingest, workdir),
+                "inference_direct": inference_direct(),
+            }
     finally:
         moto.stop()
         server.stop()
@@ -594,6 +824,21 @@ def main() -> None:
                     f"per core-second), moto {per_key.get('moto')}, redis {per_key.get('redis')}"
                 )
         print(f"without Celery: {result['pipeline_push']['in_process']}")
+    if run["split"]:
+        sp = result["split_push"]
+        per_key = sp["core_ms_per_key"]
+        print(
+            f"split shape, {sp['ingest_processes']} ingest processes: {sp['keys_per_s']:.1f} keys/s; "
+            f"inference process {per_key.get('inference')} core-ms/key "
+            f"(= {sp['inference_keys_per_core_s']} keys per core-second), ingest {per_key.get('ingest_all')} "
+            f"core-ms/key (= {sp['ingest_cores_for_target']} cores for {sp['target_keys_per_s']} keys/s), "
+            f"moto {per_key.get('moto')}, redis {per_key.get('redis')}"
+        )
+        for size, d in sp["inference_direct"].items():
+            print(
+                f"inference process alone, {size} JPEG ({d['transport']}): {d['inference_core_ms_per_key']} "
+                f"core-ms/key = {d['inference_keys_per_core_s']} keys per core-second"
+            )
     print(f"wrote {args.out}")
 
 
