@@ -11,6 +11,7 @@ few probe requests instead of every thread retrying on its own schedule.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import stat
@@ -24,6 +25,8 @@ from typing import Any, Protocol
 from worker.errors import ErrorCode, ModerationError
 from worker.settings import S3Settings
 from worker.verdict import Source
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "NoSuchVersion"}
@@ -175,6 +178,7 @@ class Fetcher:
         self.settings = settings
         self._client: Any = None
         self._get_client: Any = None
+        self._session: Any = None  # one boto3 session: both clients share its credentials
         self._lock = threading.Lock()
         self.gate = BackoffGate(settings.backoff_base_s, settings.backoff_max_s)
 
@@ -250,15 +254,37 @@ class Fetcher:
     @property
     def get_client(self) -> Any:
         """The client for GETs: botocore does not retry (one attempt, so its process-wide
-        retry quota is never drawn on either); ``_fetch_s3`` counts and paces attempts."""
+        retry quota is never drawn on either); ``_fetch_s3`` counts and paces attempts.
+        With ``s3.get_client = "lean"`` the lean client (worker/s3_get.py) stands in for
+        it, sending the same one-attempt GETs at a fraction of the CPU."""
         if self._get_client is None:
             with self._lock:
                 if self._get_client is None:
-                    self._get_client = self._make_client(1)
+                    self._get_client = self._make_get_client()
         return self._get_client
 
-    def _make_client(self, total_max_attempts: int) -> Any:
+    def _make_get_client(self) -> Any:
+        from worker.s3_get import LeanS3Client, lean_unsupported
+
+        client = self._make_client(1)
+        if self.settings.get_client != "lean":
+            return client
+        reason = lean_unsupported(client)
+        if reason:
+            log.info("S3 GETs go through botocore: %s", reason)
+            return client
+        session = self._boto_session()
+        ca_bundle = session._session.get_config_variable("ca_bundle")
+        return LeanS3Client(client, session.get_credentials(), self.settings, ca_bundle=ca_bundle)
+
+    def _boto_session(self) -> Any:
         import boto3
+
+        if self._session is None:
+            self._session = boto3.session.Session()
+        return self._session
+
+    def _make_client(self, total_max_attempts: int) -> Any:
         from botocore.config import Config
 
         s = self.settings
@@ -269,7 +295,7 @@ class Fetcher:
             max_pool_connections=s.max_concurrency,
             region_name=s.region,
         )
-        return boto3.session.Session().client("s3", endpoint_url=s.endpoint_url, config=config)
+        return self._boto_session().client("s3", endpoint_url=s.endpoint_url, config=config)
 
     def fetch(self, source: Source, cancel: CancelLike | None = None) -> Fetched:
         """The bytes of ``source``. ``cancel`` bounds the time spent waiting for S3 to
