@@ -47,6 +47,11 @@ class S3Settings(BaseModel):
     backoff_base_s: float = Field(0.2, gt=0)
     backoff_max_s: float = Field(20.0, gt=0)
     max_concurrency: int = Field(32, ge=1)
+    # Who sends object GETs: "lean" (worker/s3_get.py: SigV4 + a minimal keep-alive
+    # HTTP/1.1 client, same answers and errors as botocore at a fraction of its CPU per
+    # GET, which bounds ingest processes per GPU) or "botocore". Listing and actions
+    # always use botocore.
+    get_client: Literal["lean", "botocore"] = "lean"
 
 
 class DecodeSettings(BaseModel):
@@ -102,7 +107,8 @@ class BatchSettings(BaseModel):
 class RuntimeSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    # Intra-op threads for torch/onnxruntime; None lets the runtime choose.
+    # Intra-op threads for torch/onnxruntime (on CPU: onnxruntime's batch lanes, see
+    # onnx_cpu_parallel); None lets the runtime choose (onnxruntime lanes: the cores).
     threads: int | None = Field(None, ge=1)
     # Threads one OpenCV call may use (NudeNet's preprocessing). Images are already
     # preprocessed in parallel on the decode threads; OpenCV's default (one thread per
@@ -113,6 +119,10 @@ class RuntimeSettings(BaseModel):
     # open_nsfw follows `precision`), onnxruntime on CPU (faster there). "torch" forces
     # the conversion on CPU too.
     onnx: Literal["auto", "onnxruntime", "torch"] = "auto"
+    # How onnxruntime spreads a batch over `threads` cores on CPU: "batch" = chunks of the
+    # batch run concurrently, one thread each; "op" = every operator split across an
+    # intra-op pool, whose caller spins at each operator's end (worker/detectors/onnx_torch.py).
+    onnx_cpu_parallel: Literal["batch", "op"] = "batch"
 
 
 class InferenceSettings(BaseModel):
