@@ -2,10 +2,13 @@
 
 Runs ``modgate bench`` (worker/bench.py) in one process over the same generated
 large-photo JPEG mix (0.3–12 MP) with ``open_nsfw`` + ``nudenet``, for each variant in
-turn: full-size and draft decoding, each with OpenCV's per-call threads at the old
-default (one per core) and at ``runtime.preprocess_threads=1``. Per variant: end to end
-and pure images/s, the limit set by unavoidable work and the fraction reached, and the
-CPU end to end spends per image over that work.
+turn: full-size and draft decoding, each with onnxruntime's CPU parallelism as before
+(``runtime.onnx_cpu_parallel=op``: one intra-op pool, whose caller spins at every
+operator's end) and as now (``batch``: the batch split over single-threaded lanes). Per
+variant: end to end and pure images/s, the limit set by unavoidable work and the
+fraction reached, and the CPU end to end spends per image over that work. The earlier
+OpenCV comparison (one thread per core per call vs ``runtime.preprocess_threads=1``)
+stays available: ``--variants full_decode_cv2_threads_per_core,...``.
 
     python bench/bench_cpu.py [--seconds 30] [--count 24] [--out bench/results/cpu.json]
 """
@@ -22,15 +25,18 @@ from worker.detectors import load_detectors
 from worker.settings import load_settings
 
 DETECTORS = ["open_nsfw", "nudenet"]
+DRAFT = {"draft_always": True}
+OP = {"onnx_cpu_parallel": "op"}
+CV2_PER_CORE = {"preprocess_threads": bench.cpu_count()}
 VARIANTS = {
-    "full_decode_cv2_threads_per_core": {"decode": {}, "runtime": {"preprocess_threads": bench.cpu_count()}},
+    "full_decode_onnx_op": {"decode": {}, "runtime": OP},
     "full_decode": {"decode": {}, "runtime": {}},
-    "draft_decode_cv2_threads_per_core": {
-        "decode": {"draft_always": True},
-        "runtime": {"preprocess_threads": bench.cpu_count()},
-    },
-    "draft_decode": {"decode": {"draft_always": True}, "runtime": {}},
+    "draft_decode_onnx_op": {"decode": DRAFT, "runtime": OP},
+    "draft_decode": {"decode": DRAFT, "runtime": {}},
+    "full_decode_cv2_threads_per_core": {"decode": {}, "runtime": {**OP, **CV2_PER_CORE}},
+    "draft_decode_cv2_threads_per_core": {"decode": DRAFT, "runtime": {**OP, **CV2_PER_CORE}},
 }
+DEFAULT_VARIANTS = ("full_decode_onnx_op", "full_decode", "draft_decode_onnx_op", "draft_decode")
 
 
 def main() -> None:
@@ -40,7 +46,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--count", type=int, default=24)
     parser.add_argument("--images", type=Path, default=Path(".cache/bench-images-jpeg"))
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu.json"))
     args = parser.parse_args()
 

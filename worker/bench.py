@@ -516,14 +516,9 @@ def backbone_flops(loaded: LoadedDetectors) -> float | None:
 
 def cpu_count() -> int:
     """Cores this process may run on (affinity and cgroup CPU quota)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
+    from worker.runtime import cpu_cores
+
+    return cpu_cores()
 
 
 def cpu_name() -> str:
@@ -584,6 +579,8 @@ def run_bench(
         "batch": batch,
         "max_wait_ms": settings.batch.max_wait_ms,
         "decode_workers": settings.decode.workers,
+        # How onnxruntime spreads a batch over the cores on CPU (worker/detectors/onnx_torch.py).
+        "onnx_cpu_parallel": settings.runtime.onnx_cpu_parallel if device == "cpu" else None,
         "draft_side": loaded.draft_side(settings.decode.draft_always),
         "images": {
             "source": images_source,
@@ -668,7 +665,8 @@ def format_table(r: dict[str, Any]) -> str:
     decode = f"draft to {r['draft_side']} px" if r["draft_side"] else "full size"
     lines = [
         f"modgate bench on {r['device']} ({r['device_name']}), {r['precision']}, batch {r['batch']}, "
-        f"{r['decode_workers']} decode threads",
+        f"{r['decode_workers']} decode threads"
+        + (f", onnxruntime parallel over {r['onnx_cpu_parallel']}" if r.get("onnx_cpu_parallel") else ""),
         f"detectors: {', '.join(r['detectors'])}"
         + (f"  (skipped: {', '.join(r['skipped'])})" if r["skipped"] else ""),
         f"images: {img['count']} from {img['source']}, mean {img['megapixels_mean']:.1f} MP, "

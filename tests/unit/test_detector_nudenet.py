@@ -154,3 +154,26 @@ def test_reduced_precision_leaves_nudenet_in_fp32(detector, parity_frames):
     expected = [[(d["class"], d["box"]) for d in o.details["detections"]] for o in detector.predict(frames)]
     got = [[(d["class"], d["box"]) for d in o.details["detections"]] for o in bf16.predict(frames)]
     assert got == expected and any(expected)
+
+
+# -- onnxruntime on CPU: batch lanes (default) vs one intra-op pool ------------------------
+
+
+def test_batch_lanes_match_the_intra_op_pool(parity_frames):
+    cpu = {"device": "cpu", "threads": 3}
+    lanes = ours.NudeNet.load(load_settings(runtime=cpu))
+    pool = ours.NudeNet.load(load_settings(runtime={**cpu, "onnx_cpu_parallel": "op"}))
+    assert (lanes.graph.lanes, pool.graph.lanes) == (3, 1)
+    blob = np.concatenate([lanes.prepare(f)[0] for f in parity_frames])
+    expected = pool.run(blob)
+    got = lanes.run(blob)  # 26 images: chunks of 9, 9 and 8, in order
+    assert got.shape == expected.shape == (len(parity_frames), 22, 2100)
+    assert np.abs(got[:, :4] - expected[:, :4]).max() < 1e-3  # box coordinates, px at 320
+    assert np.abs(got[:, 4:] - expected[:, 4:]).max() < 1e-5  # class scores
+
+    def boxes(detector):
+        outputs = detector.predict(parity_frames)
+        return [[(d["class"], d["box"]) for d in o.details["detections"]] for o in outputs]
+
+    assert boxes(lanes) == boxes(pool)
+    assert sum(map(len, boxes(lanes))) >= 8

@@ -111,3 +111,18 @@ def test_torch_module_runs_under_the_runtime_autocast(torch_detector, parity_bat
     low = bf16.run(parity_batch[:6])
     assert not np.array_equal(low, fp32)  # autocast did change the arithmetic...
     assert np.abs(low - fp32).max() < 0.05  # ...within bf16's usual deviation on this model
+
+
+# -- onnxruntime on CPU: batch lanes (default) vs one intra-op pool ------------------------
+
+
+def test_batch_lanes_match_the_intra_op_pool(parity_batch):
+    cpu = {"device": "cpu", "threads": 3}
+    lanes = OpenNSFW.load(load_settings(runtime=cpu))
+    pool = OpenNSFW.load(load_settings(runtime={**cpu, "onnx_cpu_parallel": "op"}))
+    assert (lanes.graph.lanes, pool.graph.lanes) == (3, 1)
+    expected = pool.run(parity_batch)
+    got = lanes.run(parity_batch)  # 10 images: chunks of 4, 3 and 3, in order
+    assert got.shape == expected.shape == (len(parity_batch), 2)
+    assert np.abs(got - expected).max() < 1e-5
+    assert expected[:, 1].max() - expected[:, 1].min() > 0.1  # rows differ: order is checked

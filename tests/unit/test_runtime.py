@@ -44,3 +44,11 @@ def test_pipeline_settings_default_to_one_opencv_thread():
     from worker.settings import load_settings
 
     assert load_settings().runtime.preprocess_threads == 1
+
+
+def test_cpu_cores_is_within_the_affinity_mask():
+    import os
+
+    from worker.runtime import cpu_cores
+
+    assert 1 <= cpu_cores() <= len(os.sched_getaffinity(0))
