@@ -36,6 +36,7 @@ from worker.verdict import DetectorResult, ImageInfo, Source, Verdict, error_ver
 
 log = logging.getLogger(__name__)
 
+
 class Cancelled(Exception):
     """The job's ``Cancel`` was set before its verdict was ready; no verdict will come."""
 

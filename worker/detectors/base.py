@@ -92,4 +92,3 @@ def resolve_weights(
             return found
         looked.append(str(found) if found is not None else "the file shipped in its Python package")
     raise ConfigError(f"{detector_id}: weights {filename!r} not found; looked in: {'; '.join(looked)}")
-
