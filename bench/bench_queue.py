@@ -247,6 +247,47 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sample_until_published(
+    r: Any, total_keys: int, pids: dict[str, int], alive: Any
+) -> list[tuple[int, dict[str, float], float]]:
+    """Poll until ``total_keys`` verdicts are on the stream: (stream length, CPU seconds of
+    each named process, time) every half second."""
+    samples = []
+    deadline = time.monotonic() + 900
+    while (n := r.xlen(keys.VERDICT_STREAM)) < total_keys and time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("a process died")
+        samples.append((n, {name: cpu_seconds(pid) for name, pid in pids.items()}, time.monotonic()))
+        time.sleep(0.5)
+    return samples
+
+
+def stream_span(r: Any) -> tuple[int, float, dict[str, int]]:
+    """Entries on the stream, seconds between the first and the last (Redis server time),
+    and the statuses of the first 200."""
+    first = r.xrange(keys.VERDICT_STREAM, count=1)[0][0]
+    last = r.xrevrange(keys.VERDICT_STREAM, count=1)[0][0]
+    statuses: dict[str, int] = {}
+    for _, f in r.xrange(keys.VERDICT_STREAM, count=200):
+        status = json.loads(f[b"verdict"])["status"]
+        statuses[status] = statuses.get(status, 0) + 1
+    seconds = max(1e-3, (entry_ms(last) - entry_ms(first)) / 1000.0)
+    return r.xlen(keys.VERDICT_STREAM), seconds, statuses
+
+
+def core_ms_per_key(samples: list[tuple[int, dict[str, float], float]], total_keys: int) -> dict[str, float]:
+    """CPU per key of each process over the middle of the run (10 %–90 % of the keys
+    published), and the wall rate there."""
+    mid = [s for s in samples if total_keys * 0.1 <= s[0] <= total_keys * 0.9]
+    if len(mid) < 2:
+        return {}
+    a, b = mid[0], mid[-1]
+    done = b[0] - a[0]
+    out = {name: round(1000 * (b[1][name] - a[1][name]) / done, 3) for name in a[1]}
+    out["wall_keys_per_s_mid"] = round(done / (b[2] - a[2]), 1)
+    return out
+
+
 def pipeline_push(
     redis_url: str, r: Any, moto: MotoServer, redis_pid: int, total_keys: int, decode: str, workdir: Path
 ) -> dict[str, Any]:
@@ -268,41 +309,13 @@ def pipeline_push(
     )
     try:
         wait_ready(base, proc)
-        samples = []  # (stream length, worker / moto / redis CPU seconds, time)
-        deadline = time.monotonic() + 900
-        while (n := r.xlen(keys.VERDICT_STREAM)) < total_keys and time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("worker died")
-            samples.append(
-                (
-                    n,
-                    cpu_seconds(proc.pid),
-                    cpu_seconds(moto.proc.pid),
-                    cpu_seconds(redis_pid),
-                    time.monotonic(),
-                )
-            )
-            time.sleep(0.5)
-        first = r.xrange(keys.VERDICT_STREAM, count=1)[0][0]
-        last = r.xrevrange(keys.VERDICT_STREAM, count=1)[0][0]
-        n = r.xlen(keys.VERDICT_STREAM)
-        statuses: dict[str, int] = {}
-        for _, f in r.xrange(keys.VERDICT_STREAM, count=200):
-            v = json.loads(f[b"verdict"])
-            statuses[v["status"]] = statuses.get(v["status"], 0) + 1
+        pids = {"worker": proc.pid, "moto": moto.proc.pid, "redis": redis_pid}
+        samples = sample_until_published(r, total_keys, pids, lambda: proc.poll() is None)
+        n, seconds, statuses = stream_span(r)
     finally:
         proc.terminate()
         proc.wait(60)
-    seconds = max(1e-3, (entry_ms(last) - entry_ms(first)) / 1000.0)
-    # CPU per key over the middle of the run (between 10 % and 90 % of the keys published).
-    mid = [s for s in samples if total_keys * 0.1 <= s[0] <= total_keys * 0.9]
-    per_key = {}
-    if len(mid) >= 2:
-        a, b = mid[0], mid[-1]
-        keys_done = b[0] - a[0]
-        for i, name in ((1, "worker"), (2, "moto"), (3, "redis")):
-            per_key[name] = round(1000 * (b[i] - a[i]) / keys_done, 3)
-        per_key["wall_keys_per_s_mid"] = round(keys_done / (b[4] - a[4]), 1)
+    per_key = core_ms_per_key(samples, total_keys)
     return {
         "decode": decode,
         "keys": n,
@@ -346,29 +359,14 @@ def split_push(
     try:
         for proc, base in workers:
             wait_ready(base, proc)
-        samples = []  # (stream length, inference / ingest (sum) / moto / redis CPU seconds, time)
-        deadline = time.monotonic() + 900
-        while (n := r.xlen(keys.VERDICT_STREAM)) < total_keys and time.monotonic() < deadline:
-            if server.poll() is not None or any(p.poll() is not None for p, _ in workers):
-                raise RuntimeError("a process died")
-            samples.append(
-                (
-                    n,
-                    cpu_seconds(server.pid),
-                    sum(cpu_seconds(p.pid) for p, _ in workers),
-                    cpu_seconds(moto.proc.pid),
-                    cpu_seconds(redis_pid),
-                    time.monotonic(),
-                )
-            )
-            time.sleep(0.5)
-        first = r.xrange(keys.VERDICT_STREAM, count=1)[0][0]
-        last = r.xrevrange(keys.VERDICT_STREAM, count=1)[0][0]
-        n = r.xlen(keys.VERDICT_STREAM)
-        statuses: dict[str, int] = {}
-        for _, f in r.xrange(keys.VERDICT_STREAM, count=200):
-            status = json.loads(f[b"verdict"])["status"]
-            statuses[status] = statuses.get(status, 0) + 1
+        pids = {"inference": server.pid, "moto": moto.proc.pid, "redis": redis_pid}
+        pids |= {f"ingest_{i}": p.pid for i, (p, _) in enumerate(workers)}
+
+        def alive() -> bool:
+            return server.poll() is None and all(p.poll() is None for p, _ in workers)
+
+        samples = sample_until_published(r, total_keys, pids, alive)
+        n, seconds, statuses = stream_span(r)
     finally:
         for proc, _ in workers:
             proc.terminate()
@@ -376,14 +374,9 @@ def split_push(
             proc.wait(60)
         server.terminate()
         server.wait(60)
-    seconds = max(1e-3, (entry_ms(last) - entry_ms(first)) / 1000.0)
-    mid = [s for s in samples if total_keys * 0.1 <= s[0] <= total_keys * 0.9]
-    per_key: dict[str, float] = {}
-    if len(mid) >= 2:
-        a, b = mid[0], mid[-1]
-        done = b[0] - a[0]
-        for i, name in ((1, "inference"), (2, "ingest_all"), (3, "moto"), (4, "redis")):
-            per_key[name] = round(1000 * (b[i] - a[i]) / done, 3)
+    per_key = core_ms_per_key(samples, total_keys)
+    if per_key:
+        per_key["ingest_all"] = round(sum(v for k, v in per_key.items() if k.startswith("ingest_")), 3)
     target = 2500
     return {
         "ingest_processes": ingest,

@@ -185,33 +185,38 @@ class WebhookReceiver:
         self.server.server_close()
 
 
-class WorkerProcess:
-    """``modgate worker`` as a subprocess, started with ``env`` and ready once /readyz says so."""
+class ModgateProcess:
+    """A ``modgate`` command as a subprocess with its output in ``log_path``, ready once its
+    HTTP ``/readyz`` on ``port`` answers 200."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, queues: str = "modgate,modgate.webhooks") -> None:
+    def __init__(self, args: list[str], env: dict[str, str], port: int, log_path: Path) -> None:
         import os
 
-        self.metrics_port = free_port()
-        self.env = {**os.environ, **env, "MODGATE_WORKER__METRICS_PORT": str(self.metrics_port)}
+        self.env = {**os.environ, **env}
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 (lives as long as the process)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "--queues", queues, "--loglevel", "INFO"],
+            [sys.executable, "-m", "worker.cli", *args],
             env=self.env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        self.base = f"http://127.0.0.1:{self.metrics_port}"
+        self.base = f"http://127.0.0.1:{port}"
 
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}: {self.tail()}")
+                raise RuntimeError(f"modgate {args[0]} exited with {self.proc.returncode}: {self.tail()}")
             return urllib.request.urlopen(self.base + "/readyz", timeout=1).status == 200
 
-        _wait(ready, "modgate worker", timeout=120)
+        _wait(ready, f"modgate {args[0]}", timeout=120)
 
     def metrics(self) -> str:
         return urllib.request.urlopen(self.base + "/metrics", timeout=5).read().decode()
+
+    def readyz(self) -> dict:
+        import json
+
+        return json.loads(urllib.request.urlopen(self.base + "/readyz", timeout=5).read())
 
     def tail(self, n: int = 4000) -> str:
         self.log.flush()
@@ -236,55 +241,32 @@ class WorkerProcess:
         self.log.close()
 
 
-class InferenceProcess:
+class WorkerProcess(ModgateProcess):
+    """``modgate worker`` as a subprocess, started with ``env`` and ready once /readyz says so."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str = "modgate,modgate.webhooks") -> None:
+        self.metrics_port = free_port()
+        super().__init__(
+            ["worker", "--queues", queues, "--loglevel", "INFO"],
+            {**env, "MODGATE_WORKER__METRICS_PORT": str(self.metrics_port)},
+            self.metrics_port,
+            log_path,
+        )
+
+
+class InferenceProcess(ModgateProcess):
     """``modgate serve-inference`` as a subprocess, ready once its /readyz says so."""
 
     def __init__(self, env: dict[str, str], socket: Path, log_path: Path) -> None:
-        import os
-
         self.socket = socket
         self.health_port = free_port()
-        self.env = {
-            **os.environ,
-            **env,
-            "MODGATE_INFERENCE__SOCKET": str(socket),
-            "MODGATE_INFERENCE__HEALTH_PORT": str(self.health_port),
-        }
-        self.log_path = log_path
-        self.log = open(log_path, "ab")  # noqa: SIM115 (lives as long as the process)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "serve-inference"],
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+        super().__init__(
+            ["serve-inference"],
+            {
+                **env,
+                "MODGATE_INFERENCE__SOCKET": str(socket),
+                "MODGATE_INFERENCE__HEALTH_PORT": str(self.health_port),
+            },
+            self.health_port,
+            log_path,
         )
-        self.base = f"http://127.0.0.1:{self.health_port}"
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve-inference exited with {self.proc.returncode}: {self.tail()}")
-            return urllib.request.urlopen(self.base + "/readyz", timeout=1).status == 200
-
-        _wait(ready, "modgate serve-inference", timeout=120)
-
-    def readyz(self) -> dict:
-        import json
-
-        return json.loads(urllib.request.urlopen(self.base + "/readyz", timeout=5).read())
-
-    def tail(self, n: int = 4000) -> str:
-        self.log.flush()
-        return self.log_path.read_bytes()[-n:].decode(errors="replace")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)

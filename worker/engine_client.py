@@ -34,6 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from worker.detectors import LoadedDetectors
 from worker.engine import FrameResult, PreparedFrame
 from worker.errors import ConfigError
 from worker.settings import InferenceSettings
@@ -95,11 +96,11 @@ def read_request(sock: socket.socket) -> tuple[Any, Any]:
     try:
         if not first:
             raise EOFError("connection closed")
-        head = bytes(first) + (_recv_exact(sock, _HEAD.size - len(first)) if len(first) < _HEAD.size else b"")
+        head = bytes(first) + _read_exact(sock.recv_into, _HEAD.size - len(first))
         head_size, payload_size = _HEAD.unpack(head)
-        header = pickle.loads(_recv_exact(sock, head_size))
+        header = pickle.loads(_read_exact(sock.recv_into, head_size))
         if payload_size:
-            return header, _recv_exact(sock, payload_size)
+            return header, _read_exact(sock.recv_into, payload_size)
         obj = header[2]
         if fds and isinstance(obj, tuple) and obj[:1] == ("memfd",):
             # Private and writable: torch.frombuffer wants a writable buffer; nothing
@@ -117,12 +118,14 @@ def read_request(sock: socket.socket) -> tuple[Any, Any]:
             os.close(fd)  # a mapping outlives its descriptor
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytearray:
+def _read_exact(readinto: Callable[[memoryview], int | None], size: int) -> bytearray:
+    """``size`` bytes through ``readinto`` (a socket's ``recv_into`` or a buffered reader's
+    ``readinto``), into one buffer: the only copy a payload makes on this side."""
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
     while got < size:
-        n = sock.recv_into(view[got:])
+        n = readinto(view[got:])
         if not n:
             raise EOFError("connection closed")
         got += n
@@ -141,22 +144,10 @@ def encode(header: Any, payload: bytes | bytearray | None = None) -> list[bytes 
 
 def read_message(stream: BinaryIO) -> tuple[Any, bytearray | None]:
     """The next message from a buffered socket reader; EOFError once the peer is gone."""
-    head = _read_exact(stream, _HEAD.size)
+    head = _read_exact(stream.readinto, _HEAD.size)
     head_size, payload_size = _HEAD.unpack(head)
-    header = pickle.loads(_read_exact(stream, head_size))
-    return header, (_read_exact(stream, payload_size) if payload_size else None)
-
-
-def _read_exact(stream: BinaryIO, size: int) -> bytearray:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = stream.readinto(view[got:])
-        if not n:
-            raise EOFError("connection closed")
-        got += n
-    return buf
+    header = pickle.loads(_read_exact(stream.readinto, head_size))
+    return header, (_read_exact(stream.readinto, payload_size) if payload_size else None)
 
 
 def tune(sock: socket.socket) -> None:
@@ -219,31 +210,10 @@ class EngineMeta:
     skipped: dict[str, str]
     backbone: RemoteBackbone | None
     tensor: bool
-    devices: dict[str, str]
 
     def signature(self) -> list[tuple[str, str, str]]:
         """What must not change across a reconnect: the verdicts name these."""
         return [(d.id, d.model, d.revision) for d in self.detectors]
-
-
-@dataclass
-class RemoteDetectors:
-    """``LoadedDetectors``' surface for the pipeline, from an ``EngineMeta``."""
-
-    detectors: list[RemoteDetector]
-    skipped: dict[str, str]
-    backbone: RemoteBackbone | None
-    _devices: dict[str, str]
-
-    @property
-    def min_side(self) -> int:
-        return max((d.min_side for d in self.detectors), default=0)
-
-    def draft_side(self, always: bool = False) -> int:
-        return self.min_side if always or all(d.draft_ok for d in self.detectors) else 0
-
-    def devices(self) -> dict[str, str]:
-        return dict(self._devices)
 
 
 @dataclass
@@ -320,7 +290,8 @@ class RemoteEngine:
                 f"inference.connect_timeout_s={settings.connect_timeout_s:g}"
             )
         self.meta = meta
-        self.detectors = RemoteDetectors(meta.detectors, meta.skipped, meta.backbone, meta.devices)
+        # LoadedDetectors' surface (draft side, devices from each one's declared device).
+        self.detectors = LoadedDetectors(meta.detectors, meta.skipped, meta.backbone)  # type: ignore[arg-type]
         self.tensor = meta.tensor
         self._conn: _Conn | None = conn
         self._reader = threading.Thread(target=self._read_loop, name="modgate-engine-client", daemon=True)

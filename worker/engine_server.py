@@ -63,7 +63,7 @@ def engine_meta(engine: LocalEngine) -> EngineMeta:
         fn = loaded.backbone.preparer()
         _check_picklable("clip backbone", fn)
         backbone = RemoteBackbone(fn, loaded.backbone.describe())
-    return EngineMeta(PROTOCOL, detectors, dict(loaded.skipped), backbone, engine.tensor, devices)
+    return EngineMeta(PROTOCOL, detectors, dict(loaded.skipped), backbone, engine.tensor)
 
 
 def _check_picklable(name: str, fn: Any) -> None:
