@@ -20,6 +20,24 @@ class MissingEvidenceError(ValueError):
     """A logistic category (``on_missing: fail``) lacks a detector it has weights for."""
 
 
+class MissingScoresError(ValueError):
+    """A loaded detector that the policy's evidence uses returned no score for this image:
+    the image's verdict is a ``detector_failed`` error, never a silent zero."""
+
+    def __init__(self, detectors: Collection[str]) -> None:
+        self.detectors = sorted(detectors)
+        super().__init__(f"no score from loaded detector(s) {', '.join(self.detectors)}")
+
+
+def check_scores(scores: Mapping[str, Mapping[str, float]], policy: Policy, loaded: Collection[str]) -> None:
+    """Raise ``MissingScoresError`` when a detector in ``loaded`` that some category's evidence
+    names has no scores at all: treating it as 0.0 would fail open."""
+    used = {e.detector for rule in policy.categories.values() for e in rule.evidence}
+    silent = {d for d in used.intersection(loaded) if not scores.get(d)}
+    if silent:
+        raise MissingScoresError(silent)
+
+
 def fuse_frames(outputs: Sequence[DetectorOutput]) -> DetectorOutput:
     """Max over frames for every score: an animation is as unsafe as its worst frame.
     Details come from the frame with the highest single score."""
@@ -75,8 +93,11 @@ def category_scores(rule: CategoryPolicy, values: Mapping[str, Values]) -> Value
 
 def assess(scores: dict[str, dict[str, float]], policy: Policy, loaded: Collection[str]) -> Assessment:
     """``scores`` maps detector id -> its fused scores; ``loaded`` are the detectors that
-    ran, which decides coverage (a category nobody looks at is not reported safe)."""
+    ran, which decides coverage (a category nobody looks at is not reported safe). A loaded
+    detector the evidence uses must have scores (``MissingScoresError``); a score name it
+    did not emit counts as 0.0 (load-time checks refuse names no detector declares)."""
     loaded = set(loaded)
+    check_scores(scores, policy, loaded)
     categories: dict[str, CategoryResult] = {}
     unsafe: list[tuple[float, str]] = []
     review: list[tuple[float, str]] = []

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.aggregator import assess, fuse_frames
+from worker.aggregator import MissingScoresError, assess, fuse_frames
 from worker.decode import DecodedImage, Frame, decode_image
 from worker.decode_pool import DecodeProcesses, Preparers
 from worker.detectors import LoadedDetectors, load_detectors
@@ -404,8 +404,11 @@ class Pipeline:
         job.timings["infer_ms"] = max(r.infer_ms for r in results)
         failures = {d: msg for r in results for d, msg in r.errors.items()}
         detectors: dict[str, DetectorResult] = {}
+        silent: list[str] = []  # loaded, no error, yet no output for some frame
         for det in self.detectors.detectors:
             per_frame = [r.outputs[det.id] for r in results if det.id in r.outputs]
+            if len(per_frame) < len(results) and det.id not in failures:
+                silent.append(det.id)
             if per_frame:
                 fused = fuse_frames(per_frame)
                 detectors[det.id] = DetectorResult(
@@ -420,7 +423,21 @@ class Pipeline:
                 job, ErrorCode.DETECTOR_FAILED, message, detectors=detectors, frames=len(results), image=image
             )
             return
-        assessment = assess({k: v.scores for k, v in detectors.items()}, job.policy, self._loaded_ids)
+        # A frame a detector skipped must not count as a 0.0 frame: its scores are left out,
+        # and the aggregator refuses the image if the policy uses that detector.
+        scored = {k: v.scores for k, v in detectors.items() if k not in silent}
+        try:
+            assessment = assess(scored, job.policy, self._loaded_ids)
+        except MissingScoresError as exc:
+            self._fail(
+                job,
+                ErrorCode.DETECTOR_FAILED,
+                str(exc),
+                detectors=detectors,
+                frames=len(results),
+                image=image,
+            )
+            return
         job.timings["aggregate_ms"] = _ms(time.perf_counter() - t)
         job.timings["total_ms"] = _ms(time.perf_counter() - job.started)
         job.future.set_result(

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from worker.aggregator import MissingEvidenceError, assess, category_scores, fuse_frames
+from worker.aggregator import MissingEvidenceError, MissingScoresError, assess, category_scores, fuse_frames
 from worker.detectors.base import DetectorOutput
 from worker.errors import ConfigError
 from worker.policy import CATEGORIES, Policy, deep_merge, default_policy_dict, require_detectors
@@ -168,3 +168,15 @@ def test_start_up_check_names_the_missing_detectors_unless_on_missing_review():
         require_detectors({"policy": logistic()}, loaded={"x", "y"}, skipped={"z": "why not"})
     require_detectors({"policy": logistic(on_missing="review")}, loaded={"x"}, skipped={})
     require_detectors({"policy": logistic()}, loaded={"x", "y", "z"}, skipped={})
+
+
+def test_a_loaded_detector_without_scores_is_an_error_not_a_zero():
+    # nudenet ran (loaded) but has no scores for this image: sexual must not be judged on
+    # open_nsfw alone as if nudenet had said 0.0.
+    with pytest.raises(MissingScoresError, match="nudenet"):
+        assess({"open_nsfw": {"nsfw": 0.1}}, policy(), loaded={"open_nsfw", "nudenet"})
+    with pytest.raises(MissingScoresError, match="nudenet"):
+        assess({"open_nsfw": {"nsfw": 0.1}, "nudenet": {}}, policy(), loaded={"open_nsfw", "nudenet"})
+    # A loaded detector that no evidence uses may stay silent.
+    unused = policy(categories={"sexual": {"evidence": [{"detector": "open_nsfw", "score": "nsfw"}]}})
+    assert assess({"open_nsfw": {"nsfw": 0.1}}, unused, loaded={"open_nsfw", "nudenet"}).decision == "safe"

@@ -117,6 +117,89 @@ def test_animation_is_as_unsafe_as_its_worst_frame(tmp_path, settings, open_nsfw
     assert animated.detectors["open_nsfw"].scores["nsfw"] == pytest.approx(worst, abs=1e-6)
 
 
+# -- a loaded detector that returns no score ---------------------------------------------
+
+
+class Nudity(Detector):
+    """A stand-in for ``nudenet`` (an id the default policy's evidence uses): scores 0.9,
+    or nothing at all on frames whose top-left pixel is pure green."""
+
+    id = "nudenet"
+    min_side = 0
+    model = "test/nudity"
+    revision = "1"
+
+    @classmethod
+    def load(cls, settings):
+        return cls()
+
+    def infer(self, frames: Sequence) -> list[DetectorOutput]:
+        return [
+            DetectorOutput({} if f.image.getpixel((0, 0)) == (0, 255, 0) else {"sexual": 0.9}) for f in frames
+        ]
+
+
+class DroppingEngine:
+    """An engine double for the split shape: a ``LocalEngine`` whose replies lose one
+    detector's output, as a remote engine's reply might."""
+
+    tensor = False
+
+    def __init__(self, inner, drop: str) -> None:
+        self.inner, self.drop, self.detectors = inner, drop, inner.detectors
+
+    def submit_frame(self, frame):
+        from concurrent.futures import Future
+        from dataclasses import replace
+
+        out = Future()
+
+        def relay(f):
+            result = f.result()
+            out.set_result(
+                replace(result, outputs={k: v for k, v in result.outputs.items() if k != self.drop})
+            )
+
+        self.inner.submit_frame(frame).add_done_callback(relay)
+        return out
+
+    def submit_jpeg(self, data, cancel=None):
+        raise RuntimeError("no tensor path")
+
+    def alive(self):
+        return self.inner.alive()
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_loaded_detector_without_a_score_fails_its_image(tmp_path, settings, open_nsfw):
+    blue = write(tmp_path / "blue.png", (0, 0, 255))
+    green = write(tmp_path / "green.png", (0, 255, 0))
+    with Pipeline(settings, LoadedDetectors([open_nsfw, Nudity()], {})) as pipe:
+        verdicts = {v.source.path: v for v in pipe.moderate(file_source(p) for p in [blue, green])}
+    assert verdicts[str(blue)].status == "ok" and verdicts[str(blue)].decision == "unsafe"
+    silent = verdicts[str(green)]
+    assert silent.status == "error" and silent.error.code == ErrorCode.DETECTOR_FAILED
+    assert "nudenet" in silent.error.message and silent.decision is None
+
+
+@pytest.mark.parametrize("drop", [None, "nudenet"])
+def test_split_shape_an_engine_reply_without_a_detector_fails_its_image(tmp_path, settings, open_nsfw, drop):
+    from worker.engine import LocalEngine
+
+    blue = write(tmp_path / "blue.png", (0, 0, 255))
+    inner = LocalEngine(settings, LoadedDetectors([open_nsfw, Nudity()], {}), None)
+    engine = inner if drop is None else DroppingEngine(inner, drop)
+    with Pipeline(settings, engine=engine) as pipe:
+        (verdict,) = pipe.moderate([file_source(blue)])
+    if drop is None:
+        assert verdict.status == "ok" and verdict.decision == "unsafe"
+    else:
+        assert verdict.status == "error" and verdict.error.code == ErrorCode.DETECTOR_FAILED
+        assert "nudenet" in verdict.error.message
+
+
 # -- backpressure and cancellation ------------------------------------------------------
 
 
