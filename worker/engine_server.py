@@ -2,14 +2,19 @@
 context and serves ``LocalEngine`` to the ingest processes over a Unix socket.
 
 Every client's requests go into the same decode batch and inference batcher, so the GPU
-sees full batches however many processes feed it. Messages (framing in
-``worker.engine_client``): on connect the server sends ``("meta", 0, EngineMeta)``; a
-client sends ``("jpeg", id, None)`` + the JPEG's bytes as payload, ``("jpeg", id,
-("memfd", size))`` with the descriptor of a memfd holding them, or ``("frame", id,
-inputs)``; the server answers ``("ok", id, outcome)`` or ``("err", id, text)``, in
-completion order, as many as are ready in one write. Pickle is safe here only because the
-socket is: it is created mode 0600 in a directory shared by the containers of one pod,
-never exposed on a network.
+sees full batches however many processes feed it. Messages (framing and values in
+``worker.engine_client``, JSON headers and raw arrays, no pickle): on connect the server
+sends ``{"k": "meta", ...}`` (detectors, preparers by name); a client sends
+``{"k": "jpeg", "id"}`` + the JPEG's bytes, ``{"k": "jpeg", "id", "memfd": size}`` with the
+descriptor of a sealed memfd holding them, or ``{"k": "frame", "id", "inputs"}`` + the
+arrays; the server answers ``{"k": "ok", "id", "v": outcome}`` or ``{"k": "err", "id",
+"text"}``, in completion order, as many as are ready in one write.
+
+The clients are untrusted (they decode hostile bytes): a client whose uid
+(SO_PEERCRED) is not allowed is refused, a message over the limits or with a header that
+does not parse ends its connection, an unsealed memfd or malformed inputs end that
+request with an error. The socket's directory must not be writable by anyone else, and a
+socket that was replaced under this process makes it not live (it rebinds on restart).
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import queue
 import signal
 import socket
@@ -29,15 +33,20 @@ from pathlib import Path
 from typing import Any
 
 from worker.decode_tensor import Fallback
+from worker.detectors import preparer_spec
 from worker.engine import LocalEngine, PreparedFrame
 from worker.engine_client import (
     PROTOCOL,
     EngineMeta,
+    ProtocolError,
     RemoteBackbone,
     RemoteDetector,
     encode,
+    outcome_to_json,
+    peer_uid,
     read_request,
     tune,
+    unpack_value,
 )
 from worker.errors import ConfigError
 from worker.settings import Settings
@@ -47,57 +56,79 @@ log = logging.getLogger(__name__)
 
 def engine_meta(engine: LocalEngine) -> EngineMeta:
     """What a client needs to prepare inputs and name models, with no weights. An image
-    detector whose preparer cannot travel stops start-up: its inputs could not be made."""
+    detector whose preparer is not a registered name with plain-data parameters stops
+    start-up: its inputs could not be made."""
     loaded = engine.detectors
     detectors = []
     devices = loaded.devices()
     for d in loaded.detectors:
-        fn = d.preparer() if d.input == "image" else None
-        if d.input == "image":
-            _check_picklable(d.id, fn)
+        spec = _spec(d.id, d.preparer()) if d.input == "image" else None
         detectors.append(
-            RemoteDetector(d.id, d.input, d.model, d.revision, d.min_side, d.draft_ok, devices[d.id], fn)
+            RemoteDetector(d.id, d.input, d.model, d.revision, d.min_side, d.draft_ok, devices[d.id], spec)
         )
     backbone = None
     if loaded.backbone is not None:
-        fn = loaded.backbone.preparer()
-        _check_picklable("clip backbone", fn)
-        backbone = RemoteBackbone(fn, loaded.backbone.describe())
+        backbone = RemoteBackbone(
+            _spec("clip backbone", loaded.backbone.preparer()), loaded.backbone.describe()
+        )
     return EngineMeta(PROTOCOL, detectors, dict(loaded.skipped), backbone, engine.tensor)
 
 
-def _check_picklable(name: str, fn: Any) -> None:
+def _spec(name: str, fn: Any) -> dict[str, Any]:
     try:
-        if fn is None:
-            raise ValueError("no preparer")
-        pickle.dumps(fn)
-    except Exception as exc:
-        raise ConfigError(f"{name}: its preprocessing cannot be sent to ingest processes ({exc})") from None
+        return preparer_spec(fn)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: its preprocessing cannot be named to ingest processes ({exc})") from None
+
+
+def _check_directory(directory: Path) -> None:
+    """The socket's directory must be this uid's and writable by nobody else: whoever can
+    write there can replace the socket and answer the ingest processes."""
+    st = directory.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"{directory}: the inference socket's directory must be owned by uid {os.getuid()} "
+            f"and not group/other writable (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
+        )
 
 
 class InferenceServer:
-    def __init__(self, path: Path, engine: LocalEngine) -> None:
+    def __init__(
+        self,
+        path: Path,
+        engine: LocalEngine,
+        client_uids: list[int] | None = None,
+        max_message_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
         self.path = path
         self.engine = engine
-        self._meta = b"".join(encode(("meta", 0, engine_meta(engine))))
+        self.client_uids = frozenset(client_uids if client_uids is not None else [os.getuid()])
+        self.limit = max_message_bytes
+        meta = engine_meta(engine)
+        self._ids = frozenset(d.id for d in meta.detectors) | {"clip_backbone"}
+        self._meta = b"".join(encode(meta.to_json()))
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
         self._conns: set[socket.socket] = set()
+        self._inode: int | None = None
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _check_directory(self.path.parent)
         # A socket left by a previous run of this container would make bind fail.
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(self.path.lstat().st_mode):
                 self.path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # created 0600: only this user's processes may connect
+        # 0600 when only this uid may connect; else the peer-cred check is the gate.
+        old = os.umask(0o177 if self.client_uids == {os.getuid()} else 0o111)
         try:
             listener.bind(str(self.path))
         finally:
             os.umask(old)
         listener.listen(64)
+        self._inode = self.path.lstat().st_ino
         self._listener = listener
         self._thread = threading.Thread(
             target=self._accept_loop, name="modgate-inference-accept", daemon=True
@@ -111,7 +142,20 @@ class InferenceServer:
         return len(self._conns)
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.engine.alive()
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and self.engine.alive()
+            and self._still_bound()
+        )
+
+    def _still_bound(self) -> bool:
+        """False once the path no longer names this process's socket (removed or replaced):
+        new clients could not reach it; a restart rebinds."""
+        try:
+            return self.path.lstat().st_ino == self._inode
+        except OSError:
+            return False
 
     def close(self) -> None:
         self._closed.set()
@@ -123,8 +167,9 @@ class InferenceServer:
         for conn in list(self._conns):  # their clients reconnect to the next process
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._still_bound():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -135,6 +180,14 @@ class InferenceServer:
                 if self._closed.is_set():
                     return
                 log.exception("accept failed")
+                continue
+            try:
+                uid = peer_uid(conn)
+            except OSError:
+                uid = -1
+            if uid not in self.client_uids:
+                log.warning("refused a client of uid %d (inference.client_uids)", uid)
+                conn.close()
                 continue
             threading.Thread(
                 target=self._serve, args=(conn,), name="modgate-inference-conn", daemon=True
@@ -154,14 +207,18 @@ class InferenceServer:
             out.put(self._meta)
             while not self._closed.is_set():
                 try:
-                    (kind, rid, obj), data = read_request(conn)
+                    header, data = read_request(conn, self.limit)
                 except (EOFError, OSError):
                     return
-                if isinstance(data, Exception):  # its memfd could not be mapped
+                except ProtocolError as exc:
+                    log.warning("dropping a client: %s", exc)
+                    return
+                rid = header["id"]
+                if isinstance(data, Exception):  # its memfd was refused or could not be mapped
                     future: Future[Any] = Future()
                     future.set_exception(data)
                 else:
-                    future = self._handle(kind, obj if data is None else data)
+                    future = self._handle(header, data)
                 future.add_done_callback(lambda f, rid=rid: out.put(_reply(rid, f)))
         finally:
             out.put(None)
@@ -169,17 +226,23 @@ class InferenceServer:
             self._conns.discard(conn)
             conn.close()
 
-    def _handle(self, kind: str, payload: Any) -> Future[Any]:
+    def _handle(self, header: dict[str, Any], data: Any) -> Future[Any]:
         try:
+            kind = header["k"]
             if kind == "frame":
-                return self.engine.submit_frame(PreparedFrame(None, payload))
+                inputs = unpack_value(header.get("inputs"), memoryview(data or b""), [0])
+                if not isinstance(inputs, dict) or not set(inputs) <= self._ids:
+                    raise ValueError("inputs must map known detector ids")
+                return self.engine.submit_frame(PreparedFrame(None, inputs))
             if kind == "jpeg":
+                if data is None:
+                    raise ValueError("a JPEG request without bytes")
                 if not self.engine.tensor:
                     done: Future[Any] = Future()
                     done.set_result(Fallback("the inference process has no tensor decode path"))
                     return done
-                return self.engine.submit_jpeg(payload)
-            raise ValueError(f"unknown request kind {kind!r}")
+                return self.engine.submit_jpeg(data)
+            raise ValueError(f"unknown request kind {kind!r:.50}")
         except Exception as exc:
             failed: Future[Any] = Future()
             failed.set_exception(exc)
@@ -188,9 +251,9 @@ class InferenceServer:
 
 def _reply(rid: int, future: Future[Any]) -> bytes:
     try:
-        return encode(("ok", rid, future.result()))[0]
+        return encode({"k": "ok", "id": rid, "v": outcome_to_json(future.result())})[0]
     except Exception as exc:
-        return encode(("err", rid, f"{type(exc).__name__}: {exc}"))[0]
+        return encode({"k": "err", "id": rid, "text": f"{type(exc).__name__}: {exc}"})[0]
 
 
 def _write_loop(conn: socket.socket, out: queue.SimpleQueue[bytes | None]) -> None:
@@ -228,7 +291,12 @@ def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     engine = LocalEngine(settings, load_detectors(settings), on_batch=metrics.BATCH_SIZE.observe)
-    server = InferenceServer(settings.inference.socket, engine)
+    server = InferenceServer(
+        settings.inference.socket,
+        engine,
+        settings.inference.client_uids,
+        settings.inference.max_message_bytes,
+    )
     server.start()
     state.detectors = sorted(d.id for d in engine.detectors.detectors)
     state.devices = engine.detectors.devices()

@@ -286,15 +286,17 @@ class WebhookSettings(BaseModel):
 
     @field_validator("secret", "rotation_secrets", "secrets")
     @classmethod
-    def _whsec_is_base64(cls, value: Any) -> Any:
-        from worker.verify import standard_key
+    def _secrets_are_usable(cls, value: Any) -> Any:
+        from worker.verify import check_secret
 
         found: list[Any] = []
         for item in value.values() if isinstance(value, dict) else [value]:
             found.extend(item if isinstance(item, list) else [item])
         for secret in found:
             if secret is not None:
-                standard_key(secret.get_secret_value())  # raises ValueError on bad whsec_ base64
+                # ValueError for bad whsec_ base64 and for keys under 16 bytes: an empty
+                # secret (an unset variable in a template) would sign with a known key.
+                check_secret(secret.get_secret_value())
         return value
 
     def secrets_for(self, tenant: str | None) -> list[SecretStr]:
@@ -370,7 +372,9 @@ class ReceiverSettings(BaseModel):
 
     # Bearer token (MinIO's webhook ``auth_token``) and/or an HMAC secret for a
     # ``Modgate-Signature`` header; at least one is required unless ``allow_anonymous``.
-    token: SecretStr | None = None
+    # An empty token or a secret under 16 bytes is refused (a forger's guess, or an unset
+    # variable rendered as "").
+    token: SecretStr | None = Field(None, min_length=1)
     hmac_secret: SecretStr | None = None
     allow_anonymous: bool = False
     max_body_bytes: int = Field(1 * MiB, ge=1024)
@@ -389,12 +393,24 @@ class ReceiverSettings(BaseModel):
     # GET /metrics (Prometheus, unauthenticated, counters only); false = 404.
     metrics: bool = True
 
+    @field_validator("hmac_secret")
+    @classmethod
+    def _hmac_secret_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        from worker.verify import modgate_key
+
+        if value is not None:
+            modgate_key(value.get_secret_value())  # ValueError under 16 bytes
+        return value
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MODGATE_",
         env_nested_delimiter="__",
         extra="forbid",
+        # Errors name the field, never echo its value: secrets, tokens and URLs with
+        # passwords are settings too, and start-up errors end up in logs.
+        hide_input_in_errors=True,
     )
 
     redis: RedisSettings = Field(default_factory=RedisSettings)

@@ -1,25 +1,46 @@
 """The ingest ↔ inference transport (worker/engine_client.py, worker/engine_server.py) in
-one process: framing, memfd hand-over, reconnect with resend, cancellation while the
-inference process is away, and a restart that changes the models."""
+one process: framing, sealed memfd hand-over, reconnect with resend, cancellation, a
+restart that changes the detectors, malformed replies, the peer-cred checks."""
 
 from __future__ import annotations
 
-import operator
+import ast
+import fcntl
+import json
 import os
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from worker.decode_tensor import Cancelled as NotDecoded
+from worker.decode_tensor import Fallback
+from worker.detectors import build_preparer, preparer_spec
+from worker.detectors.open_nsfw import prepare_frame
 from worker.engine import FrameResult, PreparedFrame
-from worker.engine_client import INLINE_MAX, RemoteEngine, encode, jpeg_message, read_request
+from worker.engine_client import (
+    INLINE_MAX,
+    MAX_BAD_REPLIES,
+    MAX_LOSSES,
+    ProtocolError,
+    RemoteEngine,
+    RemoteError,
+    encode,
+    encode_frame,
+    jpeg_message,
+    read_message,
+    read_request,
+    unpack_value,
+)
 from worker.engine_server import InferenceServer
+from worker.errors import ConfigError
 from worker.settings import InferenceSettings
 
 
@@ -35,17 +56,28 @@ class FakeDetector:
         self.revision = revision
 
     def preparer(self):
-        return operator.truth
+        return prepare_frame  # a registered preparer: clients build it by name
 
 
 class FakeDetectors:
-    def __init__(self, revision: str = "1") -> None:
-        self.detectors = [FakeDetector(revision=revision)]
+    def __init__(self, revision: str = "1", ids: tuple[str, ...] = ("fake",)) -> None:
+        self.detectors = [FakeDetector(i, revision=revision) for i in ids]
         self.skipped: dict[str, str] = {}
         self.backbone = None
 
     def devices(self) -> dict[str, str]:
-        return {"fake": "cpu"}
+        return {d.id: "cpu" for d in self.detectors}
+
+
+def answer(data) -> FrameResult:
+    """What the fake engine answers a JPEG with: its length and first byte, as scores."""
+    return FrameResult({"fake": _output({"len": len(data), "first": data[0]})}, {}, 1, 0.0, 0.0)
+
+
+def _output(scores):
+    from worker.detectors.base import DetectorOutput
+
+    return DetectorOutput(scores)
 
 
 class FakeEngine:
@@ -54,18 +86,20 @@ class FakeEngine:
 
     tensor = True
 
-    def __init__(self, revision: str = "1") -> None:
-        self.detectors = FakeDetectors(revision)
+    def __init__(self, revision: str = "1", ids: tuple[str, ...] = ("fake",)) -> None:
+        self.detectors = FakeDetectors(revision, ids)
         self.hold = threading.Event()
         self.seen: list[int] = []
         self.kinds: list[str] = []
+        self.frames: list[dict] = []
 
     def submit_jpeg(self, data, cancel=None) -> Future:
         self.kinds.append(type(data).__name__)
         self.seen.append(len(data))
-        return self._later((len(data), data[0]))
+        return self._later(answer(data))
 
     def submit_frame(self, frame: PreparedFrame) -> Future:
+        self.frames.append(frame.inputs)
         return self._later(FrameResult({}, {}, 1, 0.0, 0.0))
 
     def _later(self, value) -> Future:
@@ -97,7 +131,16 @@ def wait(check, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_small_jpegs_travel_inline_and_large_ones_as_a_mapped_memfd():
+def scores(result: FrameResult) -> tuple[int, int]:
+    s = result.outputs["fake"].scores
+    return int(s["len"]), int(s["first"])
+
+
+def client_for(path: Path, **kw) -> RemoteEngine:
+    return RemoteEngine(InferenceSettings(socket=path, **{"connect_timeout_s": 5, **kw}))
+
+
+def test_small_jpegs_travel_inline_and_large_ones_as_a_sealed_mapped_memfd():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     small, large = os.urandom(1000), os.urandom(INLINE_MAX + 12345)
     for rid, data in ((1, small), (2, large)):
@@ -105,22 +148,71 @@ def test_small_jpegs_travel_inline_and_large_ones_as_a_mapped_memfd():
         assert (message.fd is None) == (data is small)
         sender = threading.Thread(target=message.send, args=(a,))
         sender.start()
-        (kind, got_rid, _), got = read_request(b)
+        header, got = read_request(b)
         sender.join()
-        assert (kind, got_rid) == ("jpeg", rid)
+        assert (header["k"], header["id"]) == ("jpeg", rid)
         assert type(got).__name__ == ("bytearray" if data is small else "mmap")
         assert bytes(got) == data
-    # A memfd shorter than its header says: that request's error, the stream goes on.
+    # Sealed before it is sent: the sender (or any process the descriptor reaches) can no
+    # longer shrink it under the inference process's mapping.
     message = jpeg_message(3, large)
-    os.ftruncate(message.fd.fd, 10)
-    message.send(a)
-    (_, rid, _), got = read_request(b)
-    assert rid == 3 and isinstance(got, (OSError, ValueError))
-    for part in encode(("frame", 4, {"x": 1})):
+    with pytest.raises(PermissionError):
+        os.ftruncate(message.fd.fd, 10)
+    for part in encode_frame(4, {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "t": (np.uint8(7), 2.5)}):
         a.sendall(part)
-    assert read_request(b) == (("frame", 4, {"x": 1}), None)
+    header, data = read_request(b)
+    inputs = unpack_value(header["inputs"], memoryview(data), [0])
+    assert inputs["x"].tolist() == [[0, 1, 2], [3, 4, 5]] and inputs["t"] == (7, 2.5)
     a.close()
     with pytest.raises(EOFError):
+        read_request(b)
+
+
+def unsealed_memfd(data: bytes) -> int:
+    fd = os.memfd_create("hostile", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def test_an_unsealed_memfd_is_refused_and_a_truncation_after_sending_cannot_kill_the_server(sock_path):
+    engine = FakeEngine()
+    server = InferenceServer(sock_path, engine)
+    server.start()
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(sock_path))
+        reader = sock.makefile("rb")
+        assert read_message(reader)[0]["k"] == "meta"
+        data = b"\xff" * (INLINE_MAX + 4096)
+        fd = unsealed_memfd(data)
+        head = encode({"k": "jpeg", "id": 1, "memfd": len(data)})[0]
+        socket.send_fds(sock, [head], [fd])
+        os.ftruncate(fd, 0)  # what crashed the GPU process with SIGBUS when it was mapped
+        header, _ = read_message(reader)
+        assert header["k"] == "err" and "not sealed" in header["text"]
+        # A sealed one on the same connection still goes through: the server is fine.
+        jpeg_message(2, data).send(sock)
+        header, _ = read_message(reader)
+        assert header["k"] == "ok" and header["v"]["outputs"]["fake"]["scores"]["len"] == len(data)
+        assert engine.kinds == ["mmap"] and server.alive()
+        sock.close()
+    finally:
+        server.close()
+
+
+def test_array_specs_are_checked_against_limits_and_the_payload():
+    payload = memoryview(bytearray(64))
+    with pytest.raises(ProtocolError):
+        unpack_value({"$a": ["object", [1]]}, payload, [0])  # no object arrays
+    with pytest.raises(ProtocolError):
+        unpack_value({"$a": ["float32", [1000]]}, payload, [0])  # beyond the payload
+    with pytest.raises(ProtocolError):
+        unpack_value({"$a": ["uint8", [-1]]}, payload, [0])
+    with pytest.raises(ProtocolError):
+        unpack_value({"$x": 1}, payload, [0])
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.sendall(struct.pack("!IQ", 2**31, 0))  # a header over the limit ends the connection
+    with pytest.raises(ProtocolError):
         read_request(b)
 
 
@@ -128,18 +220,37 @@ def test_replies_come_back_for_both_paths(sock_path):
     engine = FakeEngine()
     server = InferenceServer(sock_path, engine)
     server.start()
-    client = RemoteEngine(InferenceSettings(socket=sock_path, connect_timeout_s=5))
+    client = client_for(sock_path)
     try:
         assert client.tensor and [d.id for d in client.detectors.detectors] == ["fake"]
-        assert client.detectors.detectors[0].prepare("anything") is True  # the server's preparer
+        # Built here from the registry, by name: no code crossed the socket.
+        assert client.detectors.detectors[0].preparer() is prepare_frame
         big = b"\xff" + os.urandom(INLINE_MAX)
-        assert client.submit_jpeg(b"\x01abc").result(5) == (4, 1)
-        assert client.submit_jpeg(big).result(5) == (len(big), 0xFF)
-        assert isinstance(client.submit_frame(PreparedFrame(None, {"fake": 1})).result(5), FrameResult)
+        assert scores(client.submit_jpeg(b"\x01abc").result(5)) == (4, 1)
+        assert scores(client.submit_jpeg(big).result(5)) == (len(big), 0xFF)
+        inputs = {"fake": np.ones((3, 4, 4), dtype=np.float32)}
+        assert isinstance(client.submit_frame(PreparedFrame(None, inputs)).result(5), FrameResult)
         assert engine.kinds == ["bytearray", "mmap"]
+        assert engine.frames[0]["fake"].shape == (3, 4, 4)
+        assert client.pending == 0
     finally:
         client.close()
         server.close()
+
+
+def test_preparers_travel_by_name_only():
+    import functools
+
+    from worker.detectors import clip_backbone
+
+    spec = preparer_spec(functools.partial(clip_backbone.prepare_frame, size=224))
+    assert spec == {"name": "clip", "params": {"size": 224}}
+    built = build_preparer(json.loads(json.dumps(spec)))
+    assert built.func is clip_backbone.prepare_frame and built.keywords == {"size": 224}
+    with pytest.raises(ValueError, match="unknown preparer"):
+        build_preparer({"name": "os.system", "params": {}})
+    with pytest.raises(ConfigError, match="not a registered preparer"):
+        preparer_spec(print)
 
 
 def test_a_restart_resends_what_was_pending_and_drops_what_was_cancelled(sock_path):
@@ -147,7 +258,7 @@ def test_a_restart_resends_what_was_pending_and_drops_what_was_cancelled(sock_pa
     engine.hold.set()
     server = InferenceServer(sock_path, engine)
     server.start()
-    client = RemoteEngine(InferenceSettings(socket=sock_path, connect_timeout_s=5))
+    client = client_for(sock_path)
 
     class Cancel:
         cancelled = False
@@ -166,7 +277,7 @@ def test_a_restart_resends_what_was_pending_and_drops_what_was_cancelled(sock_pa
     restarted = InferenceServer(sock_path, second)
     restarted.start()
     try:
-        assert [f.result(10) for f in kept] == [(10, 1), (10, 2), (10, 3)]
+        assert [scores(f.result(10)) for f in kept] == [(10, 1), (10, 2), (10, 3)]
         assert sorted(second.seen) == [10, 10, 10]  # sent again, the cancelled one not
         assert client.alive()
     finally:
@@ -174,24 +285,72 @@ def test_a_restart_resends_what_was_pending_and_drops_what_was_cancelled(sock_pa
         restarted.close()
 
 
-def test_an_inference_process_back_with_other_models_makes_the_client_not_alive(sock_path):
-    server = InferenceServer(sock_path, FakeEngine(revision="1"))
+def test_a_cancelled_request_leaves_the_pending_set_while_connected(sock_path):
+    engine = FakeEngine()
+    engine.hold.set()
+    server = InferenceServer(sock_path, engine)
     server.start()
-    client = RemoteEngine(InferenceSettings(socket=sock_path, connect_timeout_s=5))
-    server.close()
-    wait(lambda: not client.connected)
-    other = InferenceServer(sock_path, FakeEngine(revision="2"))
-    other.start()
+    client = client_for(sock_path)
+
+    class Cancel:
+        cancelled = False
+
     try:
-        wait(lambda: not client.alive())
+        cancel = Cancel()
+        future = client.submit_jpeg(b"\x05" * 10, cancel)
+        wait(lambda: engine.seen)
+        assert client.pending == 1
+        cancel.cancelled = True
+        assert future.result(5) == NotDecoded()
+        assert client.pending == 0  # its bytes are not held until a reply that may never come
+        engine.hold.clear()  # the late reply is ignored
+        assert scores(client.submit_jpeg(b"\x06" * 3).result(5)) == (3, 6)
     finally:
         client.close()
-        other.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "other",
+    [{"revision": "2"}, {"ids": ("fake",), "revision": "1", "fewer": True}],
+    ids=["revision", "fewer-detectors"],
+)
+def test_an_inference_process_back_with_other_detectors_is_not_attached_to(sock_path, other):
+    first = FakeEngine(ids=("fake", "other"))
+    server = InferenceServer(sock_path, first)
+    server.start()
+    client = client_for(sock_path)
+    first.hold.set()
+    pending = client.submit_jpeg(b"\x01" * 10)
+    wait(lambda: first.seen)
+    server.close()
+    wait(lambda: not client.connected)
+    changed = (
+        FakeEngine(ids=("fake",))
+        if other.get("fewer")
+        else FakeEngine(revision=other["revision"], ids=("fake", "other"))
+    )
+    server = InferenceServer(sock_path, changed)
+    server.start()
+    try:
+        wait(lambda: not client.alive())
+        later = client.submit_jpeg(b"\x02" * 10)
+        time.sleep(0.5)  # (what must not happen: a send to it)
+        assert changed.seen == [] and not client.connected
+        assert not pending.done() and not later.done()  # held: no verdict from missing scores
+        server.close()
+        # The same detectors again (e.g. a rollback): attached, everything sent.
+        same = FakeEngine(ids=("fake", "other"))
+        server = InferenceServer(sock_path, same)
+        server.start()
+        assert scores(pending.result(10)) == (10, 1) and scores(later.result(10)) == (10, 2)
+        assert client.alive()
+    finally:
+        client.close()
+        server.close()
 
 
 def test_no_inference_process_is_a_config_error(sock_path):
-    from worker.errors import ConfigError
-
     with pytest.raises(ConfigError, match="no inference process answered"):
         RemoteEngine(InferenceSettings(socket=sock_path, connect_timeout_s=0.3))
 
@@ -199,15 +358,12 @@ def test_no_inference_process_is_a_config_error(sock_path):
 def test_a_request_in_flight_at_every_death_is_not_resent_again(sock_path):
     """A JPEG that crashes the decoder must not take the inference process down in a loop:
     after MAX_LOSSES deaths with it in flight it goes to the ingest process's PIL path."""
-    from worker.decode_tensor import Fallback
-    from worker.engine_client import MAX_LOSSES
-
     engines = [FakeEngine() for _ in range(MAX_LOSSES + 1)]
     for e in engines[:-1]:
         e.hold.set()  # answers nothing before it "crashes"
     server = InferenceServer(sock_path, engines[0])
     server.start()
-    client = RemoteEngine(InferenceSettings(socket=sock_path, connect_timeout_s=5))
+    client = client_for(sock_path)
     try:
         poison = client.submit_jpeg(b"\xff" * 10)
         for i in range(MAX_LOSSES):
@@ -219,7 +375,139 @@ def test_a_request_in_flight_at_every_death_is_not_resent_again(sock_path):
             wait(lambda: client.connected)
         assert isinstance(poison.result(5), Fallback)
         assert engines[-1].seen == []  # never sent to the last one
-        assert client.submit_jpeg(b"\x01" * 5).result(5) == (5, 1)  # the rest goes on
+        assert scores(client.submit_jpeg(b"\x01" * 5).result(5)) == (5, 1)  # the rest goes on
     finally:
         client.close()
         server.close()
+
+
+class GarbageServer:
+    """A listener of this uid that sends real metadata, then answers every request with
+    ``reply(header)`` bytes; counts the requests it got."""
+
+    def __init__(self, path: Path, reply) -> None:
+        self.meta = b"".join(encode(_meta_json()))
+        self.reply = reply
+        self.requests = 0
+        self.connections = 0
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.sendall(self.meta)
+        try:
+            while True:
+                header, _ = read_request(conn)
+                self.requests += 1
+                conn.sendall(self.reply(header))
+        except (EOFError, OSError, ProtocolError):
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _meta_json() -> dict:
+    from worker.engine_server import engine_meta
+
+    return engine_meta(FakeEngine()).to_json()  # type: ignore[arg-type]
+
+
+def test_a_malformed_reply_is_resent_a_bounded_number_of_times_then_fails(sock_path):
+    def bad_body(header):  # parses, names the request, but its scores are not numbers
+        v = {"t": "frame", "outputs": {"fake": {"scores": {"x": "high"}}}, "errors": {}}
+        return b"".join(encode({"k": "ok", "id": header["id"], "v": v}))
+
+    server = GarbageServer(sock_path, bad_body)
+    client = client_for(sock_path)
+    try:
+        future = client.submit_frame(PreparedFrame(None, {"fake": np.zeros(3, np.float32)}))
+        with pytest.raises(RemoteError, match="malformed replies"):
+            future.result(10)
+        assert server.requests == MAX_BAD_REPLIES and client.pending == 0
+    finally:
+        client.close()
+        server.close()
+
+
+def test_an_unparsable_reply_ends_in_an_error_after_bounded_resends(sock_path):
+    server = GarbageServer(sock_path, lambda header: struct.pack("!IQ", 5, 0) + b"{nope")
+    client = client_for(sock_path)
+    try:
+        future = client.submit_frame(PreparedFrame(None, {"fake": np.zeros(3, np.float32)}))
+        with pytest.raises(RemoteError):
+            future.result(20)
+        assert server.requests == MAX_LOSSES  # sent once per connection, then given up
+        assert client.pending == 0
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_client_of_another_uid_is_refused(sock_path):
+    server = InferenceServer(sock_path, FakeEngine(), client_uids=[os.getuid() + 1])
+    server.start()
+    try:
+        with pytest.raises(ConfigError, match="no inference process answered"):
+            RemoteEngine(InferenceSettings(socket=sock_path, connect_timeout_s=0.5))
+    finally:
+        server.close()
+
+
+def test_a_server_of_another_uid_is_refused(sock_path):
+    """An ingest container that rebinds the path serves as its own uid, not the inference
+    process's: its clients refuse it."""
+    server = InferenceServer(sock_path, FakeEngine())
+    server.start()
+    try:
+        with pytest.raises(ConfigError, match=f"served by uid {os.getuid()}"):
+            client_for(sock_path, server_uid=os.getuid() + 1, connect_timeout_s=0.5)
+    finally:
+        server.close()
+
+
+def test_a_writable_socket_directory_is_refused(sock_path):
+    sock_path.parent.chmod(0o777)
+    with pytest.raises(ConfigError, match="not group/other writable"):
+        InferenceServer(sock_path, FakeEngine()).start()
+
+
+def test_a_replaced_socket_makes_the_server_not_live(sock_path):
+    server = InferenceServer(sock_path, FakeEngine())
+    server.start()
+    try:
+        assert server.alive()
+        sock_path.unlink()
+        squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        squatter.bind(str(sock_path))
+        assert not server.alive()  # restarted, it rebinds the path
+        squatter.close()
+    finally:
+        server.close()
+
+
+def test_no_pickle_in_the_engine_modules():
+    root = Path(__file__).resolve().parents[2] / "worker"
+    for name in ("engine.py", "engine_client.py", "engine_server.py"):
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+            else:
+                continue
+            banned = {"pickle", "cloudpickle", "dill", "marshal", "shelve"}
+            assert not {m.split(".")[0] for m in mods} & banned, (name, mods)
+    assert fcntl.F_SEAL_WRITE  # the sealing this transport needs exists here

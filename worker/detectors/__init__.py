@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,6 +49,72 @@ REGISTRY: dict[str, str] = {
     "falconsai_vit": "worker.detectors.falconsai_vit:FalconsaiViT",
     "clip_zeroshot": "worker.detectors.clip_zeroshot:ClipZeroShot",
 }
+
+
+# Preprocessing an ingest process of the split shape runs for the inference process's
+# detectors, by name: name -> "module:function". The inference process sends a name and
+# JSON parameters (``preparer_spec``); nothing it sends chooses code to run in an ingest
+# process beyond this table (no pickled callables cross the socket).
+PREPARERS: dict[str, str] = {
+    "open_nsfw": "worker.detectors.open_nsfw:prepare_frame",
+    "nudenet": "worker.detectors.nudenet:prepare_frame",
+    "clip": "worker.detectors.clip_backbone:prepare_frame",
+    "falconsai_vit": "worker.detectors.falconsai_vit:prepare_frame",
+}
+# Image processors (transformers) a parameter may name: rebuilt from their JSON config.
+_IMAGE_PROCESSORS = ("ViTImageProcessor", "ViTImageProcessorFast")
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def preparer_spec(fn: Callable[..., Any] | None) -> dict[str, Any]:
+    """A detector's ``preparer()`` (a registered function, or a ``functools.partial`` of one
+    with keyword parameters) as ``{"name", "params"}`` that JSON carries; ConfigError when
+    it is not one of ``PREPARERS`` or a parameter is not plain data."""
+    if fn is None:
+        raise ConfigError("no preparer")
+    func, params = (fn.func, dict(fn.keywords)) if isinstance(fn, functools.partial) else (fn, {})
+    if isinstance(fn, functools.partial) and fn.args:
+        raise ConfigError("a preparer takes keyword parameters only")
+    target = f"{getattr(func, '__module__', '?')}:{getattr(func, '__qualname__', '?')}"
+    name = next((n for n, t in PREPARERS.items() if t == target), None)
+    if name is None:
+        raise ConfigError(f"{target} is not a registered preparer (worker.detectors.PREPARERS)")
+    encoded = {}
+    for key, value in params.items():
+        if type(value).__name__ in _IMAGE_PROCESSORS and hasattr(value, "to_dict"):
+            value = {"image_processor": type(value).__name__, "config": value.to_dict()}
+        try:
+            if json.loads(json.dumps(value)) != value:
+                raise ValueError("does not survive JSON")
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name}: parameter {key!r} is not plain data ({exc})") from None
+        encoded[key] = value
+    return {"name": name, "params": encoded}
+
+
+def build_preparer(spec: Any) -> Callable[[Any], Any]:
+    """The callable ``preparer_spec`` described, built here from the registry (an ingest
+    process: no weights). ValueError for anything not registered or malformed."""
+    if not isinstance(spec, dict) or set(spec) != {"name", "params"} or not isinstance(spec["params"], dict):
+        raise ValueError(f"malformed preparer {spec!r:.200}")
+    name = spec["name"]
+    if name not in PREPARERS:
+        raise ValueError(f"unknown preparer {name!r:.100}")
+    params = {}
+    for key, value in spec["params"].items():
+        if isinstance(value, dict) and set(value) == {"image_processor", "config"}:
+            if value["image_processor"] not in _IMAGE_PROCESSORS or not isinstance(value["config"], dict):
+                raise ValueError(f"{name}: image processor {value['image_processor']!r:.100} is not allowed")
+            import transformers
+
+            value = getattr(transformers, value["image_processor"]).from_dict(value["config"])
+        params[str(key)] = value
+    func = _resolve(PREPARERS[name])
+    return functools.partial(func, **params) if params else func
 
 
 def detector_class(detector_id: str) -> type[Detector]:

@@ -54,7 +54,9 @@ class Detector(ABC):
         """``prepare`` as a picklable callable that needs no weights (a module-level
         function, or a ``functools.partial`` of one), so a decode process can run it next
         to decoding and send back only the detector-sized input. None: ``prepare`` runs
-        in the worker process, on the decoded frame sent back to it."""
+        in the worker process, on the decoded frame sent back to it. For the split shape
+        the function must be listed in ``worker.detectors.PREPARERS`` and its parameters
+        be plain data: ingest processes build it by name (``build_preparer``)."""
         return None
 
     @abstractmethod
