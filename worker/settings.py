@@ -139,6 +139,15 @@ class InferenceSettings(BaseModel):
     health_host: str = "0.0.0.0"
     # worker: how long start-up waits for the inference process (it loads the models).
     connect_timeout_s: float = Field(300.0, gt=0)
+    # The socket is a trust boundary (ingest processes decode hostile bytes), checked with
+    # SO_PEERCRED on both sides. serve-inference: uids allowed to connect (None = its own).
+    client_uids: list[int] | None = None
+    # worker: the uid the inference process must run as (None = this process's own); a
+    # process of any other uid listening on the path is refused, so an ingest container
+    # that rebinds the path cannot serve scores to the others.
+    server_uid: int | None = None
+    # Largest request or reply a side accepts (JSON header + raw arrays / JPEG bytes).
+    max_message_bytes: int = Field(256 * 1024 * 1024, gt=0)
 
 
 DEFAULT_DETECTORS: tuple[str, ...] = (
