@@ -10,6 +10,11 @@ answer, never retried), 400 (with the reason) for a body in which nothing is val
 already hold ``receiver.max_buffered_bytes``. A connection whose request line and headers
 are not complete within ``receiver.header_timeout_s`` is closed (``http_protocol``).
 
+Without a token (HMAC only, or anonymous) no body is vouched for until it has been read
+and verified, so a full buffer is shared fairly instead: the body holding the most gives
+way (503) to a smaller one, and strangers with made-up signatures cannot crowd out a
+signed event.
+
 Unauthenticated clients cost nothing: the bearer token (and the form and age of a
 ``Modgate-Signature``) are checked from the headers before any body byte is read, and an
 early answer closes the connection. ``/openapi.json`` declares the body models and the
@@ -28,7 +33,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -46,6 +51,7 @@ MAX_NAMED = 50
 # Same tolerance as worker.webhooks.verify, checked before the body is read.
 SIGNATURE_TOLERANCE_S = 300
 _FIELD = re.compile(r"[a-z0-9]{1,16}=[\x21-\x2b\x2d-\x7e]{1,256}")
+BUFFERED = Gauge("modgate_receiver_buffered_bytes", "Request body bytes held by the bodies being read.")
 
 
 # -- the request body, as documented for the OpenAPI schema (parsing is events.parse) -----
@@ -157,6 +163,29 @@ def _named(parsed: Parsed) -> list[dict[str, str]]:
     return [{"record": r.record, "reason": r.reason} for r in parsed.invalid[:MAX_NAMED]]
 
 
+class _Body:
+    """The chunks of one body being read; ``shed`` lets go of them (from any request)."""
+
+    __slots__ = ("chunks", "held", "was_shed")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.held = 0
+        self.was_shed = False
+
+    def add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.held += len(chunk)
+
+    def shed(self) -> int:
+        """Drop the chunks (the memory goes now; the reader answers 503 at its next chunk,
+        or 408 at its deadline); returns the bytes let go."""
+        held, self.held = self.held, 0
+        self.chunks.clear()
+        self.was_shed = True
+        return held
+
+
 def _signature_time(header: str) -> int | None:
     """The ``t`` of a well-formed ``t=<unix>,v1=<hex>[,…]`` header, else None (no exception:
     a non-ASCII or garbled header is the sender's error, a 401, never a 500)."""
@@ -211,14 +240,34 @@ def create_app(settings: Settings, enqueuer: Enqueuer | None = None) -> FastAPI:
                 return _problem(403, "bad or expired signature", close=True)
         return None
 
-    # Body bytes held by all requests being read (one event loop: no lock needed).
+    # Bodies being read and the bytes they hold (one event loop: no lock needed).
+    reading: set[_Body] = set()
     buffered = [0]
+    # Without a token nothing vouches for a sender until its body's MAC checks out (or
+    # ever, when anonymous): strangers with a well-formed made-up signature could hold
+    # the whole buffer and every signed event would get 503. So then, when the buffer is
+    # full, the unverified body holding the most gives way to a smaller one.
+    unverified = receiver.token is None
+
+    def make_room(body: _Body, size: int) -> bool:
+        while buffered[0] + size > receiver.max_buffered_bytes:
+            if not unverified:
+                return False
+            victim = max((b for b in reading if b is not body), key=lambda b: b.held, default=None)
+            # Only a body that would still hold more than this one: no two bodies take
+            # turns shedding each other, and every body of a fair share finds room.
+            if victim is None or victim.held <= body.held + size:
+                return False
+            buffered[0] -= victim.shed()
+            EVENTS.labels("shed").inc()
+        return True
 
     async def read_body(request: Request) -> bytes | JSONResponse:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > receiver.max_body_bytes:
             return _problem(413, f"body above {receiver.max_body_bytes} bytes", close=True)
-        chunks: list[bytes] = []
+        body = _Body()
+        reading.add(body)
         size = 0
         try:
             async with asyncio.timeout(receiver.body_timeout_s):
@@ -226,17 +275,23 @@ def create_app(settings: Settings, enqueuer: Enqueuer | None = None) -> FastAPI:
                     size += len(chunk)
                     if size > receiver.max_body_bytes:  # no or a lying Content-Length
                         return _problem(413, f"body above {receiver.max_body_bytes} bytes", close=True)
-                    if buffered[0] + len(chunk) > receiver.max_buffered_bytes:
-                        EVENTS.labels("shed").inc()
+                    if body.was_shed or not make_room(body, len(chunk)):
+                        if not body.was_shed:
+                            EVENTS.labels("shed").inc()
                         return _problem(503, "too many bodies in flight", {"Retry-After": "5"}, True)
                     buffered[0] += len(chunk)
-                    chunks.append(chunk)
+                    body.add(chunk)
+                    BUFFERED.set(buffered[0])
+            if body.was_shed:
+                return _problem(503, "too many bodies in flight", {"Retry-After": "5"}, True)
+            return b"".join(body.chunks)  # joined before ``finally`` lets go of the chunks
         except TimeoutError:
             EVENTS.labels("timed_out").inc()
             return _problem(408, f"body not received within {receiver.body_timeout_s:g} s", close=True)
         finally:
-            buffered[0] -= sum(map(len, chunks))
-        return b"".join(chunks)
+            reading.discard(body)
+            buffered[0] -= body.shed()
+            BUFFERED.set(buffered[0])
 
     @app.post(
         "/events",

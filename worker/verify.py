@@ -15,8 +15,11 @@ Every delivery is signed twice, once per scheme, and once per active secret with
   by the UTF-8 bytes of any other secret (give a Standard Webhooks library
   ``"whsec_" + base64(secret)``, see ``standard_secret``).
 
-A secret given as ``str`` is the configured secret; as ``bytes``, the key itself.
-Verification never raises: a missing or malformed header is ``False``.
+A secret given as ``str`` is the configured secret; as ``bytes``, the key itself. Every
+key must hold at least ``MIN_SECRET_BYTES`` bytes: a shorter or empty one (an unset
+environment variable) raises ``ValueError`` when signing or verifying, because with an
+empty key anyone can forge a valid signature. Verification never raises otherwise: a
+missing or malformed header is ``False``.
 """
 
 from __future__ import annotations
@@ -30,29 +33,39 @@ from collections.abc import Iterable, Mapping
 
 SIGNATURE_HEADER = "Modgate-Signature"
 WHSEC_PREFIX = "whsec_"
+# 128 bits: HMAC-SHA256's security strength is the key's length up to 256 bits (NIST SP
+# 800-107r1 5.3.4), so shorter keys are the weak link. Standard Webhooks secrets decode
+# to 24-64 bytes, Stripe's whsec_ strings are longer, `openssl rand -hex 16` gives 32.
+MIN_SECRET_BYTES = 16
 
 Secret = str | bytes
 Secrets = Secret | Iterable[Secret]
 
 
+def _long_enough(key: bytes, what: str) -> bytes:
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(f"{what} holds {len(key)} bytes; a signing secret needs at least {MIN_SECRET_BYTES}")
+    return key
+
+
 def modgate_key(secret: Secret) -> bytes:
-    return secret if isinstance(secret, bytes) else secret.encode()
+    """The ``Modgate-Signature`` key of ``secret``; ValueError under ``MIN_SECRET_BYTES``."""
+    return _long_enough(secret if isinstance(secret, bytes) else secret.encode(), "the secret")
 
 
 def standard_key(secret: Secret) -> bytes:
-    """The Standard Webhooks key of ``secret``; ValueError for a ``whsec_`` secret that is not base64."""
+    """The Standard Webhooks key of ``secret``; ValueError for a ``whsec_`` secret that is not
+    base64, or a key shorter than ``MIN_SECRET_BYTES``."""
     if isinstance(secret, bytes):
-        return secret
+        return _long_enough(secret, "the secret")
     if not secret.startswith(WHSEC_PREFIX):
-        return secret.encode()
+        return _long_enough(secret.encode(), "the secret")
     encoded = secret[len(WHSEC_PREFIX) :]
     try:
         key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("a whsec_ secret must be base64 after the prefix") from None
-    if not key:
-        raise ValueError("a whsec_ secret must not be empty")
-    return key
+    return _long_enough(key, "the base64 of the whsec_ secret")
 
 
 def standard_secret(secret: str) -> str:
@@ -60,6 +73,13 @@ def standard_secret(secret: str) -> str:
     if secret.startswith(WHSEC_PREFIX):
         return secret
     return WHSEC_PREFIX + base64.b64encode(secret.encode()).decode()
+
+
+def check_secret(secret: Secret) -> None:
+    """Raise ``ValueError`` unless ``secret`` gives keys of at least ``MIN_SECRET_BYTES``
+    under both schemes (start-up checks of settings)."""
+    modgate_key(secret)
+    standard_key(secret)
 
 
 def _all(secrets: Secrets) -> list[Secret]:
@@ -96,6 +116,7 @@ def verify(
     secrets: Secrets, body: bytes, header: str | None, tolerance_s: float = 300, now: float | None = None
 ) -> bool:
     """Check a ``Modgate-Signature`` header against any of ``secrets``."""
+    keys = [modgate_key(s) for s in _all(secrets)]  # a short secret raises: a setup error
     if not header:
         return False
     try:
@@ -103,7 +124,6 @@ def verify(
         (stamp,) = [value for name, value in pairs if name == "t"]
         timestamp = int(stamp)
         given = [value for name, value in pairs if name == "v1"]
-        keys = [modgate_key(s) for s in _all(secrets)]
     except (ValueError, TypeError, AttributeError):
         return False
     if not given or not _fresh(timestamp, tolerance_s, now):
@@ -120,6 +140,7 @@ def verify_standard(
     now: float | None = None,
 ) -> bool:
     """Check the Standard Webhooks headers against any of ``secrets``."""
+    keys = [standard_key(s) for s in _all(secrets)]  # a short or non-base64 secret raises
     lower = {k.lower(): v for k, v in headers.items()}
     msg_id, stamp, header = (lower.get(n) for n in ("webhook-id", "webhook-timestamp", "webhook-signature"))
     if not (msg_id and stamp and header):
@@ -127,7 +148,6 @@ def verify_standard(
     try:
         timestamp = int(stamp)
         given = [v.split(",", 1)[1] for v in header.split() if v.startswith("v1,")]
-        keys = [standard_key(s) for s in _all(secrets)]
     except (ValueError, TypeError, AttributeError):
         return False
     if not given or not _fresh(timestamp, tolerance_s, now):

@@ -385,7 +385,9 @@ def test_lambda_handler_direct_and_sqs_batch(own_redis, monkeypatch):
 def test_http_receiver_with_hmac_signatures(own_redis, s3_env):
     from worker.webhooks import sign
 
-    proc, base = start_receiver(own_redis.url, s3_env, {"MODGATE_RECEIVER__HMAC_SECRET": "hmac-key"})
+    proc, base = start_receiver(
+        own_redis.url, s3_env, {"MODGATE_RECEIVER__HMAC_SECRET": "hmac-key-0123456789"}
+    )
     try:
         body = json.dumps(minio_body(["signed.jpg"])).encode()
 
@@ -400,9 +402,11 @@ def test_http_receiver_with_hmac_signatures(own_redis, s3_env):
                 return exc.code
 
         assert send(None) == 401
-        assert send(sign(b"wrong-key", body, int(time.time()))) == 403
-        assert send(sign(b"hmac-key", body, int(time.time()) - 3600)) == 403  # replayed an hour later
-        assert send(sign(b"hmac-key", body, int(time.time()))) == 202
+        assert send(sign(b"wrong-key-0123456789", body, int(time.time()))) == 403
+        assert (
+            send(sign(b"hmac-key-0123456789", body, int(time.time()) - 3600)) == 403
+        )  # replayed an hour later
+        assert send(sign(b"hmac-key-0123456789", body, int(time.time()))) == 202
         assert queued_keys(redis.Redis.from_url(own_redis.url)) == ["signed.jpg"]
     finally:
         proc.terminate()

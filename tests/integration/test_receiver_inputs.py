@@ -6,6 +6,7 @@ store (tests/fixtures/events/)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -26,6 +27,7 @@ from tests.servers import RedisServer, free_port
 MODGATE = [sys.executable, "-m", "worker.cli"]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "events"
 TOKEN = "tok-123"
+HMAC_SECRET = "hmac-key-0123456789"
 
 
 class Receiver:
@@ -201,7 +203,7 @@ def test_keys_with_control_characters_are_refused(shared, shared_redis, key):
 
 
 def test_garbled_or_non_ascii_signature_is_401(start):
-    receiver = start(token=False, MODGATE_RECEIVER__HMAC_SECRET="hmac-key")
+    receiver = start(token=False, MODGATE_RECEIVER__HMAC_SECRET=HMAC_SECRET)
     for signature in ["t=1,v1=é", "t=ü", "garbage", "t=1", f"t={10**40},v1={'a' * 64}"]:
         status, body = post(
             receiver.base + "/events", minio_body(["a.jpg"]), {"Modgate-Signature": signature}, None
@@ -286,8 +288,55 @@ def test_bodies_in_flight_are_capped_across_connections(start):
         assert first.recv(65536).startswith(b"HTTP/1.1 408")
 
 
+def buffered_bytes(receiver: Receiver) -> float:
+    _, raw = get(receiver.base + "/metrics")
+    (line,) = [x for x in raw.decode().splitlines() if x.startswith("modgate_receiver_buffered_bytes ")]
+    return float(line.split()[1])
+
+
+def test_strangers_with_made_up_signatures_cannot_crowd_out_a_signed_event(start, own_redis):
+    from worker.verify import sign
+
+    cap = 2**20
+    receiver = start(
+        token=False,
+        MODGATE_RECEIVER__HMAC_SECRET=HMAC_SECRET,
+        MODGATE_RECEIVER__MAX_BUFFERED_BYTES=str(cap),
+        MODGATE_RECEIVER__MAX_BODY_BYTES=str(512 * 1024),
+        MODGATE_RECEIVER__BODY_TIMEOUT_S="120",
+    )
+    # A signature of the right form and time passes the header check; only the body's MAC
+    # could tell it from a real one.
+    made_up = f"t={int(time.time())},v1={'0' * 64}"
+    head = (
+        f"POST /events HTTP/1.1\r\nHost: x\r\nModgate-Signature: {made_up}\r\n"
+        f"Content-Length: {512 * 1024}\r\n\r\n"
+    )
+    strangers: list[socket.socket] = []
+    try:
+        for _ in range(64):  # 64 x 64 KiB of 512 KiB bodies, then they stall: 4x the buffer
+            sock = socket.create_connection(("127.0.0.1", receiver.port))
+            strangers.append(sock)
+            with contextlib.suppress(OSError):  # shed and closed already
+                sock.sendall(head.encode() + b" " * (64 * 1024))
+        deadline = time.monotonic() + 30
+        while buffered_bytes(receiver) < cap / 2:  # the strangers' bytes are in
+            assert time.monotonic() < deadline, "the strangers' bodies never filled the buffer"
+            time.sleep(0.05)
+        assert buffered_bytes(receiver) <= cap
+        body = json.dumps(minio_body(["signed.jpg"])).encode()
+        signed = {"Modgate-Signature": sign(HMAC_SECRET, body, int(time.time()))}
+        status, answer = post(receiver.base + "/events", body, signed, token=None)
+        assert status == 202, answer
+        assert queued_keys(redis.Redis.from_url(own_redis.url)) == ["signed.jpg"]
+        assert buffered_bytes(receiver) <= cap and receiver.proc.poll() is None
+    finally:
+        for sock in strangers:
+            sock.close()
+
+
 def test_unsigned_stalled_upload_with_hmac_is_refused_without_reading(start):
-    receiver = start(token=False, MODGATE_RECEIVER__HMAC_SECRET="hmac-key")
+    receiver = start(token=False, MODGATE_RECEIVER__HMAC_SECRET=HMAC_SECRET)
     headers = "POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
     assert raw_request(receiver.port, headers).startswith(b"HTTP/1.1 401")
     stale = f"t={int(time.time()) - 3600},v1={'0' * 64}"
@@ -307,7 +356,7 @@ def get(url: str) -> tuple[int, bytes]:
 
 
 def test_docs_are_off_unless_enabled_and_openapi_declares_the_contract(start):
-    receiver = start(MODGATE_RECEIVER__HMAC_SECRET="hmac-key")
+    receiver = start(MODGATE_RECEIVER__HMAC_SECRET=HMAC_SECRET)
     assert get(receiver.base + "/docs")[0] == 404 and get(receiver.base + "/redoc")[0] == 404
     status, raw = get(receiver.base + "/openapi.json")
     assert status == 200

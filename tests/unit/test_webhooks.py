@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError
 from tests.faults.proxy import Fault, FaultProxy
 from tests.servers import WebhookReceiver
 from worker import keys
-from worker.settings import WebhookSettings
+from worker.settings import WebhookSettings, load_settings
 from worker.verify import sign_standard, standard_secret, verify_headers
 from worker.webhooks import (
     MAX_HOP_S,
@@ -36,7 +36,8 @@ from worker.webhooks import (
     verify,
 )
 
-SECRET = b"s3cr3t"
+SECRET = b"s3cr3t-s3cr3t-s3cr3t"
+S = "a-secret-of-16-bytes"
 
 
 def fake_resolver(*ips):
@@ -54,7 +55,7 @@ def test_signature_is_hmac_sha256_over_timestamp_dot_body():
     assert v1 == hmac.new(SECRET, b"1700000000." + body, hashlib.sha256).hexdigest()
     assert verify(SECRET, body, header, now=1_700_000_100)
     assert not verify(SECRET, body + b" ", header, now=1_700_000_100)
-    assert not verify(b"other", body, header, now=1_700_000_100)
+    assert not verify(b"other-secret-0123456", body, header, now=1_700_000_100)
     assert not verify(SECRET, body, header, now=1_700_001_000)  # replayed too late
     assert not verify(SECRET, body, "garbage")
 
@@ -144,7 +145,12 @@ class Scheduled(list):
 
 def make(r, hook_url=None, resolver=socket.getaddrinfo, **settings):
     scheduled = Scheduled()
-    base = {"allow_hosts": ["127.0.0.1"], "secret": "s3cr3t", "backoff_base_s": 1.0, "max_attempts": 3}
+    base = {
+        "allow_hosts": ["127.0.0.1"],
+        "secret": "s3cr3t-s3cr3t-s3cr3t",
+        "backoff_base_s": 1.0,
+        "max_attempts": 3,
+    }
     dispatcher = Dispatcher(r, WebhookSettings(**{**base, **settings}), scheduled, resolver=resolver)
     return dispatcher, scheduled
 
@@ -191,11 +197,11 @@ def test_retry_is_scheduled_once_per_attempt_and_honours_retry_after(r):
 
 def test_per_tenant_secret(r):
     hook = WebhookReceiver()
-    dispatcher, _ = make(r, secrets={"acme": "acme-secret"})
+    dispatcher, _ = make(r, secrets={"acme": "acme-secret-0123456"})
     dispatcher.deliver(Delivery.new("v-acme", hook.url, "{}", tenant="acme"))
     dispatcher.deliver(Delivery.new("v-other", hook.url, "{}", tenant="other"))
     acme, other = hook.requests
-    assert verify(b"acme-secret", acme["body"], acme["headers"]["Modgate-Signature"])
+    assert verify(b"acme-secret-0123456", acme["body"], acme["headers"]["Modgate-Signature"])
     assert verify(SECRET, other["body"], other["headers"]["Modgate-Signature"])
     hook.stop()
 
@@ -265,9 +271,11 @@ def test_standard_webhooks_and_stripe_libraries_verify_a_delivery(r, configured)
         req["body"], req["headers"]["Modgate-Signature"], configured, tolerance=300
     )
     with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
-        standardwebhooks.Webhook(standard_secret("another")).verify(req["body"], req["headers"])
+        standardwebhooks.Webhook(standard_secret("another-secret-01234")).verify(req["body"], req["headers"])
     with pytest.raises(stripe.SignatureVerificationError):
-        stripe.WebhookSignature.verify_header(req["body"], req["headers"]["Modgate-Signature"], "another")
+        stripe.WebhookSignature.verify_header(
+            req["body"], req["headers"]["Modgate-Signature"], "another-secret-01234"
+        )
     assert verify_headers(configured, req["body"], req["headers"])
     hook.stop()
 
@@ -275,12 +283,18 @@ def test_standard_webhooks_and_stripe_libraries_verify_a_delivery(r, configured)
 def test_during_a_rotation_every_active_secret_signs_and_any_one_verifies(r):
     hook = WebhookReceiver()
     dispatcher, _ = make(
-        r, secret="new-secret", rotation_secrets=["old-secret"], secrets={"acme": ["acme-new", "acme-old"]}
+        r,
+        secret="new-secret-0123456789",
+        rotation_secrets=["old-secret-0123456789"],
+        secrets={"acme": ["acme-new-0123456789", "acme-old-0123456789"]},
     )
     dispatcher.deliver(Delivery.new("v-r:1-0", hook.url, "{}", tenant=None))
     dispatcher.deliver(Delivery.new("v-r:2-0", hook.url, "{}", tenant="acme"))
     default, acme = hook.requests
-    for req, accepted in ((default, ["new-secret", "old-secret"]), (acme, ["acme-new", "acme-old"])):
+    for req, accepted in (
+        (default, ["new-secret-0123456789", "old-secret-0123456789"]),
+        (acme, ["acme-new-0123456789", "acme-old-0123456789"]),
+    ):
         assert req["headers"]["Modgate-Signature"].count("v1=") == 2
         assert len(req["headers"]["webhook-signature"].split()) == 2
         for secret in accepted:
@@ -288,7 +302,7 @@ def test_during_a_rotation_every_active_secret_signs_and_any_one_verifies(r):
             assert verify_headers(secret, req["body"], req["headers"])
             stripe.WebhookSignature.verify_header(req["body"], req["headers"]["Modgate-Signature"], secret)
             standardwebhooks.Webhook(standard_secret(secret)).verify(req["body"], req["headers"])
-        assert not verify_headers("someone-else", req["body"], req["headers"])
+        assert not verify_headers("someone-else-0123456789", req["body"], req["headers"])
     hook.stop()
 
 
@@ -311,21 +325,69 @@ def test_verify_returns_false_on_missing_or_malformed_headers(header):
 
 def test_verify_headers_is_false_without_signatures_and_checks_the_event_id():
     body = b"{}"
-    assert not verify_headers("s", body, {})
-    assert not verify_headers("s", body, {"webhook-signature": "v1,AAAA"})  # no id, no timestamp
+    assert not verify_headers(S, body, {})
+    assert not verify_headers(S, body, {"webhook-signature": "v1,AAAA"})  # no id, no timestamp
     now = int(time.time())
     headers = {
         "webhook-id": "v:1-0",
         "webhook-timestamp": str(now),
-        "webhook-signature": sign_standard(["s"], "v:1-0", body, now),
+        "webhook-signature": sign_standard([S], "v:1-0", body, now),
     }
-    assert verify_headers("s", body, headers)
-    assert not verify_headers("s", body, {**headers, "webhook-id": "v:2-0"})  # another event's id
+    assert verify_headers(S, body, headers)
+    assert not verify_headers(S, body, {**headers, "webhook-id": "v:2-0"})  # another event's id
 
 
 def test_whsec_secrets_must_be_base64():
     with pytest.raises(ValueError, match="base64"):
         WebhookSettings(secret="whsec_not base64!")
+
+
+SHORT = ["", "s", "x" * 15, "whsec_", "whsec_" + base64.b64encode(b"k" * 15).decode(), "é" * 7]
+
+
+@pytest.mark.parametrize("short", SHORT)
+def test_empty_or_short_secrets_are_refused_at_start_up(short):
+    for settings in ({"secret": short}, {"rotation_secrets": [S, short]}, {"secrets": {"acme": [S, short]}}):
+        with pytest.raises(ValueError, match="at least 16"):
+            WebhookSettings(**settings)
+    if len(short.encode()) < 16:  # the receiver keys by the string as given, whsec_ or not
+        with pytest.raises(ValueError, match="at least 16"):
+            load_settings(receiver={"hmac_secret": short})
+    assert WebhookSettings(secret="x" * 16).secret is not None
+    assert WebhookSettings(secret="whsec_" + base64.b64encode(b"k" * 16).decode()).secret is not None
+
+
+def test_the_settings_error_names_the_field_but_never_the_secret():
+    with pytest.raises(ValueError) as refused:
+        load_settings(receiver={"hmac_secret": "hunter2-hunter2"}, webhook={"secret": "whsec_not base64!"})
+    assert "receiver.hmac_secret" in str(refused.value) and "webhook.secret" in str(refused.value)
+    assert "hunter2" not in str(refused.value) and "not base64!" not in str(refused.value)
+
+
+def test_an_empty_receiver_token_is_refused():
+    with pytest.raises(ValueError, match=r"receiver\.token"):
+        load_settings(receiver={"token": ""})
+
+
+@pytest.mark.parametrize("short", [b"", b"k" * 15, "", "k" * 15])
+def test_the_helper_refuses_to_sign_or_verify_with_a_short_key(short):
+    body, now = b"{}", 1_700_000_000
+    # With an empty key anyone computes the "right" MAC: the helper must not accept it.
+    forged = sign(b"k" * 16, body, now).replace(
+        sign(b"k" * 16, body, now).split("v1=")[1],
+        hmac.new(b"", b"1700000000.{}", hashlib.sha256).hexdigest(),
+    )
+    headers = {"webhook-id": "e", "webhook-timestamp": str(now), "webhook-signature": "v1,AAAA"}
+    for call in (
+        lambda: verify(short, body, forged, now=now),
+        lambda: verify([S, short], body, forged, now=now),
+        lambda: verify_headers(short, body, {"Modgate-Signature": forged}, now=now),
+        lambda: verify_headers(short, body, headers, now=now),
+        lambda: sign(short, body, now),
+        lambda: sign_standard(short, "e", body, now),
+    ):
+        with pytest.raises(ValueError, match="at least 16"):
+            call()
 
 
 def test_userinfo_is_stripped_before_the_delivery_is_stored_sent_or_logged(r, caplog):
@@ -344,8 +406,8 @@ def test_userinfo_is_stripped_before_the_delivery_is_stored_sent_or_logged(r, ca
 
 def test_unsigned_deliveries_are_warned_about():
     assert "unsigned" in unsigned_warning(WebhookSettings())
-    assert "acme" in unsigned_warning(WebhookSettings(secrets={"acme": "x"}))
-    assert unsigned_warning(WebhookSettings(secret="s")) is None
+    assert "acme" in unsigned_warning(WebhookSettings(secrets={"acme": "x" * 16}))
+    assert unsigned_warning(WebhookSettings(secret=S)) is None
 
 
 # -- SSRF: IPv6 forms that embed an IPv4 address --------------------------------------------
@@ -484,16 +546,20 @@ def _readme_snippets(language):
 
 def test_the_readme_snippets_verify_a_real_delivery(r, tmp_path):
     hook = WebhookReceiver()
-    dispatcher, _ = make(r, secret="new-secret", rotation_secrets=["old-secret"])
+    dispatcher, _ = make(r, secret="new-secret-0123456789", rotation_secrets=["old-secret-0123456789"])
     dispatcher.deliver(Delivery.new("v-readme:1-0", hook.url, '{"id": "v-readme", "x": "ü"}', tenant=None))
     (req,) = hook.requests
     body, header = req["body"], req["headers"]["Modgate-Signature"]
     (python,) = [s for s in _readme_snippets("python") if "def verify(" in s]
     scope = {}
     exec(python, scope)
-    assert scope["verify"]([b"old-secret"], body, header) and scope["verify"]([b"new-secret"], body, header)
-    assert not scope["verify"]([b"other"], body, header)
-    assert not scope["verify"]([b"new-secret"], body, None) and not scope["verify"]([b"x"], body, "t=1,v1")
+    assert scope["verify"]([b"old-secret-0123456789"], body, header) and scope["verify"](
+        [b"new-secret-0123456789"], body, header
+    )
+    assert not scope["verify"]([b"other-secret-0123456"], body, header)
+    assert not scope["verify"]([b"new-secret-0123456789"], body, None) and not scope["verify"](
+        [b"x"], body, "t=1,v1"
+    )
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed: the Node snippet is not checked")
@@ -512,8 +578,13 @@ def test_the_readme_snippets_verify_a_real_delivery(r, tmp_path):
         assert out.returncode == 0, out.stderr
         return out.stdout
 
-    assert run("old-secret", header) == run("new-secret", header) == "true"
-    assert run("other", header) == run("new-secret", "t=abc,v1=00") == run("new-secret", "") == "false"
+    assert run("old-secret-0123456789", header) == run("new-secret-0123456789", header) == "true"
+    assert (
+        run("other-secret-0123456", header)
+        == run("new-secret-0123456789", "t=abc,v1=00")
+        == run("new-secret-0123456789", "")
+        == "false"
+    )
     hook.stop()
 
 
