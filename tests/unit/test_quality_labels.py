@@ -118,3 +118,17 @@ def test_verdict_files_with_error_records_read_and_a_broken_line_is_named(tmp_pa
         read_verdicts(broken)
     with pytest.raises(LabelsError, match="no verdicts"):
         read_verdicts(write(tmp_path, "e.jsonl", "\n"))
+
+
+def test_safe_with_a_category_is_counted_and_listed_and_counts_as_safe(tmp_path):
+    labels = read_labels(
+        write(
+            tmp_path,
+            "l.csv",
+            "uri,label,category\na.jpg,safe,sexual\nb.jpg,safe,\nc.jpg,unsafe,sexual\na.jpg,safe,hate\n",
+        )
+    )
+    assert labels.safe_with_category.count == 1 and labels.safe_with_category.examples == ["a.jpg"]
+    assert labels.duplicate_uris.count == 1  # the duplicate row is not counted twice
+    a = labels.rows[0]
+    assert not a.unsafe and set(a.truth.values()) == {0} and len(a.truth) == len(CATEGORIES)

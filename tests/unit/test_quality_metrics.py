@@ -145,3 +145,69 @@ def test_a_category_without_positives_reports_null_with_reason():
     spam = report["categories"]["spam"]
     assert spam["positives"] == 0 and spam["auroc"] is None and spam["reason"] == "no positives"
     assert report["categories"]["violence"]["auroc"] is not None
+
+
+def test_a_labelled_category_no_detector_covers_is_reported_with_its_count():
+    from worker.quality.report import summary_notes
+    from worker.quality.synthetic import CALIBRATION_SCORES
+
+    # Only sexual's detectors ran: the spam positives have no score at all.
+    joined = _joined(n=400, seed=2, scores=CALIBRATION_SCORES, categories=["sexual", "spam"])
+    spam_positives = int(np.nansum(joined.truth("spam")))
+    report = evaluate(joined, Policy.model_validate(default_policy_dict()), resamples=20).report
+    spam = report["categories"]["spam"]
+    assert spam_positives > 0 and spam["positives"] == 0
+    assert spam["uncovered_positives"] == spam_positives
+    assert spam["uncovered_negatives"] == len(joined.rows) - spam_positives
+    note = f"{spam_positives} labelled images in spam, no enabled detector covers it"
+    assert report["notes"] == [note] and summary_notes(report) == [note]  # hate etc.: no positives
+
+
+def test_category_confusion_review_band_and_best_f1_equal_sklearn():
+    from sklearn.metrics import confusion_matrix
+
+    joined = _joined(n=600, seed=3)
+    policy = Policy.model_validate(default_policy_dict())
+    report = evaluate(joined, policy, resamples=50).report
+    sexual = report["categories"]["sexual"]
+    truth = joined.truth("sexual").astype(bool)
+    cats = [v.categories["sexual"] for v in joined.verdicts]
+    flagged = np.array([c.flagged for c in cats])
+    seen = flagged | np.array([c.review for c in cats])
+    tn, fp, fn, tp = confusion_matrix(truth, flagged).ravel()
+    assert sexual["at_threshold"]["confusion"] == {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    assert sexual["at_threshold"]["review"] == policy.categories["sexual"].review == 0.5
+    tn, fp, fn, tp = confusion_matrix(truth, seen).ravel()
+    band = sexual["at_review"]
+    assert band["confusion"] == {"tp": tp, "fp": fp, "fn": fn, "tn": tn} and band["review"] == 0.5
+    assert band["fpr"] == pytest.approx(fp / (fp + tn)) and band["recall"] == pytest.approx(tp / (tp + fn))
+    assert band["fpr"] > sexual["at_threshold"]["fpr"]  # the band costs false positives
+    fused = np.array([c.score for c in cats])
+    # Fused and detectors on the same footing: best F1 over thresholds for both, with n.
+    best = max(f1_score(truth, fused >= t) for t in np.unique(fused))
+    assert sexual["best_f1"] == pytest.approx(best)
+    assert sexual["detectors"]["open_nsfw"]["nsfw"]["n"] == len(joined.rows)
+    assert (
+        report["intervals"]["precision"] == "wilson" and report["intervals"]["f1"] == "bootstrap percentile"
+    )
+
+
+def test_precision_interval_with_no_false_positive_does_not_collapse():
+    from worker.quality.metrics import overall_block
+
+    y = np.array([1] * 20 + [0] * 30, bool)
+    pred = np.array([1] * 15 + [0] * 5 + [0] * 30, bool)  # tp 15, fn 5, fp 0, tn 30
+    block = overall_block(y, pred, Bootstrap(len(y), 200, seed=1))
+    z = 1.959963984540054
+    # Wilson score interval by hand: k = n gives [n / (n + z²), 1]; k = 0 gives [0, z² / (n + z²)].
+    low, high = block["ci95"]["precision"]
+    assert (
+        block["precision"] == 1.0 and low == pytest.approx(15 / (15 + z * z)) and high == pytest.approx(1.0)
+    )
+    low, high = block["ci95"]["fpr"]
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(z * z / (30 + z * z))
+    p, n = 15 / 20, 20  # recall 15 / 20, the general formula
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert block["ci95"]["recall"] == pytest.approx([centre - half, centre + half])
+    assert block["ci95"]["f1"][0] < block["f1"] < block["ci95"]["f1"][1]

@@ -3,7 +3,12 @@ the evidence scores) to labelled verdicts, and write a complete policy YAML.
 
 Fitting works on the frame-fused detector scores exactly as a verdict stores them, and
 every fused score here comes from ``worker.aggregator.category_scores``, the formula the
-worker and ``replay`` evaluate, so a calibrated policy does live what it did here.
+worker and ``replay`` evaluate, so a calibrated policy does live what it did here. The
+threshold and the review band are fitted on the scores of the rule written out (for
+logistic fusion: the model refitted on every image), so the written policy, replayed on
+its fitting data, meets the target and ``--review-recall`` by construction; the
+cross-validated figures (each fold's threshold and band fitted without it) are what to
+expect on new images.
 """
 
 from __future__ import annotations
@@ -131,13 +136,18 @@ class CategoryFit:
         return line + f"; cross-validated {cv}" + (f" ({self.note})" if self.note else "")
 
 
-def _cv_metrics(y: np.ndarray, s: np.ndarray, folds: StratifiedKFold, target: Target) -> dict[str, float]:
-    """Held-out-fold metrics of the whole procedure: for each fold, a threshold fitted on the
-    other folds' scores decides this fold's images."""
+def _cv_metrics(
+    y: np.ndarray, s: np.ndarray, folds: StratifiedKFold, target: Target, review_recall: float
+) -> dict[str, float]:
+    """Held-out-fold metrics of the whole procedure: for each fold, a threshold and review
+    band fitted on the other folds' scores decide this fold's images."""
     pred = np.zeros(len(y), bool)
+    seen = np.zeros(len(y), bool)  # flagged or in the review band
     for train, test in folds.split(s.reshape(-1, 1), y):
         threshold, _ = fit_threshold(y[train], s[train], target)
+        review = fit_review(y[train], s[train], threshold, review_recall)
         pred[test] = s[test] >= threshold
+        seen[test] = s[test] >= (threshold if review is None else review)
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
     return {
@@ -146,6 +156,7 @@ def _cv_metrics(y: np.ndarray, s: np.ndarray, folds: StratifiedKFold, target: Ta
         "recall": tp / max(1, tp + fn),
         "fpr": fp / max(1, fp + tn),
         "auroc": float(roc_auc_score(y, s)),
+        "review_recall": int((seen & y).sum()) / max(1, int(y.sum())),
     }
 
 
@@ -203,6 +214,8 @@ class Calibration:
             f"fitted on n={self.n} labelled verdicts{' (' + sources + ')' if sources else ''}",
             f"target {self.target}, fusion {self.fusion}, review band to recall {self.review_recall:g}, "
             f"{self.folds}-fold cross-validation, seed {self.seed}",
+            "target and review recall hold on these verdicts by construction (threshold and band "
+            "fitted on the written rule's scores); cross-validated figures estimate new images",
             *(fit.describe() for fit in self.fits.values()),
         ]
         return "".join(f"# {line}\n" for line in lines)
@@ -255,13 +268,16 @@ def calibrate(
             if not complete:
                 fit.note = "no evidence score is present in every verdict"
                 continue
-            new, scores = _fit_logistic(max_rule, complete, y, splitter, seed)
+            new, held_out = _fit_logistic(max_rule, complete, y, splitter, seed)
+            # The written model's own scores: what replay and the worker will compute.
+            scores = category_scores(new, complete)
         else:
             new, scores = max_rule, category_scores(max_rule, filled)
+            held_out = scores  # nothing fitted but the threshold: no model to hold out
         threshold, fit.note = fit_threshold(y, scores, target)
         review = fit_review(y, scores, threshold, review_recall)
         fit.rule = new.model_copy(update={"threshold": threshold, "review": review})
-        fit.cv = _cv_metrics(y, scores, splitter, target)
+        fit.cv = _cv_metrics(y, held_out, splitter, target, review_recall)
         categories[name] = fit.rule
     data = base.model_dump(mode="json")
     data["categories"] = {k: v.model_dump(mode="json") for k, v in categories.items()}

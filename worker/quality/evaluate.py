@@ -62,6 +62,7 @@ def run_eval(
         "duplicate_verdicts": joined.duplicate_verdicts.as_dict(),
         "unknown_categories": labels.unknown_categories.as_dict(),
         "unsafe_without_category": labels.unsafe_without_category.as_dict(),
+        "safe_with_category": labels.safe_with_category.as_dict(),
     }
     write_report(out, evaluation, plots=plots)
     return report

@@ -2,6 +2,9 @@
 
 UnsafeBench style: ``uri``, ``label`` (safe/unsafe), ``category`` (empty for safe), optional
 ``split``; an image labelled with one category is a negative for every other one.
+A ``safe`` row with a category contradicts itself: the row counts as safe (``label``
+decides, as in UnsafeBench, whose safe images carry the topic they were collected under)
+and is counted and listed in ``safe_with_category``.
 Multi-label style: ``uri`` plus one 0/1 column per category (any subset of the 11), optional
 ``split``; categories without a column are unknown, not negative.
 """
@@ -73,6 +76,7 @@ class LabelSet:
     unknown_categories: Issue = field(default_factory=Issue)
     duplicate_uris: Issue = field(default_factory=Issue)
     unsafe_without_category: Issue = field(default_factory=Issue)
+    safe_with_category: Issue = field(default_factory=Issue)
 
 
 def label_key(uri: str, base: Path) -> str:
@@ -176,6 +180,7 @@ def read_labels(path: Path) -> LabelSet:
         split_value = record.get("split")
         split = str(split_value).strip() if split_value not in (None, "") else None
         truth: dict[str, int] = {}
+        contradictory = False
         if out.style == "unsafebench":
             if "label" not in record:
                 raise LabelsError(f"{where}: missing `label`")
@@ -190,6 +195,7 @@ def read_labels(path: Path) -> LabelSet:
             category = _category_name(raw) if raw else ""
             if not unsafe:
                 truth = dict.fromkeys(CATEGORIES, 0)
+                contradictory = bool(raw)
             elif category in CATEGORIES:
                 truth = {c: int(c == category) for c in CATEGORIES}
             elif category:
@@ -213,6 +219,8 @@ def read_labels(path: Path) -> LabelSet:
             out.duplicate_uris.add(uri)  # the first row for a uri wins
             continue
         seen.add(key)
+        if contradictory:
+            out.safe_with_category.add(uri)
         rows.append(LabelRow(uri=uri, key=key, unsafe=unsafe, truth=truth, split=split, line=number))
     if out is None or not rows:
         raise LabelsError(f"{path}: no labelled rows")

@@ -1,6 +1,8 @@
-"""Metrics of labelled verdicts: scikit-learn's point estimates and seeded, vectorised
-bootstrap intervals. Input: labels joined to verdicts; output: the ``report.json`` dict
-(plus the arrays ``report.py`` draws curves from)."""
+"""Metrics of labelled verdicts: scikit-learn's point estimates, Wilson score intervals for
+the proportions (precision, recall, accuracy, FPR: they stay wide when a sample has no
+false positive, where a bootstrap collapses to [1, 1]) and seeded, vectorised bootstrap
+intervals for F1 and AUROC. Input: labels joined to verdicts; output: the ``report.json``
+dict (plus the arrays ``report.py`` draws curves from)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -26,6 +29,15 @@ from worker.quality.replay import check_policy, evidence_values, reaggregate, sc
 
 LEVEL = 0.95
 BINARY = ("precision", "recall", "f1", "accuracy", "fpr")
+# How each ``ci95`` entry is computed (report.json's ``intervals``).
+INTERVALS = {
+    "precision": "wilson",
+    "recall": "wilson",
+    "accuracy": "wilson",
+    "fpr": "wilson",
+    "f1": "bootstrap percentile",
+    "auroc": "bootstrap percentile",
+}
 
 
 def _num(value: Any) -> float | None:
@@ -58,6 +70,25 @@ def binary_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
         reasons.append("nothing predicted positive: precision is undefined")
     out["reason"] = "; ".join(reasons) or None
     return out
+
+
+def wilson(successes: int, trials: int) -> list[float] | None:
+    """Wilson score interval of a proportion at ``LEVEL``; None without trials."""
+    if trials <= 0:
+        return None
+    ci = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=LEVEL, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def proportion_intervals(confusion: dict[str, int]) -> dict[str, list[float] | None]:
+    """Wilson intervals of precision, recall, accuracy and FPR from confusion counts."""
+    tp, fp, fn, tn = (confusion[k] for k in ("tp", "fp", "fn", "tn"))
+    return {
+        "precision": wilson(tp, tp + fp),
+        "recall": wilson(tp, tp + fn),
+        "accuracy": wilson(tp + tn, tp + fp + fn + tn),
+        "fpr": wilson(fp, fp + tn),
+    }
 
 
 def score_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
@@ -163,7 +194,9 @@ def overall_block(
     block = binary_metrics(y if mask is None else y[mask], pred if mask is None else pred[mask])
     if boot is not None:
         samples = boot.binary(y if mask is None else y[mask], pred if mask is None else pred[mask])
-        block["ci95"] = {name: Bootstrap.interval(samples[:, i]) for i, name in enumerate(BINARY)}
+        f1 = Bootstrap.interval(samples[:, BINARY.index("f1")])
+        intervals = {**proportion_intervals(block["confusion"]), "f1": f1}
+        block["ci95"] = {name: intervals[name] for name in BINARY}
     return block
 
 
@@ -189,12 +222,14 @@ def evaluate(
         "policy_version": policy.version,
         "review_as": review_as,
         "bootstrap": {"resamples": resamples, "seed": seed, "level": LEVEL},
+        "intervals": INTERVALS,
         "verdict_policy_versions": dict(sorted(_count(v.policy_version for v in joined.verdicts).items())),
         "overall": overall_block(y, pred, boot) if n else None,
         "categories": {},
         "splits": {},
     }
     arrays: dict[str, CategoryArrays] = {}
+    notes: list[str] = []
     for name in CATEGORIES:
         rule = policy.categories[name]  # type: ignore[index]
         truth = joined.truth(name)
@@ -202,27 +237,44 @@ def evaluate(
             [np.nan if v.categories[name].score is None else v.categories[name].score for v in verdicts]
         )
         flagged = np.array([v.categories[name].flagged for v in verdicts], dtype=bool)
+        review = np.array([v.categories[name].review for v in verdicts], dtype=bool)
         known = ~np.isnan(truth)
         mask = known & ~np.isnan(fused)
         yc = truth[mask].astype(bool)
+        uncovered = known & np.isnan(fused)
+        uncovered_positives = int((truth[uncovered] == 1).sum())
         entry: dict[str, Any] = {
             "fusion": rule.fusion,
             "positives": int(yc.sum()),
             "negatives": int((~yc).sum()),
             "unlabelled": int((~known).sum()),
-            "uncovered": int((known & np.isnan(fused)).sum()),
+            "uncovered": int(uncovered.sum()),
+            "uncovered_positives": uncovered_positives,
+            "uncovered_negatives": int(uncovered.sum()) - uncovered_positives,
             "auroc": None,
             "average_precision": None,
+            "best_f1": None,
             "at_threshold": None,
+            "at_review": None,
             "detectors": {},
             "reason": None,
         }
         report["categories"][name] = entry
+        if uncovered_positives and not mask.any():
+            notes.append(f"{uncovered_positives} labelled images in {name}, no enabled detector covers it")
+        elif uncovered_positives:
+            notes.append(
+                f"{uncovered_positives} of {uncovered_positives + entry['positives']} labelled images in "
+                f"{name} have no score from its detectors, left out of its metrics"
+            )
         if not mask.any():
             if not n:
                 entry["reason"] = "no labelled image has an ok verdict"
             elif known.any():
-                entry["reason"] = "no labelled image is covered by this category's detectors"
+                entry["reason"] = (
+                    f"no enabled detector covers it ({uncovered_positives} labelled positives, "
+                    f"{entry['uncovered_negatives']} negatives)"
+                )
             else:
                 entry["reason"] = "no label says anything about this category"
             continue
@@ -232,11 +284,20 @@ def evaluate(
         at = binary_metrics(yc, flagged[mask])
         entry["at_threshold"] = {
             "threshold": rule.threshold,
-            **{k: at[k] for k in ("precision", "recall", "f1", "fpr")},
+            "review": rule.review,
+            **{k: at[k] for k in ("precision", "recall", "f1", "fpr", "confusion")},
         }
-        entry.update({k: v for k, v in score_metrics(yc, fused[mask]).items() if k != "best_f1"})
+        if rule.review is not None:
+            # The band's images go to a person: what flagged + review together catch and cost.
+            band = binary_metrics(yc, flagged[mask] | review[mask])
+            entry["at_review"] = {
+                "review": rule.review,
+                **{k: band[k] for k in ("precision", "recall", "f1", "fpr", "confusion")},
+            }
+        entry.update(score_metrics(yc, fused[mask]))
         if boot is not None:
             entry["ci95"] = {
+                **{k: v for k, v in proportion_intervals(at["confusion"]).items() if k != "accuracy"},
                 "f1": Bootstrap.interval(boot.binary(yc, flagged[mask], mask)[:, 2]),
                 "auroc": Bootstrap.interval(boot.auroc(yc, fused[mask], mask)),
             }
@@ -245,10 +306,15 @@ def evaluate(
             ok = known & ~np.isnan(values)
             ye = truth[ok].astype(bool)
             detector, _, score = key.partition(".")
-            entry["detectors"].setdefault(detector, {})[score] = score_metrics(ye, values[ok])
+            # n beside best F1: the fused score's and each detector's, on the images each scored.
+            entry["detectors"].setdefault(detector, {})[score] = {
+                **score_metrics(ye, values[ok]),
+                "n": int(ok.sum()),
+            }
             if not np.isnan(values[mask]).any():  # drawn beside the fused score: same images
                 evidence[key] = values[mask]
         arrays[name] = CategoryArrays(rule, yc, fused[mask], flagged[mask], evidence)
+    report["notes"] = notes
 
     splits = np.array([s if s is not None else "" for s in joined.splits], dtype=object)
     for i, split in enumerate(sorted({s for s in joined.splits if s is not None})):
