@@ -1,7 +1,7 @@
 """Decode stage: bytes → RGB frames the detectors can score, safely.
 
-The decode budget (``check_budget``: canvas pixels, frames, frames × canvas) is checked
-from the container's blocks (``worker.probe``) before any decoder runs; JPEGs are
+The decode budget (``check_budget``: canvas pixels, JPEG scans, frames, frames × canvas)
+is checked from the container's blocks (``worker.probe``) before any decoder runs; JPEGs are
 decoded with DCT scaling ("draft" mode) down to just above the largest input any enabled
 detector needs; EXIF orientation is applied; every mode becomes RGB with transparency
 composited on white; animations are sampled to at most ``max_frames`` frames, within a
@@ -85,14 +85,21 @@ class DecodedImage:
 
 
 def check_budget(info: Probe, settings: DecodeSettings) -> None:
-    """The decode budget, from the container's header and frame count; every decode path
-    (Pillow here, the tensor path) calls it before decoding. Over budget is an error
+    """The decode budget, from the container's header, frame count and JPEG scan count;
+    every decode path (Pillow here, the tensor path) calls it before decoding. Over budget is an error
     verdict, never a verdict from the frames that fit: unsafe frames can follow harmless ones."""
     w, h = info.width, info.height
     if w * h > settings.max_pixels:
         raise ModerationError(
             ErrorCode.IMAGE_TOO_LARGE,
             f"{w}x{h} = {w * h} pixels exceeds the limit of {settings.max_pixels}",
+        )
+    if info.scans > settings.max_jpeg_scans:
+        # libjpeg decodes every scan over the whole image, and no wall clock can stop a
+        # decoder call on a thread: a repeated scan is refused before it starts.
+        raise ModerationError(
+            ErrorCode.IMAGE_TOO_COMPLEX,
+            f"{info.scans} JPEG scans exceeds the limit of {settings.max_jpeg_scans}",
         )
     if info.frame_count > settings.max_decode_frames:
         raise ModerationError(

@@ -6,8 +6,8 @@ Every image is first classified from its header alone (``worker.probe`` + Pillow
 header parse, no pixel decoded): the decode budget (``worker.decode.check_budget``, the
 one budget function of every decode path) runs there, so a bomb is refused before any
 decoder runs. What the tensor path does not take — non-JPEG, MPO, CMYK/YCCK, no
-end-of-image marker (truncated), progressive on CUDA, a decoder error — is handed back
-as ``Fallback`` and goes through the PIL path for that image only; the batch never fails.
+end-of-image marker (truncated), progressive or multi-scan, a decoder error — is handed
+back as ``Fallback`` and goes through the PIL path for that image only; the batch never fails.
 Chosen by ``decode.backend`` (``backend_for``); the pipeline forms the decode batch.
 """
 
@@ -127,7 +127,7 @@ def _head(data: bytes) -> bytes:
     return bytes(data)
 
 
-def classify(data: bytes, settings: DecodeSettings, device: str = "cpu") -> Accepted | Fallback:
+def classify(data: bytes, settings: DecodeSettings) -> Accepted | Fallback:
     """Decide from the header whether the tensor path takes ``data``. Raises the budget's
     ModerationError (image_too_large / image_too_complex) before anything is decoded."""
     if not data:
@@ -135,7 +135,13 @@ def classify(data: bytes, settings: DecodeSettings, device: str = "cpu") -> Acce
     info = probe(data)
     if info.format != "JPEG":
         return Fallback(f"format {info.format or 'unknown'}")
-    check_budget(info, settings)
+    check_budget(info, settings)  # a scan bomb too: refused by its scan count
+    if not info.baseline_jpeg:
+        # Progressive or multi-scan: each scan is another pass over the whole image, so the
+        # cost is not bounded by the pixels, and a decode here (the batch thread, or the
+        # inference process) cannot be stopped mid-call. A decode process's hard time limit
+        # can; nvJPEG's hardware and batched decoders are for baseline Huffman JPEGs anyway.
+        return Fallback("progressive or multi-scan JPEG")
     try:
         im = Image.open(io.BytesIO(_head(data)))  # reads the header only
     except Exception as exc:
@@ -149,10 +155,6 @@ def classify(data: bytes, settings: DecodeSettings, device: str = "cpu") -> Acce
     check_budget(Probe("JPEG", max(w0, info.width), max(h0, info.height), 1), settings)
     if w0 == 0 or h0 == 0:
         return Fallback("zero size")
-    if device == "cuda" and (im.info.get("progressive") or im.info.get("progression")):
-        # nvJPEG's hardware and batched decoders are for baseline Huffman JPEGs, and this
-        # path has not been run on a GPU yet: progressive scans stay with Pillow there.
-        return Fallback("progressive JPEG on CUDA")
     # Cut short, without EOI: Pillow and torchvision's CPU decoder both refuse it, but
     # nvJPEG's behaviour is not specified, so it goes to Pillow, whose error verdict
     # (corrupt_image) is the reference. (A damaged scan that still ends in EOI decodes
@@ -229,7 +231,7 @@ def decode_batch(
             outcomes[i] = Cancelled()
             continue
         try:
-            verdict = classify(data, settings, dev.type)
+            verdict = classify(data, settings)
         except ModerationError as exc:
             outcomes[i] = exc
             continue

@@ -334,11 +334,12 @@ class Pipeline:
         self._finish(job, decoded, [done])
 
     def _decode_and_prepare(self, job: _Job, data: bytes) -> tuple[DecodedImage, list[PreparedFrame]]:
-        """JPEGs decode on this thread (bounded by the pixel cap, and a draft decode is
-        small); animated and other formats in a decode process with a hard time limit,
-        which sends back the detectors' inputs rather than the frames."""
+        """Baseline JPEGs decode on this thread (bounded by the pixel cap, and a draft
+        decode is small); progressive/multi-scan JPEGs (a pass per scan), animated and other
+        formats in a decode process with a hard time limit, which sends back the
+        detectors' inputs rather than the frames."""
         info = probe(data)
-        if self._decode_procs is None or not data or info.format == "JPEG":
+        if self._decode_procs is None or not data or info.baseline_jpeg:
             t = time.perf_counter()
             try:
                 decoded = decode_image(data, self.settings.decode, self._draft_side, info)

@@ -67,12 +67,21 @@ class DecodeSettings(BaseModel):
     # 0: a 4000×4000 GIF of 120 tiny frames is 1.9 Gpx of compositing; 500 Mpx is ~250
     # frames of 1080p.
     max_decode_pixels: int = Field(500_000_000, gt=0)
+    # JPEG scans (start-of-scan segments) per image. libjpeg decodes every scan over the
+    # whole image and Pillow sets no limit, so one AC scan repeated 6,000 times in an
+    # 8000² progressive JPEG (0.9 MB) is ~30 s of decoding. libjpeg's standard progressive
+    # script has 10 scans (6 for greyscale) and encoders that tune their scripts stay in
+    # the tens; the most a script can need without repeating a band is 64 coefficients ×
+    # refinement passes, which no encoder writes. 100 leaves room for odd encoders while
+    # bounding the scans' cost at 100 passes over 64 Mpx (libjpeg-turbo: djpeg -maxscans).
+    max_jpeg_scans: int = Field(100, ge=1)
     # Wall clock per image for decode (+ detector preprocessing in a decode process):
     # checked between frames, and a decode process past it is killed and replaced.
     max_decode_s: float = Field(10.0, gt=0)
-    # Decode animated and non-JPEG images (and run detector preprocessing) in `workers`
-    # child processes, so a decoder that hangs or crashes costs one image, not the worker.
-    # JPEGs decode on threads (libjpeg is bounded by the pixel cap; no copy back).
+    # Decode animated, non-JPEG and progressive/multi-scan JPEG images (and run detector
+    # preprocessing) in `workers` child processes, so a decoder that hangs, crashes or runs
+    # past max_decode_s mid-call costs one image, not the worker. Baseline JPEGs (one
+    # sequential scan) decode on threads (bounded by the pixel cap; no copy back).
     processes: bool = True
     # Address space (MiB) a decode process may add to its size after start-up (the cap is
     # RLIMIT_AS, which counts virtual memory: idle size is ~0.2 GB, ~3.7 GB with torch

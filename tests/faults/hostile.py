@@ -1,5 +1,6 @@
 """Hostile inputs for the fault suite, built in well under a second each: a decode-bomb
-GIF (many full frames on a huge canvas, small on disk), 16-bit giant PNGs, truncated files."""
+GIF (many full frames on a huge canvas, small on disk), 16-bit giant PNGs, truncated files,
+a progressive-JPEG scan bomb (one AC scan repeated), a GIF with a junk byte between frames."""
 
 from __future__ import annotations
 
@@ -74,3 +75,62 @@ def giant_png16(width: int, height: int, color: bool = False) -> bytes:
 def truncated(data: bytes, keep: float = 0.4) -> bytes:
     """The first ``keep`` of a file: the header parses, the pixels run out."""
     return data[: max(64, int(len(data) * keep))]
+
+
+def _jpeg_segments(data: bytes) -> list[bytes]:
+    """A JPEG cut into its marker segments, each start-of-scan segment together with its
+    entropy-coded data (up to the next marker that is not a restart marker or a stuffed FF)."""
+    out, pos = [data[:2]], 2
+    while pos < len(data):
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            out.append(data[pos:])
+            break
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] not in (0x00, 0xFF, *range(0xD0, 0xD8))):
+                end += 1
+        out.append(data[pos:end])
+        pos = end
+    return out
+
+
+def scan_bomb_jpeg(side: int = 256, repeats: int = 200) -> bytes:
+    """A progressive side×side JPEG whose second scan (luma AC 1–5) is repeated
+    ``repeats`` extra times: every copy is a valid scan that libjpeg decodes again over the
+    whole image, while on disk it is a few dozen bytes (a flat image's AC bands are
+    end-of-band runs). 8000² with 6,000 repeats is ~0.8 MB and the issue's 27 s decode."""
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 140, 200)).save(buf, "JPEG", quality=90, progressive=True)
+    segments = _jpeg_segments(buf.getvalue())
+    scans = [i for i, seg in enumerate(segments) if seg[1] == 0xDA]
+    second = scans[1]
+    return b"".join([*segments[: second + 1], *[segments[second]] * repeats, *segments[second + 1 :]])
+
+
+def progressive_jpeg(side: int = 96, seed: int = 0) -> bytes:
+    """An ordinary progressive JPEG (libjpeg's standard script: 10 scans) of a photo-like image."""
+    from worker.samples import photo
+
+    buf = io.BytesIO()
+    photo(side, side, seed).save(buf, "JPEG", quality=85, progressive=True)
+    return buf.getvalue()
+
+
+def junk_byte_gif(frames: int = 41, side: int = 32, unsafe_from: int = 1) -> bytes:
+    """An animated GIF with one junk byte (0x00, not a block introducer) after frame 0.
+    Pillow skips it and decodes every frame; a probe that stops there sees one frame.
+    Frames before ``unsafe_from`` are plain white, the others a photo-like image, so a
+    verdict judged on frame 0 alone differs from one judged on the real frames."""
+    from worker.samples import photo
+
+    images = [
+        Image.new("RGB", (side, side), "white") if i < unsafe_from else photo(side, side, i)
+        for i in range(frames)
+    ]
+    buf = io.BytesIO()
+    images[0].save(buf, "GIF", save_all=True, append_images=images[1:], duration=50, loop=0)
+    data = buf.getvalue()
+    # The end of frame 0: the second graphic control extension (Pillow writes one per frame).
+    second = data.index(b"\x21\xf9\x04", data.index(b"\x2c"))
+    return data[:second] + b"\x00" + data[second:]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.faults.hostile import junk_byte_gif, progressive_jpeg, scan_bomb_jpeg
 from worker.decode import check_budget, decode_image, decode_plan, to_rgb
 from worker.decode_pool import DecodeProcesses, decode_and_prepare
 from worker.detectors.open_nsfw import preprocess as open_nsfw_preprocess
@@ -222,6 +223,43 @@ def test_formats_the_probe_does_not_walk_are_budgeted_from_pillow_headers():
     tiff = encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
     assert decode_image(tiff, S, 0).frame_count == 6
     assert code_of(tiff, DecodeSettings(max_decode_frames=5)) == ErrorCode.IMAGE_TOO_COMPLEX
+
+
+def test_jpeg_scan_bomb_is_too_complex_before_any_decoder_runs(monkeypatch):
+    bomb = scan_bomb_jpeg(64, 200)  # 210 scans
+    assert Image.open(io.BytesIO(bomb)).load() is not None  # a valid JPEG Pillow would decode
+
+    def no_decoder(*args, **kwargs):
+        raise AssertionError("a decoder was opened")
+
+    monkeypatch.setattr("worker.decode.Image.open", no_decoder)
+    with pytest.raises(ModerationError) as info:
+        decode_image(bomb, S, 224)
+    assert info.value.code == ErrorCode.IMAGE_TOO_COMPLEX
+    assert "210 JPEG scans exceeds the limit of 100" in info.value.message
+
+
+def test_jpeg_scan_limit_is_the_setting_and_exact():
+    bomb = scan_bomb_jpeg(64, 200)
+    assert code_of(bomb, DecodeSettings(max_jpeg_scans=209)) == ErrorCode.IMAGE_TOO_COMPLEX
+    decoded = decode_image(bomb, DecodeSettings(max_jpeg_scans=210), 0)
+    reference = Image.open(io.BytesIO(bomb)).convert("RGB")
+    assert np.array_equal(np.asarray(decoded.frames[0].image), np.asarray(reference))
+    # an ordinary progressive JPEG (10 scans) is far inside the default
+    assert decode_image(progressive_jpeg(), S, 0).frames[0].image.size == (96, 96)
+
+
+def test_junk_byte_gif_is_judged_on_all_its_frames():
+    """A 0x00 after frame 0 hid the other 40 frames from the probe, and the decode sampled
+    frame 0 alone; Pillow skips the byte, so every frame counts and is sampled."""
+    data = junk_byte_gif(frames=41)
+    d = decode_image(data, S, 0)
+    assert d.frame_count == 41 and [f.index for f in d.frames] == [0, 6, 11, 17, 23, 29, 34, 40]
+    white = np.full((32, 32, 3), 255, np.uint8)
+    assert np.array_equal(np.asarray(d.frames[0].image), white)
+    assert not np.array_equal(np.asarray(d.frames[-1].image), white)  # the later content
+    # and the frames after the junk are budgeted
+    assert code_of(data, DecodeSettings(max_decode_frames=40)) == ErrorCode.IMAGE_TOO_COMPLEX
 
 
 def test_wall_clock_budget_is_checked_between_frames(monkeypatch):

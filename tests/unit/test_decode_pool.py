@@ -1,5 +1,6 @@
 """The decode processes' memory cap (decode.process_memory_mb): an image that needs more
 address space than the cap costs that image a coded error, and the pool works on.
+Progressive JPEGs (which the pipeline sends here) decode to the same pixels as in-thread.
 Hangs, crashes and kills are in test_decode.py."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import zlib
 import pytest
 from PIL import Image
 
+from tests.faults.hostile import progressive_jpeg, scan_bomb_jpeg
+from worker.decode import decode_image
 from worker.decode_pool import DecodeProcesses
 from worker.detectors.open_nsfw import prepare_frame
 from worker.errors import ErrorCode, ModerationError
@@ -82,3 +85,25 @@ def test_without_the_cap_the_same_image_decodes():
         assert (out.format, out.width, out.height) == ("PNG", SIDE, SIDE)
     finally:
         procs.close()
+
+
+@pytest.mark.parametrize("kind", ["progressive", "many scans under the budget"])
+def test_progressive_jpeg_decodes_in_a_decode_process_to_the_same_pixels(kind):
+    data = progressive_jpeg(160, seed=3) if kind == "progressive" else scan_bomb_jpeg(96, 50)
+    info = probe(data)
+    assert not info.baseline_jpeg  # what sends it to a decode process
+    settings = DecodeSettings()
+    procs = DecodeProcesses(1, settings, 0, {}, keep_frames=True)
+    try:
+        out = procs.run(data, info)
+    finally:
+        procs.close()
+    (frame,) = out.frames
+    assert (out.format, out.width, out.height, out.frame_count) == (
+        "JPEG",
+        *Image.open(io.BytesIO(data)).size,
+        1,
+    )
+    here = decode_image(data, settings, 0).frames[0].image
+    reference = Image.open(io.BytesIO(data)).convert("RGB")  # Pillow's own decode
+    assert frame.frame.image.tobytes() == here.tobytes() == reference.tobytes()

@@ -9,6 +9,7 @@ import zlib
 import pytest
 from PIL import Image
 
+from tests.faults.hostile import junk_byte_gif, progressive_jpeg, scan_bomb_jpeg
 from worker.probe import Probe, probe
 
 
@@ -203,11 +204,22 @@ def test_garbled_bytes_never_raise(name):
         assert p.width >= 0 and p.height >= 0 and p.frame_count >= 0
 
 
-def test_garbled_gif_block_stops_the_walk():
-    data = gif((50, 50), [(0, 0, 5, 5)] * 3)
-    garbled = data[:-1] + b"\x99" + gif((50, 50), [(0, 0, 5, 5)] * 3)[13:]
-    p = probe(garbled)
-    assert (p.frame_count, p.complete) == (3, False)
+@pytest.mark.parametrize("junk", [b"\x00", b"\x99\x00\x01", b"\xff" * 300])
+def test_junk_between_gif_blocks_is_skipped_as_pillow_does(junk):
+    """Pillow reads past bytes that are no block introducer; the frames after them are
+    decoded, so they are counted (and budgeted), not hidden behind the junk."""
+    first = gif((50, 50), [(0, 0, 5, 5)] * 3)
+    data = first[:-1] + junk + gif((50, 50), [(0, 0, 5, 5)] * 3)[13:]
+    p = probe(data)
+    assert (p.frame_count, p.complete) == (6, True)
+    assert p.frame_count == Image.open(io.BytesIO(data)).n_frames
+
+
+def test_junk_byte_after_the_first_frame_of_a_real_gif():
+    data = junk_byte_gif(frames=41)
+    p = probe(data)
+    assert p.frame_count == Image.open(io.BytesIO(data)).n_frames == 41
+    assert len(p.spans) == 41
 
 
 def test_webp_keyframes_cover_the_canvas_without_blending_alpha():
@@ -239,3 +251,41 @@ def test_apng_keyframes_replace_the_whole_canvas():
     data = data[:-12] + frame(1, 16, 0) + frame(3, 16, 1) + frame(5, 8, 0) + data[-12:]
     p = probe(data)
     assert p.frame_count == 4 and p.keyframes == (0, 1)  # 2 blends over, 3 is partial
+
+
+# -- JPEG scans -----------------------------------------------------------------------
+
+
+def test_jpeg_scans_and_process():
+    baseline = encode([colours(1, (64, 48))[0]], "JPEG")
+    p = probe(baseline)
+    assert (p.scans, p.sequential, p.baseline_jpeg, p.complete) == (1, True, True, True)
+    p = probe(progressive_jpeg())
+    assert (p.scans, p.sequential, p.baseline_jpeg, p.complete) == (10, False, False, True)
+    grey = probe(encode([colours(1, (64, 48))[0].convert("L")], "JPEG", progressive=True))
+    assert (grey.scans, grey.baseline_jpeg) == (6, False)  # libjpeg's greyscale script
+    assert not probe(b"GIF89a" + b"\x00" * 20).baseline_jpeg
+
+
+def test_repeated_scans_are_each_counted():
+    assert probe(scan_bomb_jpeg(64, 200)).scans == 210
+    assert probe(scan_bomb_jpeg(64, 0)).scans == 10
+
+
+def test_scan_count_matches_what_libjpeg_reads():
+    """Up to the first EOI only (an MPO's second image is not decoded), across garbage
+    before a marker (libjpeg skips it), and as a lower bound when truncated."""
+    progressive = progressive_jpeg()
+    assert probe(progressive + encode([colours(1)[0]], "JPEG", progressive=True)).scans == 10
+    second = progressive.index(b"\xff\xda", progressive.index(b"\xff\xda") + 2)
+    garbage = progressive[:second] + b"\x00\x01\x02" + progressive[second:]
+    Image.open(io.BytesIO(garbage)).load()  # libjpeg decodes it (with a warning)
+    assert probe(garbage).scans == 10
+    cut = probe(progressive[: second + 20])
+    assert (cut.scans, cut.complete, cut.baseline_jpeg) == (2, False, False)
+
+
+def test_garbled_jpeg_is_not_taken_for_baseline(monkeypatch):
+    monkeypatch.setattr("worker.probe._jpeg", lambda data: 1 / 0)
+    p = probe(encode([colours(1)[0]], "JPEG"))
+    assert (p.format, p.complete, p.baseline_jpeg) == ("JPEG", False, False)
