@@ -21,9 +21,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Exit codes: 0 ok, 1 --fail-on matched, 2 usage error (click's own), 3 infrastructure.
+# Exit codes: 0 ok, 1 --fail-on matched, 2 usage error (click's own; also an unusable
+# --out / --output path), 3 infrastructure or configuration: invalid settings, and a bad
+# policy or config file (YAML syntax, unknown detector or score) in every command.
 EXIT_FAIL_ON = 1
 EXIT_INFRA = 3
+EXIT_CONFIG = EXIT_INFRA
 
 
 class FailOn(StrEnum):
@@ -52,13 +55,42 @@ def _parse_models(models: list[str]) -> dict[str, str]:
 def _settings(config: Path | None, overrides: dict[str, Any]) -> Any:
     from pydantic import ValidationError
 
+    from worker.errors import PolicyError
     from worker.settings import load_settings
 
     try:
         return load_settings(config, **overrides)
+    except PolicyError as exc:  # already names the file and line
+        typer.echo(f"modgate: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"modgate: invalid settings: {exc}", err=True)
-        raise typer.Exit(EXIT_INFRA) from None
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def check_out_file(path: Path | None, option: str) -> None:
+    """An output file must be creatable before any work starts (not after a whole fit)."""
+    if path is None:
+        return
+    import os
+
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a directory, not a file", param_hint=option)
+    parent = path.parent
+    if not parent.is_dir():
+        raise typer.BadParameter(f"directory {parent} does not exist", param_hint=option)
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise typer.BadParameter(f"{path} is not writable", param_hint=option)
+
+
+def check_out_dir(path: Path, option: str) -> None:
+    """An output directory: created now if missing, refused if it is a file."""
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} is a file, not a directory", param_hint=option)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot create {path}: {exc.strerror or exc}", param_hint=option) from None
 
 
 def _detector_overrides(detectors: str | None, model: list[str] | None) -> dict[str, Any]:
@@ -93,6 +125,7 @@ def scan(
     config: ConfigOpt = None,
 ) -> None:
     """Moderate images in-process (no Redis): one JSON verdict per line, then a summary."""
+    check_out_file(output, "--output")
     settings = _settings(config, _detector_overrides(detectors, model))
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
@@ -678,6 +711,10 @@ def _scan_labelled(settings: Any, label_set: Any, output: Path, progress: bool) 
 
 
 def _print_input_issues(report: dict[str, Any]) -> None:
+    from worker.quality.report import summary_notes
+
+    for note in summary_notes(report):
+        typer.echo(f"note: {note}", err=True)
     for what, issue in report["unmatched"].items():
         if issue["count"]:
             examples = ", ".join(issue["examples"])
@@ -713,6 +750,7 @@ def eval_(
     """Measure verdicts against labels: precision/recall/F1/FPR, per-category AUROC and AP beside
     each detector, per split, with bootstrap intervals. Without --verdicts the images are scanned
     first (verdicts kept in OUT/verdicts.jsonl)."""
+    check_out_dir(out, "--out")
     settings = _policy_settings(config, policy, _detector_overrides(detectors, model))
     from rich.console import Console
     from rich.table import Table
@@ -751,6 +789,7 @@ def replay_(
 ) -> None:
     """What a policy change would do, without running a model: decision transitions and
     per-category flag rates before/after. Error verdicts pass through unchanged."""
+    check_out_file(out, "--out")
     settings = _policy_settings(config, policy)
     import contextlib
 
@@ -815,6 +854,7 @@ def calibrate_(
 ) -> None:
     """Fit per-category thresholds (and, with --fusion logistic, evidence weights) to labelled
     verdicts; write a complete policy YAML loadable with MODGATE_POLICY_FILE."""
+    check_out_file(out, "--out")
     settings = _policy_settings(config, policy)
     from worker.quality.calibrate import CalibrationError, Target, calibrate
     from worker.quality.labels import LabelsError, join, read_labels

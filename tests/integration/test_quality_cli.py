@@ -191,3 +191,29 @@ def test_eval_scans_exactly_the_labelled_s3_keys(s3_client, bucket, s3_env, tmp_
     assert sorted(scanned) == ["set/a.jpg", "set/b.jpg", "set/missing.jpg"]  # not a.jpg.bak
     assert report["n"] == 2 and report["errors"] == {"not_found": 1}
     assert report["unmatched"]["verdicts_without_label"]["count"] == 0
+
+
+def test_eval_names_uncovered_categories_and_contradictory_rows(tmp_path):
+    from worker.quality.synthetic import CALIBRATION_SCORES
+
+    # Only sexual's detectors ran: the spam positives have no score from any detector.
+    verdicts, rows = generate(
+        300, seed=8, root=tmp_path, scores=CALIBRATION_SCORES, categories=["sexual", "spam"]
+    )
+    labels, stored = write(tmp_path, verdicts, rows)
+    spam = sum(r["category"] == "spam" for r in rows)
+    safe = next(r["uri"] for r in rows if r["label"] == "safe")
+    text = labels.read_text().replace(f"{safe},safe,,", f"{safe},safe,sexual,")
+    labels.write_text(text)
+    out = tmp_path / "ev"
+    proc = run(["eval", str(labels), "--verdicts", str(stored), "--out", str(out), "--no-plots",
+                "--bootstrap", "50"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    note = f"{spam} labelled images in spam, no enabled detector covers it"
+    assert spam > 0 and f"note: {note}" in proc.stderr
+    assert f"note: safe with category: 1 (e.g. {safe})" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["notes"] == [note] and report["categories"]["spam"]["uncovered_positives"] == spam
+    assert report["unmatched"]["safe_with_category"] == {"count": 1, "examples": [safe]}
+    page = (out / "report.html").read_text()
+    assert note in page and "contradictory: counted safe" in page
