@@ -48,7 +48,7 @@ class Filters:
 class BackfillResult:
     listed: int = 0
     matched: int = 0
-    invalid: int = 0  # keys the queue refuses (control characters): logged, skipped
+    invalid: int = 0  # keys the queue refuses (over 1024 characters): logged, skipped
     enqueued: int = 0
     messages: int = 0
     last_key: str | None = None

@@ -7,9 +7,10 @@ non-create event and the metadata changes MinIO files under ``ObjectCreated`` (t
 retention, legal hold) are ignored, with a reason.
 
 One record that is not a valid object event (wrong types, a bucket or key the queue
-model refuses, control characters in a key) is reported in ``Parsed.invalid`` with the
-reason and never spoils the records around it; ``MalformedEvent`` is raised only when the
-body as a whole is no notification.
+model refuses) is reported in ``Parsed.invalid`` with the reason and never spoils the
+records around it; ``MalformedEvent`` is raised only when the body as a whole is no
+notification. Keys are taken exactly as S3 stores them, control characters included (S3
+allows them, and an upload refused here would never be moderated); logs escape them.
 
 Keys in ``Records`` are URL-encoded by AWS and MinIO (space as ``+``, the rest
 percent-escaped); Ceph RGW sends them as they are (suitenumerique/meet#1454), so they are
@@ -57,16 +58,18 @@ class ObjectEvent:
     event_name: str = ""
 
     def fingerprint(self) -> str:
+        # Unambiguous with NULs in the key: bucket names and S3's version ids and ETags hold none.
         return f"{self.bucket}\x00{self.key}\x00{self.version_id or self.etag or ''}"
 
     def to_item(self) -> Item:
-        """The queue item; raises ``InvalidRecord`` for what the queue model or the key rules refuse."""
+        """The queue item; raises ``InvalidRecord`` for what the queue model refuses."""
         for what, text in (("bucket", self.bucket), ("key", self.key)):
             if not isinstance(text, str):
                 raise InvalidRecord(f"{what} is {type(text).__name__}, not a string")
-            bad = next((c for c in text if unicodedata.category(c) == "Cc"), None)
-            if bad is not None:
-                raise InvalidRecord(f"{what} contains the control character U+{ord(bad):04X}")
+        # No bucket name holds one (S3 allows lowercase letters, digits, "." and "-").
+        bad = next((c for c in self.bucket if unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise InvalidRecord(f"bucket contains the control character U+{ord(bad):04X}")
         try:
             return Item(
                 bucket=self.bucket, key=self.key, version_id=self.version_id, etag=self.etag, size=self.size

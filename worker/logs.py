@@ -2,6 +2,11 @@
 
 Fields passed through ``extra=`` (``verdict_id``, ``decision``, ``code``, ``request_id``...)
 become top-level JSON keys, so log pipelines can join logs to verdicts.
+
+S3 keys may hold any control character, and they reach messages and fields: no log line
+carries one raw (a newline would forge a record, an ESC drive the terminal). JSON escapes
+them all, C1 and DEL included; text escapes them the same way, and a traceback's lines
+after the first are indented, so no record can start a line but at its timestamp.
 """
 
 from __future__ import annotations
@@ -16,6 +21,17 @@ from datetime import UTC, datetime
 # bare token@ (https://ghp_token@host, redis://secret@host).
 _CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# C0, DEL, C1, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return json.dumps(match.group())[1:-1]  # \n, \t, \u001b, \u0085...
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character as its JSON escape."""
+    return _CONTROL.sub(_escaped, text)
 
 
 def scrub(text: str) -> str:
@@ -36,7 +52,8 @@ class JsonFormatter(logging.Formatter):
             out[key] = value if isinstance(value, (int, float, bool, type(None))) else scrub(str(value))
         if record.exc_info:
             out["exc"] = scrub(self.formatException(record.exc_info))
-        return json.dumps(out, ensure_ascii=False)
+        # json.dumps escapes only U+0000-001F: DEL, C1 and U+2028/9 as well.
+        return escape(json.dumps(out, ensure_ascii=False))
 
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
@@ -45,23 +62,28 @@ def _fields(record: logging.LogRecord) -> dict[str, object]:
 
 class TextFormatter(logging.Formatter):
     """``<time> <level> <logger>: <message> key=value ...``: the same fields as the JSON
-    lines (``uri``, ``code``, ``verdict_id``...), scrubbed."""
+    lines (``uri``, ``code``, ``verdict_id``...), scrubbed, control characters escaped."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        line = super().formatMessage(record)
-        pairs = [f"{k}={_value(v)}" for k, v in _fields(record).items() if v is not None]
+        line = escape(super().formatMessage(record))
+        pairs = [f"{escape(k)}={_value(v)}" for k, v in _fields(record).items() if v is not None]
         return " ".join([line, *pairs])
 
     def format(self, record: logging.LogRecord) -> str:
-        return scrub(super().format(record))
+        first, *rest = super().format(record).split("\n")
+        # The newlines left are the traceback's own (the first line holds the message and
+        # fields, escaped): its lines are escaped one by one and indented.
+        return scrub("\n".join([first, *(f"    {escape(line)}" for line in rest)]))
 
 
 def _value(v: object) -> str:
     text = str(v)
-    return json.dumps(text, ensure_ascii=False) if not text or any(c in text for c in ' ="') else text
+    if not text or any(c in text for c in ' ="\\') or _CONTROL.search(text):
+        return escape(json.dumps(text, ensure_ascii=False))
+    return text
 
 
 def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
