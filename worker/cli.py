@@ -68,6 +68,11 @@ def _settings(config: Path | None, overrides: dict[str, Any]) -> Any:
         raise typer.Exit(EXIT_CONFIG) from None
 
 
+def _bad_out(option: str, message: str) -> typer.Exit:
+    typer.echo(f"modgate: {option}: {message}", err=True)
+    return typer.Exit(2)  # a usage error, as click's own
+
+
 def check_out_file(path: Path | None, option: str) -> None:
     """An output file must be creatable before any work starts (not after a whole fit)."""
     if path is None:
@@ -75,22 +80,22 @@ def check_out_file(path: Path | None, option: str) -> None:
     import os
 
     if path.is_dir():
-        raise typer.BadParameter(f"{path} is a directory, not a file", param_hint=option)
+        raise _bad_out(option, f"{path} is a directory, not a file")
     parent = path.parent
     if not parent.is_dir():
-        raise typer.BadParameter(f"directory {parent} does not exist", param_hint=option)
+        raise _bad_out(option, f"directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise typer.BadParameter(f"{path} is not writable", param_hint=option)
+        raise _bad_out(option, f"{path} is not writable")
 
 
 def check_out_dir(path: Path, option: str) -> None:
     """An output directory: created now if missing, refused if it is a file."""
     if path.exists() and not path.is_dir():
-        raise typer.BadParameter(f"{path} is a file, not a directory", param_hint=option)
+        raise _bad_out(option, f"{path} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise typer.BadParameter(f"cannot create {path}: {exc.strerror or exc}", param_hint=option) from None
+        raise _bad_out(option, f"cannot create {path}: {exc.strerror or exc}") from None
 
 
 def _detector_overrides(detectors: str | None, model: list[str] | None) -> dict[str, Any]:

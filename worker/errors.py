@@ -43,3 +43,8 @@ class ModerationError(Exception):
 
 class ConfigError(Exception):
     """Bad settings or missing weights: an infrastructure problem, not an image's."""
+
+
+class PolicyError(ConfigError):
+    """A policy or settings file that cannot be used (YAML syntax, an unknown detector or
+    score, a value out of range); the message names the file and line where it knows them."""

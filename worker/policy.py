@@ -7,15 +7,17 @@ overrides any part of it through its settings (YAML file or ``MODGATE_POLICY__..
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from worker.errors import ConfigError
+from worker.detector_scores import DECLARED_SCORES
+from worker.errors import ConfigError, ErrorCode, PolicyError
 
 Category = Literal[
     "hate",
@@ -118,12 +120,58 @@ class PolicyActions(BaseModel):
     quarantine: QuarantineAction | None = None
 
 
+ErrorAction = Literal["none", "tag", "quarantine"]
+ERROR_KEYS: tuple[str, ...] = ("all", *(c.value for c in ErrorCode))
+
+
+class ErrorRule(BaseModel):
+    """What an error verdict does to its object, and whether it counts as review. Unset
+    fields fall back to the ``all`` rule, then to ``action: tag``, ``review: false``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # none: leave the object; tag: tag it ``<tag_key>: error``; quarantine: tag and move it
+    # to ``actions.quarantine``'s location (its defaults when unset).
+    action: ErrorAction | None = None
+    # True: the error verdict's ``decision`` is ``review``, so review queues pick it up.
+    review: bool | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedErrorRule:
+    action: ErrorAction
+    review: bool
+
+
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str
     categories: dict[Category, CategoryPolicy]
     actions: PolicyActions = Field(default_factory=PolicyActions)
+    # Error verdicts by code (or ``all``): an error must never leave an object looking
+    # moderated, so by default its object is tagged.
+    errors: dict[str, ErrorRule] = Field(default_factory=dict)
+
+    @field_validator("errors")
+    @classmethod
+    def _known_error_codes(cls, value: dict[str, ErrorRule]) -> dict[str, ErrorRule]:
+        unknown = sorted(set(value) - set(ERROR_KEYS))
+        if unknown:
+            raise ValueError(f"unknown error code(s) {', '.join(unknown)} (known: {', '.join(ERROR_KEYS)})")
+        return value
+
+    def error_rule(self, code: ErrorCode | str) -> ResolvedErrorRule:
+        """The rule for an error verdict with ``code``: its own entry, else ``all``, else tag."""
+        own = self.errors.get(str(code)) or ErrorRule()
+        every = self.errors.get("all") or ErrorRule()
+        action = own.action or every.action or "tag"
+        review = own.review if own.review is not None else bool(every.review)
+        return ResolvedErrorRule(action, review)
+
+    def error_decision(self, code: ErrorCode | str) -> Literal["review"] | None:
+        """The ``decision`` of an error verdict with ``code``: ``review`` or None."""
+        return "review" if self.error_rule(code).review else None
 
     @model_validator(mode="after")
     def _all_categories(self) -> Policy:
@@ -162,6 +210,121 @@ def require_detectors(
         raise ConfigError(
             "; ".join(problems) + ". Load those detectors, or set `on_missing: review` on the category."
         )
+
+
+# -- loading: YAML with line numbers, evidence checked against the declared scores ---------
+
+
+Location = tuple[str | int, ...]
+
+
+def evidence_problems(policy: Policy) -> list[tuple[Location, str]]:
+    """Evidence naming a detector or score that no registered detector declares: a typo
+    there would silently drop that evidence (fail open). (location, message) pairs."""
+    problems: list[tuple[Location, str]] = []
+    for name, rule in policy.categories.items():
+        for i, e in enumerate(rule.evidence):
+            where: Location = ("categories", name, "evidence", i)
+            if e.detector not in DECLARED_SCORES:
+                known = ", ".join(sorted(DECLARED_SCORES))
+                problems.append(((*where, "detector"), f"unknown detector {e.detector!r} (known: {known})"))
+            elif e.score not in DECLARED_SCORES[e.detector]:
+                known = ", ".join(sorted(DECLARED_SCORES[e.detector]))
+                message = f"unknown score {e.score!r} of detector {e.detector} (known: {known})"
+                problems.append(((*where, "score"), message))
+    return problems
+
+
+def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """A YAML file's data and its node tree (for line numbers). A syntax error is a
+    ``PolicyError`` naming the file and line, not a traceback."""
+    try:
+        text = path.read_text()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(f"{path}{line}: YAML syntax error: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{path}: cannot read: {exc}") from None
+    return data, node
+
+
+def node_line(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
+    """1-based line of the node at ``loc`` (mapping keys, sequence indexes): the line of its
+    key in a mapping. None when the tree does not hold that location."""
+    line: int | None = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            pair = next(
+                ((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)),
+                None,
+            )
+            if pair is None:
+                return None
+            line, node = pair[0].start_mark.line + 1, pair[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return None
+    return line
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    """Where part of a policy came from: ``label`` (a file name) and its node tree, with
+    ``prefix`` the path of the policy inside that tree (e.g. ``("policy",)``)."""
+
+    label: str
+    node: yaml.Node | None
+    prefix: Location = ()
+
+    def line(self, loc: Location) -> int | None:
+        return node_line(self.node, (*self.prefix, *loc)) if loc else None
+
+
+def _dotted(loc: Location) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(loc: Location, message: str, sources: Sequence[PolicySource], name: str) -> str:
+    for source in sources:
+        line = source.line(loc)
+        if line is not None:
+            return f"{source.label}:{line}: {message} (at {_dotted(loc)})"
+    return f"{name}: {message} (at {_dotted(loc)})"
+
+
+def load_policy(
+    data: Mapping[str, Any], sources: Sequence[PolicySource] = (), name: str = "policy"
+) -> Policy:
+    """Validate merged policy data as loaded from files or the environment: the model's own
+    checks plus evidence against the detectors' declared scores. Any problem is a
+    ``PolicyError`` naming the file and line (the first of ``sources`` holding that
+    location), else ``name`` (the environment, a built-in default)."""
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if p != "[key]")
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = f"unknown field {loc[-1]!r}"
+            lines.append(_describe(loc, message, sources, name))
+        raise PolicyError("invalid policy: " + "; ".join(lines)) from None
+    problems = evidence_problems(policy)
+    if problems:
+        raise PolicyError(
+            "invalid policy: " + "; ".join(_describe(loc, m, sources, name) for loc, m in problems)
+        )
+    return policy
 
 
 @cache

@@ -23,7 +23,8 @@ from pydantic_settings import (
 
 from worker import keys
 from worker.contract import DEFAULT_MAX_ITEMS
-from worker.policy import Policy, deep_merge, default_policy_dict
+from worker.errors import PolicyError
+from worker.policy import Policy, PolicySource, deep_merge, default_policy_dict, load_policy, read_yaml
 
 MiB = 1024 * 1024
 
@@ -473,24 +474,35 @@ class Settings(BaseSettings):
         if not isinstance(data, dict):
             return data
         merged = default_policy_dict()
+        # Files the policy came from, latest first: a problem is reported at its line there.
+        sources: list[PolicySource] = []
         policy_file = data.get("policy_file")
         if policy_file:
-            from_file = _read_yaml(Path(policy_file))
-            merged = deep_merge(merged, from_file.get("policy", from_file))
+            from_file, node = read_yaml(Path(policy_file))
+            if not isinstance(from_file, dict):
+                raise PolicyError(f"{policy_file}: expected a mapping at the top level")
+            wrapped = isinstance(from_file.get("policy"), dict)
+            merged = deep_merge(merged, from_file["policy"] if wrapped else from_file)
+            sources.append(PolicySource(str(policy_file), node, ("policy",) if wrapped else ()))
         inline = data.get("policy")
+        if isinstance(inline, Policy):
+            return data  # built in code, already validated
         if isinstance(inline, dict):
             merged = deep_merge(merged, inline)
-        elif isinstance(inline, Policy):
-            merged = inline.model_dump()
-        return {**data, "policy": merged}
+        if cls._yaml_file is not None:
+            sources.insert(0, PolicySource(str(cls._yaml_file), read_yaml(cls._yaml_file)[1], ("policy",)))
+        # Checked here, not by the field: unknown detectors and scores are refused too, and
+        # the error names file and line (PolicyError is not a ValueError: pydantic passes it on).
+        name = "policy (MODGATE_POLICY__*, or the built-in default)"
+        return {**data, "policy": load_policy(merged, sources, name)}
 
     @model_validator(mode="after")
     def _named_policies_valid(self) -> Settings:
-        for name in self.policies:
-            try:
-                self.named_policy(name)
-            except ValueError as exc:
-                raise ValueError(f"policies.{name}: {exc}") from None
+        config = read_yaml(self._yaml_file)[1] if self._yaml_file is not None else None
+        for name, overlay in self.policies.items():
+            merged = deep_merge(self.policy.model_dump(), overlay)
+            source = PolicySource(str(self._yaml_file), config, ("policies", name))
+            load_policy(merged, [source], f"policies.{name} (MODGATE_POLICIES)")
         return self
 
     @field_validator("policy_file")
@@ -515,20 +527,15 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return data
-
-
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings from overrides, env, and the YAML file (``config`` or ``MODGATE_CONFIG``)."""
     path = config or (Path(os.environ["MODGATE_CONFIG"]) if os.environ.get("MODGATE_CONFIG") else None)
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
+    if path is not None:
+        data, _ = read_yaml(path)  # a syntax error: file and line, not a traceback
+        if data is not None and not isinstance(data, dict):
+            raise PolicyError(f"{path}: expected a mapping at the top level")
     Settings._yaml_file = path
     try:
         return Settings(**overrides)

@@ -140,3 +140,82 @@ def test_scan_an_s3_prefix(s3_client, bucket, s3_env, tmp_path):
         assert v["status"] == "ok" and v["source"]["bucket"] == bucket and v["source"]["etag"]
         assert v["source"]["uri"] == f"s3://{bucket}/{key}"
     assert verdicts["uploads/x/y/z.png"]["error"]["code"] == "corrupt_image"
+
+
+def command_line(command, tmp_path, policy):
+    """Each command that takes a policy file, with inputs that are never read when the
+    policy is refused first."""
+    labels, verdicts = tmp_path / "labels.csv", tmp_path / "verdicts.jsonl"
+    labels.write_text("uri,label\n")
+    verdicts.write_text("")
+    return {
+        "scan": ["scan", str(tmp_path), "--no-progress"],
+        "eval": [
+            "eval",
+            str(labels),
+            "--verdicts",
+            str(verdicts),
+            "--out",
+            str(tmp_path / "ev"),
+            "--policy",
+            policy,
+        ],
+        "replay": ["replay", str(verdicts), "--policy", policy],
+        "calibrate": [
+            "calibrate",
+            str(labels),
+            "--verdicts",
+            str(verdicts),
+            "--out",
+            str(tmp_path / "p.yaml"),
+            "--policy",
+            policy,
+        ],
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["scan", "eval", "replay", "calibrate"])
+def test_a_bad_policy_file_is_one_message_with_file_and_line_and_exit_3(tmp_path, command):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: x\ncategories:\n  sexual: {threshold: 0.9\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        "version: x\ncategories:\n  sexual:\n    evidence:\n      - {detector: open_nsf, score: nsfw}\n"
+    )
+    for policy, expected in (
+        (broken, "broken.yaml:4: YAML syntax error"),
+        (typo, "typo.yaml:5: unknown detector 'open_nsf'"),
+    ):
+        args = command_line(command, tmp_path, str(policy))
+        env = {"MODGATE_POLICY_FILE": str(policy)} if command == "scan" else {}
+        proc = run(args, env)
+        assert proc.returncode == 3, proc.stderr
+        assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_config_file_with_a_yaml_error_is_one_message(tmp_path):
+    cfg = tmp_path / "modgate.yaml"
+    cfg.write_text("batch:\n  max_batch: [4\n")
+    proc = run(["scan", str(tmp_path), "--config", str(cfg), "--no-progress"])
+    assert proc.returncode == 3 and "modgate.yaml:3: YAML syntax error" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unusable_output_paths_are_refused_before_any_work(tmp_path):
+    labels, verdicts = tmp_path / "labels.csv", tmp_path / "verdicts.jsonl"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    nowhere = tmp_path / "no-such-dir" / "out"
+    cases = [
+        (["scan", str(tmp_path), "--output", str(tmp_path)], "is a directory"),
+        (["scan", str(tmp_path), "--output", str(nowhere)], "does not exist"),
+        (["calibrate", str(labels), "--verdicts", str(verdicts), "--out", str(nowhere)], "does not exist"),
+        (["calibrate", str(labels), "--verdicts", str(verdicts), "--out", str(tmp_path)], "is a directory"),
+        (["replay", str(verdicts), "--policy", str(a_file), "--out", str(tmp_path)], "is a directory"),
+        (["eval", str(labels), "--verdicts", str(verdicts), "--out", str(a_file)], "is a file"),
+    ]
+    for args, expected in cases:
+        proc = run([*args, "--no-progress"] if args[0] == "scan" else args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not labels.exists() and not verdicts.exists()  # nothing was read or written
