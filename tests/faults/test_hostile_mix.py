@@ -1,8 +1,10 @@
 """Hostile uploads interleaved with ordinary ones in the queue: decode-bomb GIFs (120
-frames compositing over each other on a 4000×4000 canvas, ~1.5 MB), 16-bit giant PNGs and
-truncated files among 200 normal JPEGs. Every normal image must get an ok verdict within
-the message timeout (the suite's 30 s, so the check can fail), every hostile one a verdict
-with a coded error. Twice: one worker process, and the split shape of a GPU node (an
+frames compositing over each other on a 4000×4000 canvas, ~1.5 MB), 16-bit giant PNGs,
+truncated files, a progressive-JPEG scan bomb (one AC scan repeated) and a GIF whose
+frames hide behind a junk byte, among 200 normal JPEGs. Every normal image must get an ok
+verdict within the message timeout (the suite's 30 s, so the check can fail), every
+hostile one a verdict with a coded error, or, for the junk-byte GIF, one judged on all its
+frames (not on frame 0, the only plain one). Twice: one worker process, and the split shape of a GPU node (an
 ingest process feeding a ``modgate serve-inference`` process whose tensor decode path
 takes the JPEGs)."""
 
@@ -17,7 +19,14 @@ import pytest
 
 from producers.enqueuer import Enqueuer
 from tests.faults.conftest import MESSAGE_TIMEOUT_S
-from tests.faults.hostile import bomb_gif, giant_png16, truncated
+from tests.faults.hostile import (
+    bomb_gif,
+    giant_png16,
+    junk_byte_gif,
+    progressive_jpeg,
+    scan_bomb_jpeg,
+    truncated,
+)
 from tests.helpers import jpeg, wait_for
 from tests.servers import InferenceProcess
 from worker import keys
@@ -26,6 +35,8 @@ from worker.settings import ProducerRoute, load_settings
 
 N_NORMAL = 200
 PER_MESSAGE = 4
+# key -> the frames in the file, and how many are scored (decode.max_frames).
+JUDGED_ON = {"hostile/junk-byte.gif": (41, 8)}
 
 
 def huge_header_jpeg() -> bytes:
@@ -66,6 +77,12 @@ def _hostile() -> dict[str, tuple[bytes, set[str]]]:
         "hostile/truncated-grey16.png": (truncated(giant_png16(2000, 2000)), {"corrupt_image"}),
         "hostile/truncated.jpg": (truncated(jpeg(7, 640, 480)), {"corrupt_image"}),
         "hostile/huge-header.jpg": (huge_header_jpeg(), {"image_too_large"}),
+        # 1,010 scans of 2000² (~35 KB): refused by its scan count before any decoder runs.
+        "hostile/scan-bomb.jpg": (scan_bomb_jpeg(2000, 1000), {"image_too_complex"}),
+        # Within the scan budget: decoded in a decode process (killable mid-decode), judged.
+        "hostile/progressive.jpg": (progressive_jpeg(640, seed=7), {"ok"}),
+        # Frame 0 is plain white, frames 1..40 photos behind a 0x00 byte: judged on all.
+        "hostile/junk-byte.gif": (junk_byte_gif(41, 64), {"ok"}),
     }
 
 
@@ -121,6 +138,10 @@ def test_hostile_uploads_do_not_stall_or_fail_open_the_normal_ones(shape_env, r,
         outcome = "ok" if verdict["status"] == "ok" else verdict["error"]["code"]
         if outcome not in allowed:
             outcomes[key] = f"{outcome} after {(at_ms - sent_ms[key]) / 1000:.1f}s (want {sorted(allowed)})"
+        elif key in JUDGED_ON:
+            judged = ((verdict.get("image") or {}).get("frame_count"), verdict.get("frames"))
+            if judged != JUDGED_ON[key]:
+                outcomes[key] = f"judged on (frames in file, scored) {judged}, want {JUDGED_ON[key]}"
     slowest = max(got[k][0][0] - sent_ms[k] for k in normal) / 1000
     print(f"\nhostile mix: slowest normal image {slowest:.1f}s after it was sent")
     assert (late_or_failed, outcomes) == ({}, {}), (
