@@ -9,15 +9,23 @@ reads of botocore (``Body`` with ``iter_chunks``/``close``, ``ETag``, ``ContentL
 ``VersionId``) and fails with the exceptions botocore raises for the same answer
 (``ClientError`` parsed from S3's XML error body, ``EndpointConnectionError``,
 ``ReadTimeoutError``, ``IncompleteReadError``...), so ``fetch.py``'s classification and
-retry pacing see no difference. What it does not do itself it hands to the botocore client
-it wraps: buckets in another region (S3 redirects; botocore follows them), and setups it
-does not model (proxies, FIPS/dual-stack/accelerate endpoints, virtual-hosted custom
-endpoints): ``lean_unsupported`` names those, and the ``Fetcher`` then keeps botocore.
+retry pacing see no difference.
+
+Where to send a bucket's GETs is botocore's answer, not ours: the first GET of a bucket
+runs the wrapped client's own request pipeline up to the point of sending (endpoint
+setting, ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, config-file endpoints, path or
+virtual-hosted addressing, bucket-name validation, signing region) and keeps the URL and
+credential scope it built. What it does not do itself it hands to that botocore client:
+buckets in another region (S3 redirects; botocore follows them), buckets whose requests
+botocore signs otherwise (SigV4a, S3 Express sessions), and setups it does not model
+(proxies, client certificates, FIPS/dual-stack/accelerate endpoints): ``lean_unsupported``
+names those, and the ``Fetcher`` then keeps botocore.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -29,7 +37,7 @@ import ssl
 import threading
 import time
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
@@ -41,6 +49,7 @@ from botocore.exceptions import (
     HTTPClientError,
     IncompleteReadError,
     NoCredentialsError,
+    ParamValidationError,
     ReadTimeoutError,
     ResponseStreamingError,
     SSLError,
@@ -50,9 +59,12 @@ from worker.settings import S3Settings
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _ALGORITHM = "AWS4-HMAC-SHA256"
-# botocore's rule for virtual-hosted addressing on AWS: a DNS label (no dots: a dotted
-# name would not match the *.s3 TLS certificate).
-_VIRTUAL_HOSTABLE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
+# The credential scope of botocore's Authorization header: region and service it signs for.
+_SCOPE = re.compile(r"^AWS4-HMAC-SHA256 Credential=[^/]*/\d{8}/([^/]+)/([^/]+)/aws4_request,")
+_PROBE_KEY = "k"  # the key of the request botocore builds for a bucket but never sends
+_MAX_BUCKETS = 1024  # resolved buckets kept; past it the cache starts over
+# An error answer larger than this is not S3's XML: parsed from its start, connection dropped.
+_MAX_ERROR_BODY = 64 * 1024
 # Answers that mean "this bucket lives in another region": botocore re-signs and follows.
 _REDIRECT_STATUS = {301, 307}
 _REDIRECT_CODES = {"AuthorizationHeaderMalformed", "IllegalLocationConstraintException", "PermanentRedirect"}
@@ -64,7 +76,10 @@ _PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 def encode_key(key: str) -> str:
     """S3's canonical URI for a key: UTF-8, every byte but ``A-Za-z0-9-._~`` and ``/``
     percent-encoded (S3 does not normalise or double-encode, unlike other services)."""
-    return quote(key, safe="/~")
+    try:
+        return quote(key, safe="/~")
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8, so no S3 key
+        raise ParamValidationError(report=f"Key {key!r} is not valid Unicode") from None
 
 
 class SigV4Signer:
@@ -127,8 +142,6 @@ def lean_unsupported(client: Any) -> str | None:
         return "FIPS or dual-stack endpoints are configured"
     if s3.get("use_accelerate_endpoint") or s3.get("use_dualstack_endpoint"):
         return "S3 accelerate or dual-stack endpoints are configured"
-    if s3.get("addressing_style") == "virtual":
-        return "virtual-hosted addressing is forced"
     if config.signature_version not in (None, "s3v4", "v4"):
         return f"signature version {config.signature_version!r} is configured"
     if config.client_cert:
@@ -136,10 +149,29 @@ def lean_unsupported(client: Any) -> str | None:
     return None
 
 
+class _Endpoint(NamedTuple):
+    """Where and how one bucket's GETs go, as botocore built its request."""
+
+    tls: bool
+    host: str  # to connect to
+    port: int
+    host_header: str  # signed; the port only when not the scheme's default
+    prefix: str  # the path before the key: "/bucket" (path style), "" (virtual-hosted)
+    signer: SigV4Signer
+
+
+class _Probed(Exception):
+    """Raised in botocore's ``before-send`` to stop a probe request; carries it."""
+
+    def __init__(self, request: Any) -> None:
+        super().__init__("probe")
+        self.request = request
+
+
 class LeanS3Client:
     """GetObject only. ``botocore_client`` is the one-attempt GET client it stands in for:
-    its resolved endpoint, region and config are used (``meta`` is its), and it answers the
-    requests this client does not model (see the module docstring)."""
+    its endpoint resolution and signing scope are used per bucket (``meta`` is its), and it
+    answers the requests this client does not model (see the module docstring)."""
 
     def __init__(
         self, botocore_client: Any, credentials: Any, settings: S3Settings, ca_bundle: str | None = None
@@ -149,68 +181,79 @@ class LeanS3Client:
         self.meta = botocore_client.meta
         self._fallback = botocore_client
         self._credentials = credentials
-        self._region = botocore_client.meta.region_name or "us-east-1"
-        self._signer = SigV4Signer(self._region)
-        endpoint = urlsplit(botocore_client.meta.endpoint_url)
-        self._scheme = endpoint.scheme
-        self._host = endpoint.hostname or ""
-        self._port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-        self._netloc = endpoint.netloc  # the Host header: the port only when not the default
-        self._base_path = endpoint.path.rstrip("/")
-        # Custom endpoints (moto, MinIO) are path-style, as botocore sends them. On AWS,
-        # virtual-hosted like botocore: path-style is deprecated for new buckets, and
-        # this keeps bucket policies, VPC endpoints and request routing exactly as today.
-        s3_config = botocore_client.meta.config.s3 or {}
-        self._virtual = settings.endpoint_url is None and s3_config.get("addressing_style") != "path"
-        self._foreign: set[str] = set()  # buckets answered with a region redirect
-        context = None
-        if self._scheme == "https":
-            context = ssl.create_default_context(cafile=get_cert_path(ca_bundle or True))
-        self._http = _Connections(settings, context)
+        # bucket → its endpoint, or None: botocore's (a region redirect, another signer)
+        self._endpoints: dict[str, _Endpoint | None] = {}
+        self._lock = threading.Lock()
+        self._probing = threading.local()
+        botocore_client.meta.events.register_first("before-send.s3.GetObject", self._stop_probe)
+        self._http = _Connections(settings, get_cert_path(ca_bundle or True))
 
-    def _target(self, bucket: str, key: str) -> tuple[str, str, str]:
-        """(host for the connection, Host header, canonical URI)."""
-        if self._virtual and _VIRTUAL_HOSTABLE.match(bucket):
-            return (
-                f"{bucket}.{self._host}",
-                f"{bucket}.{self._netloc}",
-                f"{self._base_path}/{encode_key(key)}",
-            )
-        return self._host, self._netloc, f"{self._base_path}/{bucket}/{encode_key(key)}"
+    def _stop_probe(self, request: Any, **_: Any) -> None:
+        if getattr(self._probing, "active", False):
+            raise _Probed(request)
+
+    def _endpoint(self, bucket: str) -> _Endpoint | None:
+        """botocore's endpoint for ``bucket``: its client builds and signs a GET (and
+        validates the bucket name, raising ``ParamValidationError`` as it would) but does
+        not send it; the URL and credential scope are kept. None: botocore sends them."""
+        try:
+            return self._endpoints[bucket]
+        except KeyError:
+            pass
+        self._probing.active = True
+        try:
+            self._fallback.get_object(Bucket=bucket, Key=_PROBE_KEY)
+            endpoint = None  # sent after all (nothing stopped it): botocore's to handle
+        except _Probed as probe:
+            endpoint = _endpoint_of(probe.request)
+        finally:
+            self._probing.active = False
+        with self._lock:
+            if len(self._endpoints) >= _MAX_BUCKETS:
+                self._endpoints.clear()
+            self._endpoints[bucket] = endpoint
+        return endpoint
 
     def sign_get(
         self, bucket: str, key: str, version_id: str | None = None, amz_date: str | None = None
-    ) -> tuple[str, str, dict[str, str]]:
-        """(connection host, request target, signed headers) of one GET."""
+    ) -> tuple[_Endpoint | None, str, dict[str, str]]:
+        """(endpoint, request target, signed headers) of one GET; endpoint None: botocore's."""
         if self._credentials is None:
             raise NoCredentialsError()
+        uri = encode_key(key)
+        endpoint = self._endpoint(bucket)
+        if endpoint is None:
+            return None, "", {}
         creds = self._credentials.get_frozen_credentials()  # refreshes IRSA/instance roles
-        host, host_header, uri = self._target(bucket, key)
-        query = f"versionId={quote(version_id, safe='~')}" if version_id else ""
+        uri = f"{endpoint.prefix}/{uri}"
+        query = f"versionId={encode_key(version_id).replace('/', '%2F')}" if version_id else ""
         amz_date = amz_date or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         headers = {
-            "host": host_header,
+            "host": endpoint.host_header,
             "x-amz-checksum-mode": "ENABLED",  # as botocore: S3 sends checksums to verify
             "x-amz-content-sha256": UNSIGNED_PAYLOAD,
             "x-amz-date": amz_date,
         }
         if creds.token:
             headers["x-amz-security-token"] = creds.token
-        headers["authorization"] = self._signer.authorization(
+        headers["authorization"] = endpoint.signer.authorization(
             creds.access_key, creds.secret_key, "GET", uri, query, headers, UNSIGNED_PAYLOAD, amz_date
         )
-        return host, f"{uri}?{query}" if query else uri, headers
+        return endpoint, f"{uri}?{query}" if query else uri, headers
+
+    def url(self, endpoint: _Endpoint, target: str) -> str:
+        return f"{'https' if endpoint.tls else 'http'}://{endpoint.host_header}{target}"
 
     def get_object(self, Bucket: str, Key: str, VersionId: str | None = None) -> dict[str, Any]:
         """One GET, no retries: botocore's ``get_object`` answer or exception."""
-        if Bucket in self._foreign:
+        endpoint, target, headers = self.sign_get(Bucket, Key, VersionId)
+        if endpoint is None:
             return self._get_via_botocore(Bucket, Key, VersionId)
-        host, target, headers = self.sign_get(Bucket, Key, VersionId)
-        url = f"{self._scheme}://{headers['host']}{target}"
+        url = self.url(endpoint, target)
         request = "".join(
             [f"GET {target} HTTP/1.1\r\n", *(f"{k}: {v}\r\n" for k, v in headers.items()), _FIXED_HEADERS]
-        ).encode("latin-1")
-        response = self._http.request(host, self._port, request, url)
+        ).encode("ascii")
+        response = self._http.request(endpoint, request, url)
         if response.status >= 300:
             self._raise_error(response, url, Bucket)
             return self._get_via_botocore(Bucket, Key, VersionId)  # a region redirect
@@ -237,17 +280,49 @@ class LeanS3Client:
         """Raise the ``ClientError`` botocore would, or return for a region redirect
         (the bucket is then the botocore client's from now on)."""
         try:
-            body = response.read_all()
+            body = response.read_capped(_MAX_ERROR_BODY)
         except (OSError, _BrokenResponse) as exc:
             response.close()
             raise _send_error(exc, url) from exc
         parsed = _parse_error(response.status, body, response.headers)
         code = parsed["Error"].get("Code", "")
         if response.status in _REDIRECT_STATUS or (response.status == 400 and code in _REDIRECT_CODES):
-            self._foreign.add(bucket)
+            with self._lock:
+                self._endpoints[bucket] = None
             return
         # The modelled subclass botocore raises (NoSuchKey, InvalidObjectState...).
         raise self._fallback.exceptions.from_code(code)(parsed, "GetObject")
+
+
+def _endpoint_of(request: Any) -> _Endpoint | None:
+    """The endpoint of a GET botocore built for key ``_PROBE_KEY``; None when this client
+    would not send it the same way (another signature, a session token per bucket...)."""
+    parts = urlsplit(request.url)
+    authorization = request.headers.get("Authorization", b"")
+    if isinstance(authorization, bytes):
+        authorization = authorization.decode("latin-1")
+    match = _SCOPE.match(authorization)
+    if (
+        match is None
+        or parts.query
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not parts.path.endswith(f"/{_PROBE_KEY}")
+        or "x-amz-s3session-token" in {name.lower() for name in request.headers}
+    ):
+        return None
+    tls = parts.scheme == "https"
+    default = 443 if tls else 80
+    port = parts.port or default
+    name = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return _Endpoint(
+        tls=tls,
+        host=parts.hostname,
+        port=port,
+        host_header=name if port == default else f"{name}:{port}",
+        prefix=parts.path[: -len(_PROBE_KEY) - 1],
+        signer=SigV4Signer(match.group(1), match.group(2)),
+    )
 
 
 def _send_error(exc: BaseException, url: str) -> Exception:
@@ -398,27 +473,47 @@ def _dropped(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-class _Connections:
-    """Keep-alive sockets per (host, port): at most ``max_concurrency`` idle per host;
-    a request takes one (or connects), its response gives it back once read to the end."""
+def _leftover(sock: socket.socket, fp: Any) -> bool:
+    """Bytes past the end of a response, read into ``fp``'s buffer with its last bytes or
+    waiting on the socket: a server out of step. Reusing the connection would hand them
+    to the next request as its answer (another key's body), so it is not reused."""
+    timeout = sock.gettimeout()
+    try:
+        sock.setblocking(False)
+        return bool(fp.peek(1))  # the buffer, else one non-blocking read
+    except ssl.SSLWantReadError:
+        return False  # TLS: nothing decrypted is waiting
+    except (OSError, ValueError):
+        return True  # cannot tell: do not reuse
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)
 
-    def __init__(self, settings: S3Settings, context: ssl.SSLContext | None) -> None:
+
+class _Connections:
+    """Keep-alive sockets per (host, port, TLS): at most ``max_concurrency`` idle per
+    host; a request takes one (or connects), its response gives it back once read to the
+    end with nothing after it."""
+
+    def __init__(self, settings: S3Settings, cafile: str | None) -> None:
         self._connect_timeout = settings.connect_timeout_s
         self._read_timeout = settings.read_timeout_s
         self._maxsize = settings.max_concurrency
-        self._context = context
-        self._idle: dict[tuple[str, int], list[tuple[socket.socket, Any]]] = {}
+        self._cafile = cafile
+        self._context: ssl.SSLContext | None = None  # made at the first https endpoint
+        self._idle: dict[tuple[str, int, bool], list[tuple[socket.socket, Any]]] = {}
         self._lock = threading.Lock()
 
-    def request(self, host: str, port: int, request: bytes, url: str) -> _Response:
+    def request(self, endpoint: Any, request: bytes, url: str) -> _Response:
         """Send ``request``; the response with its status line and headers read."""
-        conn = self._take(host, port)
+        where = (endpoint.host, endpoint.port, endpoint.tls)
+        conn = self._take(where)
         try:
             if conn is None:
-                conn = self._connect(host, port)
+                conn = self._connect(*where)
             sock, fp = conn
             sock.sendall(request)
-            return _Response(self, host, port, sock, fp)
+            return _Response(self, where, sock, fp)
         except (OSError, _ConnectFailed, _BrokenResponse) as exc:
             if conn is not None:
                 _close(*conn)
@@ -428,18 +523,19 @@ class _Connections:
                 _close(*conn)
             raise
 
-    def put(self, host: str, port: int, sock: socket.socket, fp: Any) -> None:
-        with self._lock:
-            idle = self._idle.setdefault((host, port), [])
-            if len(idle) < self._maxsize:
-                idle.append((sock, fp))
-                return
+    def put(self, where: tuple[str, int, bool], sock: socket.socket, fp: Any) -> None:
+        if not _leftover(sock, fp):
+            with self._lock:
+                idle = self._idle.setdefault(where, [])
+                if len(idle) < self._maxsize:
+                    idle.append((sock, fp))
+                    return
         _close(sock, fp)
 
-    def _take(self, host: str, port: int) -> tuple[socket.socket, Any] | None:
+    def _take(self, where: tuple[str, int, bool]) -> tuple[socket.socket, Any] | None:
         while True:
             with self._lock:
-                idle = self._idle.get((host, port))
+                idle = self._idle.get(where)
                 if not idle:
                     return None
                 sock, fp = idle.pop()
@@ -447,15 +543,21 @@ class _Connections:
                 return sock, fp
             _close(sock, fp)
 
-    def _connect(self, host: str, port: int) -> tuple[socket.socket, Any]:
+    def _tls(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._context is None:
+                self._context = ssl.create_default_context(cafile=self._cafile)
+            return self._context
+
+    def _connect(self, host: str, port: int, tls: bool) -> tuple[socket.socket, Any]:
         try:
             sock = socket.create_connection((host, port), timeout=self._connect_timeout)
         except OSError as exc:
             raise _ConnectFailed() from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as urllib3
-            if self._context is not None:
-                sock = self._context.wrap_socket(sock, server_hostname=host)
+            if tls:
+                sock = self._tls().wrap_socket(sock, server_hostname=host)
         except ssl.SSLError:
             sock.close()
             raise
@@ -470,8 +572,10 @@ class _Response:
     """One HTTP/1.1 response: status and headers (names lower-case) read on creation;
     the body framed by Content-Length, chunked encoding or the end of the connection."""
 
-    def __init__(self, pool: _Connections, host: str, port: int, sock: socket.socket, fp: Any) -> None:
-        self._pool, self._host, self._port, self._sock, self._fp = pool, host, port, sock, fp
+    def __init__(
+        self, pool: _Connections, where: tuple[str, int, bool], sock: socket.socket, fp: Any
+    ) -> None:
+        self._pool, self._where, self._sock, self._fp = pool, where, sock, fp
         while True:
             line = fp.readline(_MAX_LINE + 1)
             if not line:
@@ -561,10 +665,21 @@ class _Response:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def read_capped(self, cap: int) -> bytes:
+        """At most ``cap`` bytes of the body; a longer one is cut off and its connection
+        dropped, so a server cannot make us buffer an endless answer."""
+        chunks, total = [], 0
+        while total <= cap and (chunk := self.read(cap + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > cap:
+            self.close()
+        return b"".join(chunks)[:cap]
+
     def _finish(self, reusable: bool) -> None:
         self._done = True
         if reusable and self._keep:
-            self._pool.put(self._host, self._port, self._sock, self._fp)
+            self._pool.put(self._where, self._sock, self._fp)
         else:
             _close(self._sock, self._fp)
 

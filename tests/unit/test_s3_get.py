@@ -493,3 +493,238 @@ def test_a_bucket_in_another_region_is_left_to_botocore(s3_env):
         requests.clear()
         assert outcome(lean, source("bkt", "k2")) == (first[0], first[1], first[2].replace("/k", "/k2"))
         assert len(requests) == boto_requests  # straight to botocore now
+
+
+# -- where GETs go: botocore's endpoint, from every source -------------------------------
+
+ENDPOINT_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CONFIG_FILE",
+    "AWS_PROFILE",
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+)
+
+
+def botocore_request(client, bucket, key):
+    """(URL, credential scope) of the GET botocore's own client would send."""
+    seen = []
+
+    def capture(request, **_):
+        auth = request.headers["Authorization"]
+        auth = auth.decode() if isinstance(auth, bytes) else auth
+        seen.append((request.url, auth.split("Credential=")[1].split(",")[0].split("/", 2)[2]))
+        return AWSResponse(request.url, 200, {"Content-Length": "0"}, None)
+
+    client.meta.events.register("before-send.s3.GetObject", capture)
+    with contextlib.suppress(Exception):
+        client.get_object(Bucket=bucket, Key=key)
+    client.meta.events.unregister("before-send.s3.GetObject", capture)
+    return seen[0]
+
+
+def endpoint_source(name, url, tmp_path, monkeypatch):
+    """Point the S3 endpoint at ``url`` the way ``name`` says; the setting it leaves."""
+    for var in ENDPOINT_ENV:
+        monkeypatch.delenv(var, raising=False)
+    config = tmp_path / "aws-config"
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    config.write_text("[default]\n")
+    if name == "setting":
+        return url
+    if name == "env AWS_ENDPOINT_URL":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    elif name == "env AWS_ENDPOINT_URL_S3":
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
+    elif name == "config endpoint_url":
+        config.write_text(f"[default]\nendpoint_url = {url}\n")
+    elif name == "config services":
+        config.write_text(f"[default]\nservices = local\n\n[services local]\ns3 =\n  endpoint_url = {url}\n")
+    return None
+
+
+SOURCES = [
+    "setting",
+    "env AWS_ENDPOINT_URL",
+    "env AWS_ENDPOINT_URL_S3",
+    "config endpoint_url",
+    "config services",
+]
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_gets_go_where_botocore_sends_them_for_every_endpoint_source(
+    name, moto_server, s3_client, bucket, tmp_path, monkeypatch
+):
+    """A MinIO/moto endpoint from the setting, the env vars or the AWS config file: the
+    lean client GETs from it (path style for this DNS-compatible bucket, as botocore does),
+    never ``<bucket>.<endpoint>``."""
+    key = "dir/ünï code.jpg"
+    s3_client.put_object(Bucket=bucket, Key=key, Body=b"image bytes")
+    setting = endpoint_source(name, moto_server.url, tmp_path, monkeypatch)
+    lean = Fetcher(S3Settings(endpoint_url=setting, max_attempts=1))
+    boto = Fetcher(S3Settings(endpoint_url=setting, max_attempts=1, get_client="botocore"))
+    assert isinstance(lean.get_client, LeanS3Client)
+    assert lean.fetch(source(bucket, key)).data == b"image bytes" == boto.fetch(source(bucket, key)).data
+    endpoint, target, headers = lean.get_client.sign_get(bucket, key)
+    scope = headers["authorization"].split("Credential=")[1].split(",")[0].split("/", 2)[2]
+    assert (lean.get_client.url(endpoint, target), scope) == botocore_request(boto.get_client, bucket, key)
+
+
+@pytest.mark.parametrize(
+    ("config", "endpoint_url", "region"),
+    [
+        ("s3 =\n  addressing_style = path\n", None, "eu-west-1"),
+        ("s3 =\n  addressing_style = virtual\n", "http://minio.local:9000", "us-east-1"),
+        ("s3 =\n  addressing_style = virtual\n", None, "eu-west-1"),
+        ("", None, "ap-southeast-2"),
+        ("", None, None),
+        ("endpoint_url = https://objects.example.com/base\n", None, "eu-central-1"),
+    ],
+)
+@pytest.mark.parametrize("bucket", ["my-bucket", "dotted.bucket.name", "Upper_Case"])
+def test_path_style_and_virtual_hosted_urls_and_scopes_are_botocores(
+    config, endpoint_url, region, bucket, tmp_path, monkeypatch
+):
+    for var in (*ENDPOINT_ENV, "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    path = tmp_path / "aws-config"
+    path.write_text(f"[default]\n{config}")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(path))
+    settings = S3Settings(endpoint_url=endpoint_url, region=region)
+    lean = Fetcher(settings).get_client
+    assert isinstance(lean, LeanS3Client)
+    boto = Fetcher(settings.model_copy(update={"get_client": "botocore"})).get_client
+    for key in ["k.jpg", "a/b c/ü.jpg"]:
+        endpoint, target, headers = lean.sign_get(bucket, key)
+        scope = headers["authorization"].split("Credential=")[1].split(",")[0].split("/", 2)[2]
+        assert (lean.url(endpoint, target), scope) == botocore_request(boto, bucket, key)
+
+
+# -- hostile input and hostile servers -----------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["bad\r\nx-injected: 1\r\nbucket", "bücket", "a b", "a/b", "", "x" * 300])
+def test_invalid_bucket_names_are_refused_like_botocore_before_any_request(s3_env, bad):
+    requests = []
+
+    def answer(conn):
+        requests.append(conn.recv(65536))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nimage")
+
+    with RawServer(answer) as url:
+        lean, boto = both(url, max_attempts=1)
+        src = Source(kind="s3", uri=f"s3://{bad}/k", bucket=bad, key="k")
+        assert outcome(lean, src) == outcome(boto, src)
+        assert outcome(lean, src)[:2] == ("permanent", ErrorCode.FETCH_FAILED)
+        assert "ParamValidationError" in outcome(lean, src)[2]
+    assert requests == []
+
+
+@pytest.mark.parametrize(
+    "key", ["ctl\x01\x1f\x7f.jpg", "tab\there.jpg", "emoji-😀/ключ/鍵.png", "%2F%00.jpg"]
+)
+def test_keys_with_control_characters_and_any_unicode_round_trip(
+    fetcher, moto_server, s3_client, bucket, key
+):
+    s3_client.put_object(Bucket=bucket, Key=key, Body=b"body of " + key.encode())
+    boto = Fetcher(S3Settings(endpoint_url=moto_server.url, get_client="botocore"))
+    assert fetcher.fetch(source(bucket, key)).data == b"body of " + key.encode()
+    assert boto.fetch(source(bucket, key)).data == b"body of " + key.encode()
+
+
+def test_a_key_that_is_not_unicode_is_a_fetch_failure_not_a_crash(fetcher, bucket):
+    assert code_of(fetcher, source(bucket, "bad-\udcff-surrogate")) == ErrorCode.FETCH_FAILED
+
+
+def test_an_oversized_error_answer_is_read_up_to_a_cap(s3_env):
+    """A 503 that announces 100 MB and sends 1 MB, then nothing: the error is parsed from
+    the first 64 KiB (SlowDown: transient) and the connection dropped, instead of buffering
+    the body until the read times out (or memory runs out)."""
+    closed = threading.Event()
+
+    def answer(conn):
+        conn.recv(65536)
+        head = b"HTTP/1.1 503 Slow Down\r\nContent-Length: 104857600\r\n\r\n"
+        conn.sendall(head + S3_SLOW_DOWN + b" " * (1 << 20))
+        conn.settimeout(30)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+        closed.set()
+
+    with RawServer(answer) as url:
+        f = Fetcher(S3Settings(endpoint_url=url, max_attempts=1, read_timeout_s=5))
+        kind, _, message = outcome(f, source("bkt", "k"))
+        assert kind == "transient" and "SlowDown" in message, message
+        assert closed.wait(30)
+
+
+class ExtraBytesServer:
+    """Keep-alive HTTP/1.1 server on a raw socket that answers every GET with its own body
+    and then sends more bytes than the body's framing says: a whole forged response whose
+    body is ``LEFTOVER``. ``how`` is "same-write" (after the body in one send), "next-write"
+    (a second send) or "chunked" (after the last chunk of a chunked body)."""
+
+    FORGED = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\nETag: "forged"\r\n\r\nLEFTOVER'
+
+    def __init__(self, how):
+        self.how = how
+        self.connections = 0
+        self.sent = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn, contextlib.suppress(OSError):
+            fp = conn.makefile("rb")
+            while True:
+                line = fp.readline()
+                if not line:
+                    return
+                path = line.split(b" ")[1]
+                while fp.readline() not in (b"\r\n", b""):
+                    pass
+                body = b"own body of " + path
+                if self.how == "chunked":
+                    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    conn.sendall(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) + self.FORGED)
+                else:
+                    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    if self.how == "same-write":
+                        conn.sendall(head + body + self.FORGED)
+                    else:
+                        conn.sendall(head + body)
+                        conn.sendall(self.FORGED)
+                self.sent.set()
+
+    def stop(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("how", ["same-write", "next-write", "chunked"])
+def test_bytes_past_a_response_never_become_the_next_gets_body(s3_env, how):
+    server = ExtraBytesServer(how)
+    try:
+        f = Fetcher(S3Settings(endpoint_url=server.url, max_attempts=1))
+        for key in ["first.jpg", "second.jpg", "third.jpg"]:
+            server.sent.clear()
+            fetched = f.fetch(source("bkt", key))
+            assert fetched.data == f"own body of /bkt/{key}".encode()
+            assert fetched.source.etag != "forged"
+            server.sent.wait(10)  # every byte of this answer is on its way before the next GET
+        assert server.connections == 3  # a connection that had bytes left over is not reused
+    finally:
+        server.stop()
