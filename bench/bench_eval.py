@@ -8,7 +8,8 @@
 (b) The synthetic detectors of worker/quality/synthetic.py (two noisy views of a
     latent label, one useless score), fitted on 3,000 images and judged on 3,000 others:
     held-out F1 of the best single detector, the default policy, calibrated max and
-    calibrated logistic fusion.
+    calibrated logistic fusion; the share of positives flagged or in review (--review-recall
+    0.95) on the fitting half and on the held-out half.
 
     python bench/bench_eval.py [--count 10000] [--out bench/results/eval.json]
 """
@@ -62,6 +63,7 @@ def held_out_quality() -> dict[str, float]:
         f"{s.detector}.{s.score}": single(train, test, s.detector, s.score) for s in CALIBRATION_SCORES
     }
     fpr_policy = calibrate(train, base_policy(), Target.parse("fpr=0.01"), "logistic").policy
+    f1_policy = calibrate(train, base_policy(), Target("f1"), "logistic", review_recall=0.95).policy
     return {
         "best_single_detector_f1": round(max(singles.values()), 4),
         "single_detector_f1": {k: round(v, 4) for k, v in singles.items()},
@@ -69,11 +71,23 @@ def held_out_quality() -> dict[str, float]:
         "calibrated_max_f1": round(
             held_out(calibrate(train, base_policy(), Target("f1"), "max").policy, test)[0], 4
         ),
-        "calibrated_logistic_f1": round(
-            held_out(calibrate(train, base_policy(), Target("f1"), "logistic").policy, test)[0], 4
-        ),
+        "calibrated_logistic_f1": round(held_out(f1_policy, test)[0], 4),
         "logistic_fpr_target_0.01_held_out_fpr": round(float(held_out(fpr_policy, test)[1]), 4),
+        # --review-recall 0.95: met on the fitting half by construction; the held-out half says
+        # what to expect on new images.
+        "logistic_review_recall_0.95_fitting": round(review_recall(f1_policy, train), 4),
+        "logistic_review_recall_0.95_held_out": round(review_recall(f1_policy, test), 4),
     }
+
+
+def review_recall(policy, joined) -> float:
+    """Share of the sexual positives flagged or sent to review under ``policy``."""
+    from worker.quality.replay import reaggregate
+
+    y = joined.truth("sexual") == 1
+    cats = [reaggregate(v, policy).categories["sexual"] for v in joined.verdicts]
+    seen = [c.flagged or c.review for c in cats]
+    return sum(s for s, positive in zip(seen, y, strict=True) if positive) / int(y.sum())
 
 
 def main() -> None:
