@@ -193,9 +193,11 @@ def serve_pipeline(decode: str) -> None:
 
 class RemoteNoopDetector(NoopDetector):
     def preparer(self) -> Any:
-        import operator
+        # A registered preparer (ingest processes build it by name, worker.detectors.PREPARERS);
+        # it is never called here: every key takes the JPEG path of the inference process.
+        from worker.detectors.open_nsfw import prepare_frame
 
-        return operator.truth  # importable in an ingest process (it is never called here)
+        return prepare_frame
 
 
 def serve_noop_inference(socket: str) -> None:

@@ -82,13 +82,22 @@ def _spec(name: str, fn: Any) -> dict[str, Any]:
 
 
 def _check_directory(directory: Path) -> None:
-    """The socket's directory must be this uid's and writable by nobody else: whoever can
-    write there can replace the socket and answer the ingest processes."""
+    """Whoever can write to the socket's directory can replace the socket. One owned by
+    another (non-root) uid stops start-up; one that others may write to (a Kubernetes
+    emptyDir is 0777) is logged: the ingest containers must mount it read-only, and their
+    ``inference.server_uid`` check refuses whoever else answers there."""
     st = directory.stat()
-    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if st.st_uid not in (os.getuid(), 0):
         raise ConfigError(
-            f"{directory}: the inference socket's directory must be owned by uid {os.getuid()} "
-            f"and not group/other writable (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
+            f"{directory}: the inference socket's directory belongs to uid {st.st_uid}, "
+            f"not to this process's uid {os.getuid()}"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        log.warning(
+            "%s is writable by other users (mode %o): mount it read-only in the ingest "
+            "containers, and set inference.server_uid there",
+            directory,
+            stat.S_IMODE(st.st_mode),
         )
 
 

@@ -277,10 +277,18 @@ def test_split_worker_pod_feeds_one_inference_container_from_several_ingest_proc
     (volume,) = (v for v in pod["volumes"] if v["name"] == "inference-socket")
     assert volume["emptyDir"] == {"medium": "Memory"}
     for c in pod["containers"]:
-        assert {"name": "inference-socket", "mountPath": "/run/modgate"} in c["volumeMounts"]
+        # The socket is a trust boundary: only the inference container may write there, and
+        # it runs as its own uid, which the ingest containers check (and it checks theirs).
+        mount = {"name": "inference-socket", "mountPath": "/run/modgate"}
+        assert (mount if c is inference else {**mount, "readOnly": True}) in c["volumeMounts"]
         assert all(m in c["volumeMounts"] for m in single["volumeMounts"] if m["name"] != "models")
         assert all(e in c["env"] for e in single["env"]) and c["envFrom"] == single["envFrom"]
-        assert c["securityContext"] == single["securityContext"] and c["image"] == single["image"]
+        uid = {"runAsUser": 10002} if c is inference else {}
+        assert c["securityContext"] == {**single["securityContext"], **uid} and c["image"] == single["image"]
+        if c is not inference:
+            assert env_of(c)["MODGATE_INFERENCE__SERVER_UID"] == "10002"
+    assert env_of(inference)["MODGATE_INFERENCE__CLIENT_UIDS"] == "[10001]"
+    assert pod["securityContext"]["runAsUser"] == 10001
     assert {"name": "models", "mountPath": "/models", "readOnly": True} in ingest[0]["volumeMounts"]
 
     # A trailing slash on socketDir still names one socket.

@@ -74,13 +74,19 @@ def test_compose_split_profile_feeds_one_inference_service_from_ingest_workers()
     assert inference["deploy"] == services["worker"]["deploy"]
     assert "resources" not in ingest["deploy"] and ingest["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"
     # Both sides name one socket, in a directory both mount from one in-memory volume that
-    # the images' user (USER 10001:10001) owns.
+    # only the inference service's own uid may write (the ingest services mount it read-only
+    # and accept no other uid behind the socket; it accepts only theirs, the images' 10001).
     socket = PurePosixPath(inference["environment"]["MODGATE_INFERENCE__SOCKET"])
     assert ingest["environment"]["MODGATE_INFERENCE__SOCKET"] == str(socket)
-    for service in (inference, ingest):
-        assert f"inference-socket:{socket.parent}" in service["volumes"]
+    assert f"inference-socket:{socket.parent}" in inference["volumes"]
+    assert f"inference-socket:{socket.parent}:ro" in ingest["volumes"]
     options = compose["volumes"]["inference-socket"]["driver_opts"]
-    assert options["type"] == "tmpfs" and "uid=10001" in options["o"] and "gid=10001" in options["o"]
+    assert options["type"] == "tmpfs" and "uid=10002" in options["o"] and "mode=0755" in options["o"]
+    assert (
+        inference["user"] == "10002:10001"
+        and ingest["environment"]["MODGATE_INFERENCE__SERVER_UID"] == "10002"
+    )
+    assert inference["environment"]["MODGATE_INFERENCE__CLIENT_UIDS"] == "[10001]"
     assert "USER 10001:10001" in (DOCKER / "worker.Dockerfile").read_text()
     # Ingest workers start once the inference process is ready (models loaded), on its port.
     assert ingest["depends_on"]["inference"] == {"condition": "service_healthy"}
