@@ -1,5 +1,7 @@
 """Optional S3 actions on a moderated object, chosen by the policy: tag it with its
-decision, or move it to a quarantine location (copy, verify, then delete).
+decision, or move it to a quarantine location (copy, verify, then delete). Error verdicts
+follow the policy's ``errors`` rules (tag ``error`` by default), so an object that could
+not be judged never looks judged.
 
 They run after the verdict is on the stream, and their outcome is recorded by verdict id
 (``outcome``); until it is, every copy of the message runs them again. So both are
@@ -14,7 +16,8 @@ import logging
 from typing import Any
 
 from worker import keys
-from worker.policy import PolicyActions
+from worker.errors import ErrorCode
+from worker.policy import PolicyActions, QuarantineAction, ResolvedErrorRule
 from worker.verdict import Verdict
 
 log = logging.getLogger(__name__)
@@ -49,18 +52,66 @@ def _code(exc: Any) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def plan(verdict: Verdict, actions: PolicyActions) -> dict[str, Any] | None:
-    """What the policy calls for on this verdict's object (the verdict's ``policy_actions``)."""
+# The tag value of an error verdict's object: not a decision, so never taken for one.
+ERROR_TAG = "error"
+# Error codes with no object of ours to act on: recorded as skipped, S3 is not called.
+NO_OBJECT = {
+    ErrorCode.NOT_FOUND: "the object was not found when fetched",
+    ErrorCode.BUCKET_NOT_ALLOWED: "the bucket is outside worker.buckets: not ours to change",
+    ErrorCode.INVALID_MESSAGE: "the message names no valid object",
+}
+DEFAULT_ERROR_RULE = ResolvedErrorRule("tag", False)
+
+
+def quarantine_key(prefix: str, key: str) -> str:
+    """Where a quarantined object goes under ``prefix``. "." and ".." segments (S3 keeps
+    them literally; ``invalid_key`` verdicts have them) are escaped, so no store or proxy
+    that normalises paths can resolve the copy outside the prefix."""
+    parts = key.split("/")
+    return prefix + "/".join(p.replace(".", "%2E") if p in (".", "..") else p for p in parts)
+
+
+def plan(
+    verdict: Verdict, actions: PolicyActions, rule: ResolvedErrorRule | None = None
+) -> dict[str, Any] | None:
+    """What the policy calls for on this verdict's object (the verdict's ``policy_actions``).
+    ``rule``: the policy's rule for an error verdict's code (``Policy.error_rule``)."""
     source = verdict.source
-    if verdict.status != "ok" or source.kind != "s3" or verdict.decision is None:
+    if source.kind != "s3" or not source.bucket or not source.key:
+        return None
+    if verdict.error is not None:
+        return _error_plan(verdict, actions, rule or DEFAULT_ERROR_RULE)
+    if verdict.status != "ok" or verdict.decision is None:
         return None
     wanted: dict[str, Any] = {}
     if actions.tag:
         wanted["tag"] = {actions.tag_key: verdict.decision}
     q = actions.quarantine
     if q is not None and verdict.decision in q.decisions:
-        wanted["quarantine_to"] = f"s3://{q.bucket or source.bucket}/{q.prefix}{source.key}"
+        wanted["quarantine_to"] = f"s3://{q.bucket or source.bucket}/{quarantine_key(q.prefix, source.key)}"
     return wanted or None
+
+
+def _error_plan(verdict: Verdict, actions: PolicyActions, rule: ResolvedErrorRule) -> dict[str, Any] | None:
+    assert verdict.error is not None
+    if rule.action == "none":
+        return None
+    code = verdict.error.code
+    if code in NO_OBJECT:
+        return {"skip": f"{code.value}: {NO_OBJECT[code]}"}
+    wanted: dict[str, Any] = {"tag": {actions.tag_key: ERROR_TAG}}
+    if rule.action == "quarantine":
+        q = actions.quarantine or QuarantineAction()  # its default location when none is set
+        target = quarantine_key(q.prefix, verdict.source.key or "")
+        wanted["quarantine_to"] = f"s3://{q.bucket or verdict.source.bucket}/{target}"
+    return wanted
+
+
+def outcome_id(verdict: Verdict) -> str:
+    """The key an action outcome is recorded under: the verdict id, with the error code for
+    an error verdict, so a later ok verdict of the same object (same id, after a transient
+    error) still runs its own actions."""
+    return verdict.id if verdict.error is None else f"{verdict.id}:{verdict.error.code.value}"
 
 
 def outcome(redis: Any, verdict_id: str) -> dict[str, Any] | None:
@@ -78,27 +129,34 @@ class ObjectActions:
     def __init__(self, client: Any) -> None:
         self.client = client
 
-    def apply(self, verdict: Verdict, actions: PolicyActions) -> dict[str, Any] | None:
-        """Run the configured actions; returns what was done (the outcome to record), with
-        ``error`` for a permanent failure. Raises ``TransientActionError`` for one that may pass."""
+    def apply(
+        self, verdict: Verdict, actions: PolicyActions, rule: ResolvedErrorRule | None = None
+    ) -> dict[str, Any] | None:
+        """Run what ``plan`` calls for; returns what was done (the outcome to record), with
+        ``error`` for a permanent failure and ``skipped`` where there is no object to act
+        on. Raises ``TransientActionError`` for a failure that may pass."""
         source = verdict.source
-        if plan(verdict, actions) is None:
+        wanted = plan(verdict, actions, rule)
+        if wanted is None:
             return None
+        if "skip" in wanted:
+            return {"skipped": wanted["skip"]}
         done: dict[str, Any] = {}
         try:
-            if actions.tag:
-                self.tag(source.bucket, source.key, source.version_id, actions.tag_key, verdict.decision)
-                done["tagged"] = {actions.tag_key: verdict.decision}
-            q = actions.quarantine
-            if q is not None and verdict.decision in q.decisions:
+            tagged = False
+            for tag_key, value in wanted.get("tag", {}).items():
+                tagged = self.tag(source.bucket, source.key, source.version_id, tag_key, value)
+                if tagged:
+                    done["tagged"] = {tag_key: value}
+            if "quarantine_to" in wanted:
+                target_bucket, _, target_key = wanted["quarantine_to"].removeprefix("s3://").partition("/")
                 done["quarantined_to"] = self.quarantine(
-                    source.bucket,
-                    source.key,
-                    source.version_id,
-                    source.etag,
-                    q.bucket or source.bucket,
-                    q.prefix,
+                    source.bucket, source.key, source.version_id, source.etag, target_bucket, target_key
                 )
+                if "tag" in wanted and not tagged:
+                    done["tagged"] = wanted["tag"]  # moved by an earlier run, tag and all
+            elif "tag" in wanted and not tagged:
+                done["error"] = "NoSuchKey: the object is not there; nothing tagged"
         except Exception as exc:
             if _transient(exc):
                 raise TransientActionError(f"{type(exc).__name__}: {exc}") from exc
@@ -108,7 +166,7 @@ class ObjectActions:
 
     def tag(
         self, bucket: str | None, key: str | None, version_id: str | None, tag_key: str, value: str
-    ) -> None:
+    ) -> bool:
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
         if version_id:
             kwargs["VersionId"] = version_id
@@ -116,10 +174,11 @@ class ObjectActions:
             existing = self.client.get_object_tagging(**kwargs)["TagSet"]
         except Exception as exc:
             if _code(exc) in ("NoSuchKey", "404"):
-                return  # already quarantined by an earlier delivery of the same message
+                return False  # gone: quarantined by an earlier delivery, or deleted
             raise
         tags = [t for t in existing if t["Key"] != tag_key] + [{"Key": tag_key, "Value": value}]
         self.client.put_object_tagging(**kwargs, Tagging={"TagSet": tags})
+        return True
 
     def quarantine(
         self,
@@ -128,9 +187,8 @@ class ObjectActions:
         version_id: str | None,
         etag: str | None,
         target_bucket: str | None,
-        prefix: str,
+        target_key: str,
     ) -> str:
-        target_key = f"{prefix}{key}"
         if (target_bucket, target_key) == (bucket, key):
             raise ActionError("quarantine location equals the object's own location")
         copy_source: dict[str, Any] = {"Bucket": bucket, "Key": key}

@@ -151,7 +151,7 @@ def scan(
     def track(verdict: Any) -> None:
         if verdict.status == "error":
             seen["error"] = True
-        elif verdict.decision is not None:
+        if verdict.decision is not None:  # an error the policy counts as review, too
             seen["worst"] = max(seen["worst"], worst[verdict.decision])
 
     try:

@@ -48,7 +48,7 @@ def record_published(verdicts: list[Any], duplicates: list[bool]) -> None:
     for verdict, duplicate in zip(verdicts, duplicates, strict=True):
         if duplicate:
             continue
-        decisions[verdict.decision or "error"] += 1
+        decisions["error" if verdict.error is not None else verdict.decision or "error"] += 1
         if verdict.error is not None:
             codes[verdict.error.code.value] += 1
         for stage in _STAGES:

@@ -28,7 +28,7 @@ from worker.detectors import LoadedDetectors, load_detectors
 from worker.engine import CLIP, Engine, FrameResult, LocalEngine, PreparedFrame, prepare_inputs
 from worker.errors import ErrorCode, ModerationError
 from worker.fetch import Fetched, Fetcher
-from worker.policy import Policy
+from worker.policy import Policy, with_error_decision
 from worker.probe import probe
 from worker.runtime import configure_threads
 from worker.settings import Settings
@@ -462,14 +462,13 @@ class Pipeline:
         if job.future.done():
             return
         job.timings["total_ms"] = _ms(time.perf_counter() - job.started)
-        job.future.set_result(
-            error_verdict(
-                job.source,
-                job.policy.version,
-                code,
-                message,
-                timings_ms=job.timings,
-                request_id=job.request_id,
-                **extra,
-            )
+        verdict = error_verdict(
+            job.source,
+            job.policy.version,
+            code,
+            message,
+            timings_ms=job.timings,
+            request_id=job.request_id,
+            **extra,
         )
+        job.future.set_result(with_error_decision(verdict, job.policy))

@@ -11,13 +11,16 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker.detector_scores import DECLARED_SCORES
 from worker.errors import ConfigError, ErrorCode, PolicyError
+
+if TYPE_CHECKING:
+    from worker.verdict import Verdict
 
 Category = Literal[
     "hate",
@@ -193,6 +196,16 @@ class Policy(BaseModel):
                 if lacking:
                     missing[name] = lacking
         return missing
+
+
+def with_error_decision(verdict: Verdict, policy: Policy) -> Verdict:
+    """An error verdict with the ``decision`` its code gets under ``policy`` (``review``
+    where the rule says ``review: true``, else None); ok verdicts unchanged. The worker,
+    ``scan`` and ``replay`` all call this, so they agree."""
+    if verdict.error is None:
+        return verdict
+    decision = policy.error_decision(verdict.error.code)
+    return verdict if verdict.decision == decision else verdict.model_copy(update={"decision": decision})
 
 
 def require_detectors(

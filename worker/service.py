@@ -29,8 +29,8 @@ from worker.contract import MODERATE_QUEUE, Item, ModerateMessage, validate_mess
 from worker.errors import ErrorCode
 from worker.fetch import is_transient
 from worker.health import Health
-from worker.policy import Policy
-from worker.publisher import Published, ResultPublisher
+from worker.policy import Policy, with_error_decision
+from worker.publisher import TRANSIENT, Published, ResultPublisher
 from worker.settings import Settings
 from worker.verdict import ErrorInfo, Source, Verdict, error_verdict
 from worker.webhooks import (
@@ -191,7 +191,7 @@ class Service:
 
         message, rejected = self._parse(task_id, args, kwargs)
         counts = {"items": 0, "published": 0, "duplicates": 0, "rejected": len(rejected)}
-        self._publish(rejected, None, counts)
+        self._publish([with_error_decision(v, self.settings.policy) for v in rejected], None, counts)
         if message is None:
             metrics.MESSAGES.labels("invalid").inc()
             return counts
@@ -360,7 +360,7 @@ class Service:
         )
         for verdict, error in failed:
             actions.record_outcome(
-                self.redis, verdict.id, {"error": error}, self.settings.results.dedup_ttl_s
+                self.redis, actions.outcome_id(verdict), {"error": error}, self.settings.results.dedup_ttl_s
             )
 
     def _reconcile_loop(self) -> None:
@@ -487,29 +487,39 @@ class Service:
         Returns the verdicts whose actions failed transiently, with the error."""
         if not verdicts:
             return []
-        verdicts = [self._redact(v) for v in verdicts]
+        # Error verdicts follow the policy's `errors` rules: their decision (review or
+        # none) and their actions (tag by default), so no error leaves an object looking judged.
+        verdicts = [with_error_decision(self._redact(v), policy) for v in verdicts]
         wanted = policy.actions
         acting = wanted.tag or wanted.quarantine is not None
-        if acting:
-            for verdict in verdicts:
-                verdict.policy_actions = actions.plan(verdict, wanted)
+        for verdict in verdicts:
+            if acting or verdict.error is not None:
+                verdict.policy_actions = actions.plan(verdict, wanted, self._error_rule(verdict, policy))
         self._publish(verdicts, message, counts)
         failed: list[tuple[Verdict, str]] = []
-        if acting:
-            for verdict in verdicts:
-                if verdict.policy_actions:
-                    error = self._act(verdict, wanted)
-                    if error is not None:
-                        failed.append((verdict, error))
+        for verdict in verdicts:
+            if verdict.policy_actions:
+                error = self._act(verdict, wanted, self._error_rule(verdict, policy))
+                if error is not None:
+                    failed.append((verdict, error))
         return failed
 
-    def _act(self, verdict: Verdict, wanted: Any) -> str | None:
+    @staticmethod
+    def _error_rule(verdict: Verdict, policy: Policy) -> Any:
+        return policy.error_rule(verdict.error.code) if verdict.error is not None else None
+
+    def _act(self, verdict: Verdict, wanted: Any, rule: Any = None) -> str | None:
         """Run the actions unless an earlier copy of the message recorded their outcome
-        (duplicates run them too: a crash may have fallen between publishing and acting)."""
-        if actions.outcome(self.redis, verdict.id) is not None:
+        (duplicates run them too: a crash may have fallen between publishing and acting).
+        An error verdict's outcome is kept apart from an ok one's (``actions.outcome_id``),
+        and as briefly as its verdict's dedup marker when the error may pass."""
+        key = actions.outcome_id(verdict)
+        if actions.outcome(self.redis, key) is not None:
             return None
+        transient = verdict.error is not None and verdict.error.code in TRANSIENT
+        ttl = self.settings.results.transient_dedup_ttl_s if transient else self.settings.results.dedup_ttl_s
         try:
-            done = self._object_actions().apply(verdict, wanted)
+            done = self._object_actions().apply(verdict, wanted, rule)
         except TransientActionError as exc:
             log.warning(
                 "S3 action on %s failed, will retry: %s",
@@ -519,8 +529,8 @@ class Service:
             )
             metrics.ACTIONS.labels("retry", "error").inc()
             return str(exc)
-        actions.record_outcome(self.redis, verdict.id, done or {}, self.settings.results.dedup_ttl_s)
-        for action in ("tagged", "quarantined_to", "error"):
+        actions.record_outcome(self.redis, key, done or {}, ttl)
+        for action in ("tagged", "quarantined_to", "error", "skipped"):
             if done and action in done:
                 metrics.ACTIONS.labels(action, "error" if action == "error" else "ok").inc()
         return None

@@ -87,14 +87,19 @@ class ImageInfo(BaseModel):
 
 
 class Verdict(BaseModel):
-    """One image, one verdict. ``status=error`` verdicts have ``decision=null``."""
+    """One image, one verdict. ``status=error`` verdicts have ``decision=null``, or
+    ``review`` where the policy's ``errors`` rule for their code says ``review: true``."""
 
     schema_version: Literal["1"] = SCHEMA_VERSION
     id: str
     source: Source
     status: Literal["ok", "error"]
     error: ErrorInfo | None = None
-    decision: Decision | None = None
+    decision: Decision | None = Field(
+        None,
+        description="safe, review or unsafe on an ok verdict. On an error verdict null, or review "
+        "where the policy's errors rule for its code says `review: true` (additive in schema v1).",
+    )
     primary_category: str | None = None
     categories: dict[str, CategoryResult] = Field(default_factory=dict)
     detectors: dict[str, DetectorResult] = Field(default_factory=dict)
@@ -113,6 +118,8 @@ class Verdict(BaseModel):
         None,
         description="Added in schema v1 (additive). The S3 actions the policy calls for on this "
         'object, e.g. {"tag": {"modgate-decision": "unsafe"}, "quarantine_to": "s3://q/held/k"}; '
+        'on an error verdict {"tag": {"modgate-decision": "error"}} by default (the policy\'s errors '
+        'rules), or {"skip": "<code>: why"} when there is no object of ours to act on; '
         "they run after the verdict is on the stream. What they did is recorded by verdict id "
         "(worker.actions.outcome), not in the verdict.",
     )

@@ -1,11 +1,14 @@
 """S3 actions (tag, quarantine) against a real S3 API server, run twice as a redelivered
-message would run them."""
+message would run them; error verdicts follow the policy's ``errors`` rules, through the
+real service (real Redis, real pipeline and S3)."""
 
 import pytest
 
-from worker.actions import ObjectActions, TransientActionError, outcome, plan, record_outcome
-from worker.policy import PolicyActions, QuarantineAction
-from worker.verdict import Source, Verdict
+from tests.helpers import jpeg, verdicts
+from worker.actions import ObjectActions, TransientActionError, outcome, outcome_id, plan, record_outcome
+from worker.errors import ErrorCode
+from worker.policy import PolicyActions, QuarantineAction, ResolvedErrorRule
+from worker.verdict import Source, Verdict, error_verdict
 
 
 def verdict(bucket, key, etag, decision="unsafe", version_id=None):
@@ -110,3 +113,166 @@ def test_outcomes_are_readable_by_verdict_id(redis_server):
     record_outcome(r, "v1", {"tagged": {"modgate-decision": "unsafe"}}, ttl_s=60)
     assert outcome(r, "v1") == {"tagged": {"modgate-decision": "unsafe"}}
     assert 0 < r.ttl("modgate:actions:v1") <= 60
+
+
+# -- error verdicts -----------------------------------------------------------------------
+
+
+def error_of(bucket, key, code=ErrorCode.CORRUPT_IMAGE):
+    source = Source(kind="s3", uri=f"s3://{bucket}/{key}", bucket=bucket, key=key)
+    return error_verdict(source, "p", code, "bad bytes")
+
+
+def tags_of(s3_client, bucket, key):
+    return {t["Key"]: t["Value"] for t in s3_client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
+
+
+def test_an_error_verdict_tags_its_object_by_default_and_none_leaves_it(actions, s3_client, bucket):
+    s3_client.put_object(Bucket=bucket, Key="bad.png", Body=b"not quite a png")
+    v = error_of(bucket, "bad.png")
+    assert plan(v, PolicyActions()) == {"tag": {"modgate-decision": "error"}}
+    assert actions.apply(v, PolicyActions()) == {"tagged": {"modgate-decision": "error"}}
+    assert tags_of(s3_client, bucket, "bad.png") == {"modgate-decision": "error"}
+    s3_client.put_object(Bucket=bucket, Key="left.png", Body=b"x")
+    left = error_of(bucket, "left.png")
+    assert plan(left, PolicyActions(), ResolvedErrorRule("none", False)) is None
+    assert actions.apply(left, PolicyActions(), ResolvedErrorRule("none", False)) is None
+    assert tags_of(s3_client, bucket, "left.png") == {}
+
+
+def test_quarantine_for_an_error_moves_it_to_the_configured_or_default_place(actions, s3_client, bucket):
+    s3_client.put_object(Bucket=bucket, Key="d/huge.gif", Body=b"GIF89a too complex")
+    s3_client.put_object(Bucket=bucket, Key="d/other.gif", Body=b"GIF89a too complex too")
+    rule = ResolvedErrorRule("quarantine", False)
+    held = PolicyActions(quarantine=QuarantineAction(prefix="held/"))
+    done = actions.apply(error_of(bucket, "d/huge.gif", ErrorCode.IMAGE_TOO_COMPLEX), held, rule)
+    assert done == {
+        "tagged": {"modgate-decision": "error"},
+        "quarantined_to": f"s3://{bucket}/held/d/huge.gif",
+    }
+    done = actions.apply(error_of(bucket, "d/other.gif", ErrorCode.IMAGE_TOO_COMPLEX), PolicyActions(), rule)
+    assert done["quarantined_to"] == f"s3://{bucket}/quarantine/d/other.gif"
+    keys = sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == ["held/d/huge.gif", "quarantine/d/other.gif"]
+    assert tags_of(s3_client, bucket, "held/d/huge.gif") == {"modgate-decision": "error"}
+
+
+def test_dot_segment_keys_are_acted_on_literally_and_quarantined_inside_the_prefix(
+    actions, s3_client, bucket
+):
+    s3_client.put_object(Bucket=bucket, Key="img/x.jpg", Body=b"someone else's")
+    s3_client.put_object(Bucket=bucket, Key="a/../img/x.jpg", Body=b"evasive")
+    v = error_of(bucket, "a/../img/x.jpg", ErrorCode.INVALID_KEY)
+    assert actions.apply(v, PolicyActions()) == {"tagged": {"modgate-decision": "error"}}
+    assert tags_of(s3_client, bucket, "a/../img/x.jpg") == {"modgate-decision": "error"}
+    assert tags_of(s3_client, bucket, "img/x.jpg") == {}  # the object it would normalise to
+    done = actions.apply(v, PolicyActions(), ResolvedErrorRule("quarantine", False))
+    assert done["quarantined_to"] == f"s3://{bucket}/quarantine/a/%2E%2E/img/x.jpg"
+    keys = sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == ["img/x.jpg", "quarantine/a/%2E%2E/img/x.jpg"]
+
+
+def test_errors_with_no_object_of_ours_are_skipped_without_calling_s3(s3_client, bucket):
+    class NoCalls:
+        def __getattr__(self, name):
+            raise AssertionError(f"S3 called: {name}")
+
+    for code in (ErrorCode.NOT_FOUND, ErrorCode.BUCKET_NOT_ALLOWED):
+        v = error_of(bucket, "gone.jpg", code)
+        done = ObjectActions(NoCalls()).apply(v, PolicyActions(), ResolvedErrorRule("quarantine", False))
+        assert done == {"skipped": plan(v, PolicyActions())["skip"]} and code.value in done["skipped"]
+    # An object deleted between the verdict and the action: the outcome says so, once.
+    done = ObjectActions(s3_client).apply(error_of(bucket, "gone.jpg"), PolicyActions())
+    assert "NoSuchKey" in done["error"] and "tagged" not in done
+
+
+def test_an_error_outcome_is_kept_apart_from_a_later_ok_verdict_of_the_same_object(bucket):
+    err = error_of(bucket, "a.jpg", ErrorCode.TIMEOUT)
+    ok = err.model_copy(update={"status": "ok", "error": None, "decision": "unsafe"})
+    assert err.id == ok.id and outcome_id(err) != outcome_id(ok) == ok.id
+
+
+@pytest.fixture
+def service(redis_server, s3_env, moto_server):
+    """The real service over real Redis and S3, with a real pipeline (Open-NSFW)."""
+    import redis
+
+    from worker.detectors import LoadedDetectors
+    from worker.detectors.open_nsfw import OpenNSFW
+    from worker.pipeline import Pipeline
+    from worker.service import Service
+    from worker.settings import load_settings
+
+    def make(policy):
+        r = redis.Redis.from_url(redis_server.url)
+        r.flushall()
+        settings = load_settings(
+            redis={"url": redis_server.url},
+            s3={"endpoint_url": moto_server.url},
+            worker={"metrics_port": 0},
+            detectors={"enabled": ["open_nsfw"]},
+            policy=policy,
+        )
+        svc = Service(settings, ["modgate"], schedule=lambda d, c: None, redis=r)
+        svc.pipeline = Pipeline(settings, LoadedDetectors([OpenNSFW.load(settings)], {}))
+        made.append(svc)
+        return svc
+
+    made = []
+    yield make
+    for svc in made:
+        svc.pipeline.close()
+
+
+def test_the_service_acts_on_error_verdicts_by_the_policy_errors_rules(service, s3_client, bucket):
+    good = jpeg(1)
+    objects = {
+        "ok.jpg": good,
+        "truncated.jpg": good[: len(good) // 2],  # corrupt_image: quarantined
+        "notes.jpg": b"not an image at all",  # unsupported_format: the default, tagged
+        "empty.jpg": b"",  # empty_object: action none, counts as review
+        "a/../dotted.jpg": good,  # invalid_key: tagged where it is
+    }
+    for key, body in objects.items():
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    svc = service(
+        {
+            "errors": {
+                "corrupt_image": {"action": "quarantine"},
+                "empty_object": {"action": "none", "review": True},
+            }
+        }
+    )
+    items = [*objects, "missing.jpg"]
+    svc.moderate("t1", ({"items": [{"bucket": bucket, "key": k} for k in items]},), {})
+    by_key = {v["source"]["key"]: v for v in verdicts(svc.redis)}
+    codes = {k: (v["error"] or {}).get("code") for k, v in by_key.items()}
+    assert codes == {
+        "ok.jpg": None,
+        "truncated.jpg": "corrupt_image",
+        "notes.jpg": "unsupported_format",
+        "empty.jpg": "empty_object",
+        "a/../dotted.jpg": "invalid_key",
+        "missing.jpg": "not_found",
+    }
+    assert by_key["ok.jpg"]["policy_actions"] is None  # ok verdicts: actions as before (none)
+    assert by_key["empty.jpg"]["decision"] == "review" and by_key["empty.jpg"]["policy_actions"] is None
+    assert by_key["notes.jpg"]["decision"] is None
+    listed = sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"])
+    assert listed == ["a/../dotted.jpg", "empty.jpg", "notes.jpg", "ok.jpg", "quarantine/truncated.jpg"]
+    assert tags_of(s3_client, bucket, "quarantine/truncated.jpg") == {"modgate-decision": "error"}
+    assert tags_of(s3_client, bucket, "notes.jpg") == {"modgate-decision": "error"}
+    assert tags_of(s3_client, bucket, "a/../dotted.jpg") == {"modgate-decision": "error"}
+    assert tags_of(s3_client, bucket, "empty.jpg") == {} and tags_of(s3_client, bucket, "ok.jpg") == {}
+
+    def recorded(key):
+        from worker.verdict import Verdict as V
+
+        return outcome(svc.redis, outcome_id(V.model_validate(by_key[key])))
+
+    assert recorded("truncated.jpg") == {
+        "tagged": {"modgate-decision": "error"},
+        "quarantined_to": f"s3://{bucket}/quarantine/truncated.jpg",
+    }
+    assert "not found" in recorded("missing.jpg")["skipped"]
+    assert recorded("empty.jpg") is None

@@ -49,6 +49,8 @@ def svc(redis_server):
             "timeout_retries": 1,
             "metrics_port": 0,
         },
+        # No S3 here: error verdicts must not try to tag their objects (the default).
+        policy={"errors": {"all": {"action": "none"}}},
     )
     return Service(settings, ["modgate"], schedule=lambda d, c: None, redis=r)
 
