@@ -150,8 +150,9 @@ def test_bad_inputs_are_one_clear_message(stored, tmp_path):
     proc = run(["eval", str(labels), "--verdicts", str(bad_verdicts), "--out", out])
     assert proc.returncode == 2 and "v.jsonl:2" in proc.stderr and "Traceback" not in proc.stderr
     proc = run(
-        ["calibrate", str(labels), "--verdicts", str(verdicts), "--target", "recall=0.9", "--out", out]
-    )
+        ["calibrate", str(labels), "--verdicts", str(verdicts), "--target", "recall=0.9", "--out",
+         str(tmp_path / "policy.yaml")]
+    )  # fmt: skip
     assert proc.returncode == 2 and "--target" in proc.stderr
 
     # Unknown categories and duplicates are reported and counted, not fatal.
