@@ -1,7 +1,9 @@
 """What ``modgate eval`` leaves behind: ``report.json``, one PNG per category (precision–
 recall and ROC of the fused score beside each detector score, and the score histogram
 safe vs unsafe with the threshold and review band), and ``report.html`` embedding them
-all (no network needed to view it)."""
+all (no network needed to view it): the notes (labelled categories no detector covers),
+the tables, a confusion matrix per category (at the threshold, and with the review band)
+and per split, and the input issues."""
 
 from __future__ import annotations
 
