@@ -405,7 +405,9 @@ class ReceiverSettings(BaseModel):
     # finishes its headers (slowloris) cannot hold a connection forever.
     header_timeout_s: float = Field(10.0, gt=0, le=600)
     # Request bodies held at once across all connections; above it new body bytes get a
-    # 503 with Retry-After, so slow or stalled senders cannot exhaust memory.
+    # 503 with Retry-After, so slow or stalled senders cannot exhaust memory. Without a
+    # token (HMAC only, anonymous) bodies are unverified until read, so the largest one
+    # in flight gives way to a smaller one instead (fair share: a signed event has room).
     max_buffered_bytes: int = Field(64 * MiB, ge=MiB)
     # Swagger UI at /docs and ReDoc at /redoc (/openapi.json is always served).
     docs: bool = False
