@@ -2,10 +2,11 @@
 and sources into bytes, with size caps, bounded retries and a clear code per failure.
 
 One boto3 client serves every fetch thread (boto3 clients are thread-safe);
-``endpoint_url`` makes MinIO, moto and other S3-compatible servers work; credentials come
-from boto3's own chain. GETs are retried here, not by botocore: a process-wide
-``BackoffGate`` holds every fetch thread back while S3 sheds load, so an outage costs a
-few probe requests instead of every thread retrying on its own schedule.
+``endpoint_url`` makes MinIO, moto and other S3-compatible servers work (unset, botocore's
+own ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``/config-file endpoint applies, to the lean
+GET client too); credentials come from boto3's own chain. GETs are retried here, not by
+botocore: a process-wide ``BackoffGate`` holds every fetch thread back while S3 sheds load,
+so an outage costs a few probe requests instead of every thread retrying on its own schedule.
 """
 
 from __future__ import annotations

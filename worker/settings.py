@@ -34,7 +34,9 @@ class RedisSettings(BaseModel):
 
 
 class S3Settings(BaseModel):
-    endpoint_url: str | None = None  # unset = AWS; set for MinIO, moto, Ceph...
+    # Set for MinIO, moto, Ceph...; unset = botocore's own endpoint (AWS_ENDPOINT_URL_S3,
+    # AWS_ENDPOINT_URL, the AWS config file), else AWS.
+    endpoint_url: str | None = None
     region: str | None = None
     max_object_bytes: int = Field(50 * MiB, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
@@ -49,9 +51,9 @@ class S3Settings(BaseModel):
     backoff_max_s: float = Field(20.0, gt=0)
     max_concurrency: int = Field(32, ge=1)
     # Who sends object GETs: "lean" (worker/s3_get.py: SigV4 + a minimal keep-alive
-    # HTTP/1.1 client, same answers and errors as botocore at a fraction of its CPU per
-    # GET, which bounds ingest processes per GPU) or "botocore". Listing and actions
-    # always use botocore.
+    # HTTP/1.1 client to the endpoint botocore resolves per bucket, same answers and errors
+    # as botocore at a fraction of its CPU per GET, which bounds ingest processes per GPU)
+    # or "botocore". Listing and actions always use botocore.
     get_client: Literal["lean", "botocore"] = "lean"
 
 
