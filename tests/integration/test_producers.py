@@ -31,6 +31,9 @@ TRICKY = [
     "dir/ünï cødé 🐱.jpg",
     "deep/n/e/s/t/x.jpg",
     "q?x=1&y.jpg",
+    # S3 allows control characters (moto stores all but the newline: its route is ".+").
+    "dir/a\x01b\tc\x7f.jpg",
+    "dir/esc\x1b[31m\x00\x85\x9b.jpg",
 ]
 
 
@@ -485,9 +488,30 @@ def test_lambda_enqueues_the_valid_records_and_reports_the_rest(own_redis, monke
 def test_enqueuer_counts_what_the_queue_refuses_instead_of_raising(own_redis):
     enqueuer = Enqueuer(settings_for(own_redis.url))
     result = enqueuer.enqueue_events(
-        [ObjectEvent("ab", "a.jpg"), ObjectEvent("bkt", "a\x00.jpg"), ObjectEvent("bkt", "ok.jpg", size=-1)]
+        [ObjectEvent("ab", "a.jpg"), ObjectEvent("bk\x00t", "a.jpg"), ObjectEvent("bkt", "ok.jpg", size=-1)]
     )
     assert (result.enqueued, result.invalid) == (0, 3)
+
+
+def test_keys_with_control_characters_are_enqueued_exactly(aws, bucket, own_redis, s3_env):
+    keys = ["ctl/a\x01b\tc\x7f.jpg", "ctl/nul\x00.jpg", "ctl/esc\x1b[2J\x85.jpg", "ctl/plain.jpg"]
+    r = redis.Redis.from_url(own_redis.url)
+    # Notifications (JSON with escapes, the key URL-encoded) and a duplicate of one.
+    result = Enqueuer(settings_for(own_redis.url)).enqueue_events(
+        [ObjectEvent("bkt", k, etag="1") for k in keys]
+    )
+    again = Enqueuer(settings_for(own_redis.url)).enqueue_events([ObjectEvent("bkt", keys[1], etag="1")])
+    assert (result.enqueued, result.invalid, again.duplicates) == (4, 0, 1)
+    assert queued_keys(r) == keys
+    r.delete("modgate")
+    # A backfill: botocore lists with EncodingType=url and decodes the keys.
+    for key in keys:
+        aws["s3"].put_object(Bucket=bucket, Key=key, Body=b"img")
+    out = run_cli(
+        ["enqueue", f"s3://{bucket}/ctl/", "--no-progress"], {**s3_env, "MODGATE_REDIS__URL": own_redis.url}
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["enqueued"] == 4 and sorted(queued_keys(r)) == sorted(keys)
 
 
 def test_callback_userinfo_is_neither_stored_nor_echoed(own_redis):
