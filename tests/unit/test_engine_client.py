@@ -253,6 +253,28 @@ def test_preparers_travel_by_name_only():
         preparer_spec(print)
 
 
+@pytest.mark.parametrize("cls", ["ViTImageProcessor", "ViTImageProcessorFast"])
+def test_falconsais_image_processor_travels_as_its_config(cls):
+    import functools
+
+    import transformers
+    from PIL import Image
+
+    from worker.decode import Frame
+    from worker.detectors import falconsai_vit
+
+    if not hasattr(transformers, cls):
+        pytest.skip(f"this transformers has no {cls}")
+    processor = getattr(transformers, cls)(size={"height": 224, "width": 224})
+    spec = preparer_spec(functools.partial(falconsai_vit.prepare_frame, processor=processor))
+    rebuilt = build_preparer(json.loads(json.dumps(spec)))
+    frame = Frame(Image.new("RGB", (300, 200), (10, 20, 30)), 1.0)
+    assert (rebuilt(frame) - falconsai_vit.prepare_frame(frame, processor)).abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="not allowed"):
+        hostile = {"p": {"image_processor": "Pipeline", "config": {}}}
+        build_preparer({"name": "falconsai_vit", "params": hostile})
+
+
 def test_a_restart_resends_what_was_pending_and_drops_what_was_cancelled(sock_path):
     engine = FakeEngine()
     engine.hold.set()

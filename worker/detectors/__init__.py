@@ -86,7 +86,9 @@ def preparer_spec(fn: Callable[..., Any] | None) -> dict[str, Any]:
     encoded = {}
     for key, value in params.items():
         if type(value).__name__ in _IMAGE_PROCESSORS and hasattr(value, "to_dict"):
-            value = {"image_processor": type(value).__name__, "config": value.to_dict()}
+            # Its JSON form (tuples become lists), which is what the other side rebuilds from.
+            config = json.loads(json.dumps(value.to_dict()))
+            value = {"image_processor": type(value).__name__, "config": config}
         try:
             if json.loads(json.dumps(value)) != value:
                 raise ValueError("does not survive JSON")
