@@ -73,7 +73,7 @@ def main() -> None:
         auth = (
             {"MODGATE_RECEIVER__TOKEN": "bench-token"}
             if args.auth == "token"
-            else {"MODGATE_RECEIVER__HMAC_SECRET": "bench-secret"}
+            else {"MODGATE_RECEIVER__HMAC_SECRET": "bench-secret-0123456789"}
         )
         env = {**os.environ, "MODGATE_REDIS__URL": redis.url, **auth}
         proc = subprocess.Popen(
