@@ -305,7 +305,14 @@ def s3_proxy(moto_server):
 
 
 def gets(proxy, key):
-    return len(proxy.seen(lambda s: s.method == "GET" and s.path.split("?")[0].endswith("/" + key)))
+    """Object GETs of ``key`` (not ``?tagging``: error verdicts tag their object)."""
+    return len(
+        proxy.seen(
+            lambda s: (
+                s.method == "GET" and s.path.split("?")[0].endswith("/" + key) and "tagging" not in s.path
+            )
+        )
+    )
 
 
 def test_a_timed_out_message_is_requeued_and_finished_by_its_redelivery(
@@ -353,6 +360,9 @@ def test_a_timed_out_message_is_requeued_and_finished_by_its_redelivery(
     assert by_key["slow-always.jpg"]["error"]["code"] == "timeout"
     assert by_key["slow-always.jpg"]["request_id"] == "b"
     assert gets(s3_proxy, "slow-always.jpg") == 2
+    # The `timeout` verdict's object does not look moderated: tagged `error` (the policy default).
+    tagged = lambda: s3_client.get_object_tagging(Bucket=bucket, Key="slow-always.jpg")["TagSet"]  # noqa: E731
+    wait_for(lambda: tagged() == [{"Key": "modgate-decision", "Value": "error"}], what="the error tag")
     assert 'modgate_messages_total{outcome="requeued_timeout"} 2.0' in worker.metrics()
     assert not r.keys(keys.message_retries("*"))  # counters go with their finished messages
     assert "worker.buckets is unset" in worker.tail(10**6)
