@@ -41,7 +41,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -71,6 +71,7 @@ INLINE_MAX = 128 * 1024  # larger JPEGs cross as a memfd
 MAX_LOSSES = 3  # a request pending at this many deaths of the inference process is not resent
 MAX_BAD_REPLIES = 3  # a request whose reply could not be parsed this many times fails
 _SWEEP_S = 0.2  # how often cancelled requests are looked for
+_LOST = "in flight each time the inference process went away"
 
 
 class ProtocolError(ValueError):
@@ -620,6 +621,13 @@ def _cancel_frame(future: Future[Any]) -> None:
     future.set_exception(Cancelled("cancelled before the inference process answered"))
 
 
+def _settle(resolve: Callable[[], None]) -> None:
+    """Resolve a request's future; one its caller cancelled meanwhile stays as it is (the
+    reader thread must not die of InvalidStateError)."""
+    with contextlib.suppress(InvalidStateError):
+        resolve()
+
+
 class RemoteEngine:
     def __init__(self, settings: InferenceSettings) -> None:
         if settings.socket is None:
@@ -688,7 +696,7 @@ class RemoteEngine:
             conn.close()
         for req in pending.values():
             if not req.future.done():
-                req.future.set_exception(EngineClosed("the engine was closed"))
+                _settle(lambda req=req: req.future.set_exception(EngineClosed("the engine was closed")))
 
     # -- internals ----------------------------------------------------------------------
 
@@ -798,19 +806,26 @@ class RemoteEngine:
                 log.warning("malformed reply to request %d (%s); sending it again", rid, exc)
                 self._send(conn, req.message)
                 return
-            with self._lock:
-                self._pending.pop(rid, None)
-            log.error("request %d: %d malformed replies; giving up (%s)", rid, req.bad_replies, exc)
-            req.on_give_up(req.future, f"{req.bad_replies} malformed replies from the inference process")
+            if self._take(rid, req):
+                log.error("request %d: %d malformed replies; giving up (%s)", rid, req.bad_replies, exc)
+                why = f"{req.bad_replies} malformed replies from the inference process"
+                _settle(lambda: req.on_give_up(req.future, why))
             return
-        with self._lock:
-            self._pending.pop(rid, None)
-        if req.future.done():
-            return
+        if not self._take(rid, req):
+            return  # the sweeper (cancelled) or close() got it first and settled it
         if error is None:
-            req.future.set_result(outcome)
+            _settle(lambda: req.future.set_result(outcome))
         else:
-            req.future.set_exception(RemoteError(error))
+            _settle(lambda: req.future.set_exception(RemoteError(error)))
+
+    def _take(self, rid: int, req: _Request) -> bool:
+        """Remove ``req`` from the pending set; True when this caller did (and so settles
+        it: exactly one of the reader, the sweeper, a reconnect and close() does)."""
+        with self._lock:
+            if self._pending.get(rid) is not req:
+                return False
+            del self._pending[rid]
+            return True
 
     def _reconnect(self) -> None:
         """Until attached: drop what was cancelled meanwhile, then connect, check the
@@ -848,7 +863,7 @@ class RemoteEngine:
                 messages = [req.message for req in self._pending.values()]
             for req in given_up:
                 if not req.future.done():
-                    req.on_give_up(req.future, "in flight each time the inference process went away")
+                    _settle(lambda req=req: req.on_give_up(req.future, _LOST))
             if given_up:
                 log.warning(
                     "%d requests were in flight at %d losses of the inference process: not resent",
@@ -877,4 +892,4 @@ class RemoteEngine:
             dropped = [self._pending.pop(rid) for rid in gone]
         for req in dropped:
             if not req.future.done():
-                req.on_cancel(req.future)
+                _settle(lambda req=req: req.on_cancel(req.future))

@@ -332,6 +332,25 @@ def test_a_cancelled_request_leaves_the_pending_set_while_connected(sock_path):
         server.close()
 
 
+def test_a_future_its_caller_cancelled_leaves_the_pending_set(sock_path):
+    engine = FakeEngine()
+    engine.hold.set()
+    server = InferenceServer(sock_path, engine)
+    server.start()
+    client = client_for(sock_path)
+    try:
+        future = client.submit_frame(PreparedFrame(None, {"fake": np.zeros(2, np.float32)}))
+        wait(lambda: engine.frames)
+        assert future.cancel()
+        wait(lambda: client.pending == 0)
+        engine.hold.clear()  # its reply arrives for nobody: the reader thread carries on
+        assert isinstance(client.submit_frame(PreparedFrame(None, {})).result(5), FrameResult)
+        assert client.alive()
+    finally:
+        client.close()
+        server.close()
+
+
 @pytest.mark.parametrize(
     "other",
     [{"revision": "2"}, {"ids": ("fake",), "revision": "1", "fewer": True}],
