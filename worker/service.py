@@ -231,7 +231,7 @@ class Service:
                     left = len(pending) + len(waiting)
                     raise Requeue(f"{left} of {counts['items']} items unfinished at the drain deadline")
                 if cancel.cancelled:
-                    self._timed_out(task_id, message, policy, pending, waiting, counts)
+                    failed_actions += self._timed_out(task_id, message, policy, pending, waiting, counts)
                     break
                 wait(list(pending), timeout=0.25, return_when=FIRST_COMPLETED)
         finally:
@@ -278,9 +278,10 @@ class Service:
         pending: dict[Future[Verdict], tuple[Source, float]],
         waiting: list[Source],
         counts: dict[str, int],
-    ) -> None:
+    ) -> list[tuple[Verdict, str]]:
         """Items unfinished at the message timeout: the message goes back to the queue (a
-        timeout is transient), or, once its retries are spent, they get ``timeout`` verdicts."""
+        timeout is transient), or, once its retries are spent, they get ``timeout`` verdicts
+        (returns their failed actions, as ``_finish``: recorded, not lost)."""
         timeout = self.settings.worker.message_timeout_s
         unfinished = [source for source, _ in pending.values()] + waiting
         now = time.monotonic()
@@ -308,7 +309,7 @@ class Service:
         ]
         pending.clear()
         waiting.clear()
-        self._finish(late, message, policy, counts)
+        return self._finish(late, message, policy, counts)
 
     def _fetch_failed(
         self,

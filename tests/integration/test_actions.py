@@ -276,3 +276,56 @@ def test_the_service_acts_on_error_verdicts_by_the_policy_errors_rules(service, 
     }
     assert "not found" in recorded("missing.jpg")["skipped"]
     assert recorded("empty.jpg") is None
+
+
+def test_timeout_verdicts_whose_tagging_fails_record_the_failure(redis_server, s3_env):
+    """A message that ran out of time and retries: its ``timeout`` verdicts are tagged, and
+    when S3 cannot be reached that failure is the recorded outcome, not lost."""
+    from concurrent.futures import Future
+    from contextlib import nullcontext
+
+    import boto3
+    import redis
+    from botocore.config import Config
+
+    from tests.servers import free_port
+    from worker.service import Service
+    from worker.settings import load_settings
+
+    class Stuck:
+        """Admitted at once, never finished; its S3 client points at a closed port."""
+
+        def __init__(self):
+            self.fetcher = type("F", (), {})()
+            self.fetcher.client = boto3.client(
+                "s3",
+                endpoint_url=f"http://127.0.0.1:{free_port()}",
+                region_name="us-east-1",
+                config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1),
+            )
+
+        def admission(self, cancel=None):
+            return nullcontext(True)
+
+        def submit(self, source, request_id=None, policy=None, cancel=None):
+            return Future()
+
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    settings = load_settings(
+        redis={"url": redis_server.url},
+        worker={
+            "message_timeout_s": 0.5,
+            "visibility_timeout_s": 31,
+            "timeout_retries": 0,
+            "metrics_port": 0,
+        },
+    )
+    svc = Service(settings, ["modgate"], schedule=lambda d, c: None, redis=r)
+    svc.pipeline = Stuck()
+    svc.moderate("t-late", ({"items": [{"bucket": "bkt", "key": "a.jpg"}]},), {})
+    (published,) = verdicts(r)
+    assert published["error"]["code"] == "timeout"
+    assert published["policy_actions"] == {"tag": {"modgate-decision": "error"}}
+    recorded = outcome(r, outcome_id(Verdict.model_validate(published)))
+    assert recorded is not None and "Could not connect" in recorded["error"]
