@@ -833,7 +833,14 @@ class RemoteEngine:
         again."""
         while not self._closed.is_set():
             self._drop_cancelled()
-            conn, meta = self._connect(time.monotonic() + 1.0)
+            try:
+                conn, meta = self._connect(time.monotonic() + 1.0)
+            except ConfigError as exc:  # another protocol, malformed metadata: same as other detectors
+                if self._incompatible is None:
+                    log.error("not attaching to the inference process: %s", exc)
+                self._incompatible = str(exc)
+                self._closed.wait(1.0)
+                continue
             if conn is None or meta is None:
                 continue
             if meta.signature() != self._signature:

@@ -426,8 +426,8 @@ class GarbageServer:
     """A listener of this uid that sends real metadata, then answers every request with
     ``reply(header)`` bytes; counts the requests it got."""
 
-    def __init__(self, path: Path, reply) -> None:
-        self.meta = b"".join(encode(_meta_json()))
+    def __init__(self, path: Path, reply, meta: dict | None = None) -> None:
+        self.meta = b"".join(encode(meta if meta is not None else _meta_json()))
         self.reply = reply
         self.requests = 0
         self.connections = 0
@@ -494,6 +494,23 @@ def test_an_unparsable_reply_ends_in_an_error_after_bounded_resends(sock_path):
     finally:
         client.close()
         server.close()
+
+
+def test_a_restart_into_malformed_metadata_is_not_attached_to(sock_path):
+    server = InferenceServer(sock_path, FakeEngine())
+    server.start()
+    client = client_for(sock_path)
+    server.close()
+    wait(lambda: not client.connected)
+    bad = GarbageServer(sock_path, lambda header: b"", meta={**_meta_json(), "protocol": 99})
+    try:
+        pending = client.submit_jpeg(b"\x01" * 4)
+        wait(lambda: not client.alive())
+        assert bad.requests == 0 and not pending.done()
+        assert client._reader.is_alive()  # still trying: a matching process would be attached
+    finally:
+        client.close()
+        bad.close()
 
 
 def test_a_client_of_another_uid_is_refused(sock_path):
