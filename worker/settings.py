@@ -493,6 +493,8 @@ class Settings(BaseSettings):
             return data  # built in code, already validated
         if isinstance(inline, dict):
             merged = deep_merge(merged, inline)
+        elif inline is not None:
+            raise PolicyError(f"policy: expected a mapping, got {type(inline).__name__}")
         if cls._yaml_file is not None:
             sources.insert(0, PolicySource(str(cls._yaml_file), read_yaml(cls._yaml_file)[1], ("policy",)))
         # Checked here, not by the field: unknown detectors and scores are refused too, and

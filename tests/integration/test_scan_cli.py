@@ -219,3 +219,19 @@ def test_unusable_output_paths_are_refused_before_any_work(tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert not labels.exists() and not verdicts.exists()  # nothing was read or written
+
+
+def test_an_error_the_policy_counts_as_review_is_a_review_for_fail_on(hostile_dir, tmp_path):
+    cfg = tmp_path / "errors.yaml"
+    cfg.write_text("policy: {errors: {corrupt_image: {review: true}}}\n")
+    args = ["scan", str(hostile_dir / "truncated.jpg"), "--no-progress", "--fail-on", "review"]
+    proc = run([*args, "--config", str(cfg)])
+    assert proc.returncode == 1, proc.stderr
+    verdict = json.loads(proc.stdout.strip())
+    assert (verdict["status"], verdict["error"]["code"], verdict["decision"]) == (
+        "error",
+        "corrupt_image",
+        "review",
+    )
+    plain = run(args)
+    assert plain.returncode == 0 and json.loads(plain.stdout.strip())["decision"] is None

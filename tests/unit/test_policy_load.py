@@ -134,3 +134,10 @@ def test_error_rules_resolve_code_then_all_then_tag():
     assert policy.error_decision(ErrorCode.NOT_FOUND) is None
     bare = Policy.model_validate(default_policy_dict())
     assert bare.error_rule("image_too_complex").action == "tag" and bare.error_decision("timeout") is None
+
+
+def test_a_policy_that_is_not_a_mapping_is_refused(tmp_path):
+    cfg = tmp_path / "modgate.yaml"
+    cfg.write_text("policy: strict\n")
+    with pytest.raises(PolicyError, match="expected a mapping"):
+        load_settings(cfg)
