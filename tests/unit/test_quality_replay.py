@@ -61,3 +61,17 @@ def test_a_logistic_policy_needing_an_absent_detector_is_refused(verdicts):
         replay(verdicts, policy("logit", sexual=sexual))
     reviewed = replay(verdicts, policy("logit", sexual={**sexual, "on_missing": "review"}))
     assert {b for (_, b) in reviewed.transitions} <= {"review", "unsafe", "error"}
+
+
+def test_error_verdicts_take_the_replayed_policys_error_decision(verdicts):
+    """`errors: {code: {review: true}}` in the replayed policy sends those error verdicts to
+    review, exactly as the worker would decide them; other error codes keep no decision."""
+    errors = [v for v in verdicts if v.status == "error"]
+    code = errors[0].error.code
+    strict = Policy.model_validate(
+        deep_merge(default_policy_dict(), {"version": "errs", "errors": {str(code): {"review": True}}})
+    )
+    for v in errors:
+        new = reaggregate(v, strict)
+        assert new.status == "error" and new.error == v.error
+        assert new.decision == ("review" if v.error.code == code else None)

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from worker.aggregator import assess
-from worker.policy import CATEGORIES, CategoryPolicy, Policy
+from worker.policy import CATEGORIES, CategoryPolicy, Policy, with_error_decision
 from worker.quality.labels import LabelsError
 from worker.verdict import Verdict, verdict_id
 
@@ -69,9 +69,10 @@ def check_policy(policy: Policy, verdicts: Iterable[Verdict]) -> None:
 
 
 def reaggregate(verdict: Verdict, policy: Policy) -> Verdict:
-    """The verdict ``policy`` gives for the same stored scores (errors unchanged)."""
+    """The verdict ``policy`` gives for the same stored scores; an error verdict keeps its
+    error and takes the decision the policy's ``errors:`` rule gives its code (as the worker)."""
     if verdict.status != "ok":
-        return verdict
+        return with_error_decision(verdict, policy)
     scores = {name: d.scores for name, d in verdict.detectors.items()}
     result = assess(scores, policy, loaded=verdict.detectors.keys())
     return verdict.model_copy(
