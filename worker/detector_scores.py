@@ -6,7 +6,8 @@ holds it to the detectors' own constants (tests/unit/test_policy_load.py).
 
 from __future__ import annotations
 
-_NUDENET_LABELS = (
+# NudeNet 3's classes in its output order (worker/detectors/nudenet.py decodes with these).
+NUDENET_LABELS = (
     "FEMALE_GENITALIA_COVERED",
     "FACE_FEMALE",
     "BUTTOCKS_EXPOSED",
@@ -43,7 +44,7 @@ _UNSAFEBENCH = (
 # detector id -> every score name it emits for a frame
 DECLARED_SCORES: dict[str, frozenset[str]] = {
     "open_nsfw": frozenset({"nsfw", "sfw"}),
-    "nudenet": frozenset({*_NUDENET_LABELS, "sexual"}),
+    "nudenet": frozenset({*NUDENET_LABELS, "sexual"}),
     "sd_safety_checker": frozenset(
         {
             *(f"special_{j}" for j in range(3)),

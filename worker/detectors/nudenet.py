@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from worker.detector_scores import NUDENET_LABELS
 from worker.detectors.base import Detector, DetectorOutput, resolve_weights
 from worker.detectors.onnx_torch import OnnxModel, load_onnx_model
 from worker.errors import ConfigError
@@ -29,26 +30,9 @@ SCORE_THRESHOLD = 0.2
 NMS_SCORE_THRESHOLD = 0.25
 NMS_IOU_THRESHOLD = 0.45
 
-LABELS = (
-    "FEMALE_GENITALIA_COVERED",
-    "FACE_FEMALE",
-    "BUTTOCKS_EXPOSED",
-    "FEMALE_BREAST_EXPOSED",
-    "FEMALE_GENITALIA_EXPOSED",
-    "MALE_BREAST_EXPOSED",
-    "ANUS_EXPOSED",
-    "FEET_EXPOSED",
-    "BELLY_COVERED",
-    "FEET_COVERED",
-    "ARMPITS_COVERED",
-    "ARMPITS_EXPOSED",
-    "FACE_MALE",
-    "BELLY_EXPOSED",
-    "MALE_GENITALIA_EXPOSED",
-    "ANUS_COVERED",
-    "FEMALE_BREAST_COVERED",
-    "BUTTOCKS_COVERED",
-)
+# NudeNet 3's 18 classes in its output order; the one list, shared with the light table
+# of declared scores that policies are checked against.
+LABELS = NUDENET_LABELS
 # Exposed parts that make an image sexual content. Exposed bellies, feet, armpits and
 # male chests are ordinary in beach, sport and family photos, so they do not count.
 SEXUAL_LABELS = frozenset(
