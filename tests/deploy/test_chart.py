@@ -16,7 +16,7 @@ CRDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}  # no upstrea
 BASE = {
     "secrets": {
         "redisUrl": "redis://redis-master.redis:6379/0",
-        "webhookSecret": "whsec-xyz",
+        "webhookSecret": "whsec-xyz-0123456789",
         "receiverToken": "tok-abc",
         "awsSecretAccessKey": "aws-secret-123",
     }
@@ -132,7 +132,7 @@ def test_no_secret_values_outside_secrets():
     for name, values in VALUE_SETS.items():
         docs = render(values)
         text = json.dumps([d for d in docs if d["kind"] != "Secret"])
-        for secret in ("whsec-xyz", "tok-abc", "aws-secret-123", "redis://"):
+        for secret in ("whsec-xyz-0123456789", "tok-abc", "aws-secret-123", "redis://"):
             assert secret not in text, (name, secret)
     existing = render(VALUE_SETS["existing-secret"])
     assert not by_kind(existing, "Secret")
@@ -154,6 +154,10 @@ def test_schema_rejects_typos_and_bad_values():
         chart.validate_schema({**BASE, "wroker": {}})
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema({**BASE, "worker": {"gpus": -1}})
+    # a short webhook secret would stop every worker at start-up: refused at install instead
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({**BASE, "secrets": {**BASE["secrets"], "webhookSecret": "whsec-short"}})
+    chart.validate_schema({**BASE, "secrets": {**BASE["secrets"], "webhookSecret": ""}})
 
 
 def test_keda_scales_the_worker_on_the_queue_and_hpa_is_the_fallback():
