@@ -32,6 +32,7 @@ bench: install
 	$(PY) bench/bench_queue.py
 	$(PY) bench/bench_cpu.py
 	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_scan_bomb.py
 
 lint: install
 	$(VENV)/bin/ruff check .
