@@ -293,9 +293,10 @@ def test_the_mixed_set_gets_the_pil_paths_verdicts(open_nsfw, nudenet, mixed):
     names = list(mixed)
     datas = list(mixed.values())
     outcomes = dict(zip(names, decode_batch(datas, SETTINGS), strict=True))
-    for name in ("png", "gif", "cmyk", "truncated"):
+    # progressive JPEGs decode in the killable decode processes (their cost grows with scans)
+    for name in ("png", "gif", "cmyk", "truncated", "progressive"):
         assert isinstance(outcomes[name], Fallback), name
-    for name in ("baseline", "grayscale", "progressive"):
+    for name in ("baseline", "grayscale"):
         assert isinstance(outcomes[name], TensorImage), name
     assert isinstance(outcomes["bomb"], ModerationError)
 
