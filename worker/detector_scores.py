@@ -6,6 +6,25 @@ holds it to the detectors' own constants (tests/unit/test_policy_load.py).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
+# The policy's categories (UnsafeBench's 11); clip_zeroshot scores each one, and
+# worker.policy takes them from here.
+Category = Literal[
+    "hate",
+    "harassment",
+    "violence",
+    "self_harm",
+    "sexual",
+    "shocking",
+    "illegal_activity",
+    "deception",
+    "political",
+    "public_health",
+    "spam",
+]
+CATEGORIES: tuple[str, ...] = get_args(Category)
+
 # NudeNet 3's classes in its output order (worker/detectors/nudenet.py decodes with these).
 NUDENET_LABELS = (
     "FEMALE_GENITALIA_COVERED",
@@ -27,19 +46,6 @@ NUDENET_LABELS = (
     "FEMALE_BREAST_COVERED",
     "BUTTOCKS_COVERED",
 )
-_UNSAFEBENCH = (
-    "hate",
-    "harassment",
-    "violence",
-    "self_harm",
-    "sexual",
-    "shocking",
-    "illegal_activity",
-    "deception",
-    "political",
-    "public_health",
-    "spam",
-)
 
 # detector id -> every score name it emits for a frame
 DECLARED_SCORES: dict[str, frozenset[str]] = {
@@ -58,5 +64,5 @@ DECLARED_SCORES: dict[str, frozenset[str]] = {
     "multiheaded": frozenset({"sexual", "violent", "disturbing", "hateful", "political"}),
     "laion_violence": frozenset({"non_violent", "violent"}),
     "falconsai_vit": frozenset({"normal", "nsfw"}),
-    "clip_zeroshot": frozenset({*_UNSAFEBENCH, "safe"}),
+    "clip_zeroshot": frozenset({*CATEGORIES, "safe"}),
 }

@@ -16,26 +16,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from worker.detector_scores import DECLARED_SCORES
+from worker.detector_scores import CATEGORIES, DECLARED_SCORES, Category
 from worker.errors import ConfigError, ErrorCode, PolicyError
 
 if TYPE_CHECKING:
     from worker.verdict import Verdict
-
-Category = Literal[
-    "hate",
-    "harassment",
-    "violence",
-    "self_harm",
-    "sexual",
-    "shocking",
-    "illegal_activity",
-    "deception",
-    "political",
-    "public_health",
-    "spam",
-]
-CATEGORIES: tuple[str, ...] = Category.__args__  # type: ignore[attr-defined]
 
 DEFAULT_POLICY_FILE = Path(__file__).with_name("policy_default.yaml")
 
