@@ -140,6 +140,17 @@ def client_for(path: Path, **kw) -> RemoteEngine:
     return RemoteEngine(InferenceSettings(socket=path, **{"connect_timeout_s": 5, **kw}))
 
 
+def serving(path: Path, engine) -> tuple[InferenceServer, RemoteEngine]:
+    """An inference server for ``engine`` on ``path``, started, and a client of it."""
+    server = InferenceServer(path, engine)
+    server.start()
+    return server, client_for(path)
+
+
+class Cancel:
+    cancelled = False
+
+
 def test_small_jpegs_travel_inline_and_large_ones_as_a_sealed_mapped_memfd():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     small, large = os.urandom(1000), os.urandom(INLINE_MAX + 12345)
@@ -218,9 +229,7 @@ def test_array_specs_are_checked_against_limits_and_the_payload():
 
 def test_replies_come_back_for_both_paths(sock_path):
     engine = FakeEngine()
-    server = InferenceServer(sock_path, engine)
-    server.start()
-    client = client_for(sock_path)
+    server, client = serving(sock_path, engine)
     try:
         assert client.tensor and [d.id for d in client.detectors.detectors] == ["fake"]
         # Built here from the registry, by name: no code crossed the socket.
@@ -278,12 +287,7 @@ def test_falconsais_image_processor_travels_as_its_config(cls):
 def test_a_restart_resends_what_was_pending_and_drops_what_was_cancelled(sock_path):
     engine = FakeEngine()
     engine.hold.set()
-    server = InferenceServer(sock_path, engine)
-    server.start()
-    client = client_for(sock_path)
-
-    class Cancel:
-        cancelled = False
+    server, client = serving(sock_path, engine)
 
     keep, drop = Cancel(), Cancel()
     kept = [client.submit_jpeg(bytes([i]) * 10, keep) for i in range(1, 4)]
@@ -310,12 +314,7 @@ def test_a_restart_resends_what_was_pending_and_drops_what_was_cancelled(sock_pa
 def test_a_cancelled_request_leaves_the_pending_set_while_connected(sock_path):
     engine = FakeEngine()
     engine.hold.set()
-    server = InferenceServer(sock_path, engine)
-    server.start()
-    client = client_for(sock_path)
-
-    class Cancel:
-        cancelled = False
+    server, client = serving(sock_path, engine)
 
     try:
         cancel = Cancel()
@@ -335,9 +334,7 @@ def test_a_cancelled_request_leaves_the_pending_set_while_connected(sock_path):
 def test_a_future_its_caller_cancelled_leaves_the_pending_set(sock_path):
     engine = FakeEngine()
     engine.hold.set()
-    server = InferenceServer(sock_path, engine)
-    server.start()
-    client = client_for(sock_path)
+    server, client = serving(sock_path, engine)
     try:
         future = client.submit_frame(PreparedFrame(None, {"fake": np.zeros(2, np.float32)}))
         wait(lambda: engine.frames)
@@ -402,9 +399,7 @@ def test_a_request_in_flight_at_every_death_is_not_resent_again(sock_path):
     engines = [FakeEngine() for _ in range(MAX_LOSSES + 1)]
     for e in engines[:-1]:
         e.hold.set()  # answers nothing before it "crashes"
-    server = InferenceServer(sock_path, engines[0])
-    server.start()
-    client = client_for(sock_path)
+    server, client = serving(sock_path, engines[0])
     try:
         poison = client.submit_jpeg(b"\xff" * 10)
         for i in range(MAX_LOSSES):
@@ -497,9 +492,7 @@ def test_an_unparsable_reply_ends_in_an_error_after_bounded_resends(sock_path):
 
 
 def test_a_restart_into_malformed_metadata_is_not_attached_to(sock_path):
-    server = InferenceServer(sock_path, FakeEngine())
-    server.start()
-    client = client_for(sock_path)
+    server, client = serving(sock_path, FakeEngine())
     server.close()
     wait(lambda: not client.connected)
     bad = GarbageServer(sock_path, lambda header: b"", meta={**_meta_json(), "protocol": 99})
