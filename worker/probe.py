@@ -31,6 +31,8 @@ _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 # A marker in entropy-coded data: FF followed by anything but a stuffed 00, a fill FF or a
 # restart marker (D0–D7), which all belong to the scan.
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# The first byte that is no fill byte (FF): a run of them is skipped in one search.
+_JPEG_NOT_FILL = re.compile(rb"[^\xff]")
 # GIF block introducers: extension, image descriptor, trailer.
 _GIF_BLOCK = re.compile(rb"[!,;]")
 
@@ -332,8 +334,11 @@ def _jpeg(data: bytes) -> Probe:
             pos = found.start()
             continue
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
+        if marker == 0xFF:  # fill bytes: skipped up to the last FF before the marker code
+            found = _JPEG_NOT_FILL.search(data, pos + 1)
+            if found is None:
+                break
+            pos = found.start() - 1
             continue
         if marker in _JPEG_STANDALONE:
             pos += 2

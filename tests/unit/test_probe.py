@@ -285,6 +285,19 @@ def test_scan_count_matches_what_libjpeg_reads():
     assert (cut.scans, cut.complete, cut.baseline_jpeg) == (2, False, False)
 
 
+def test_fill_bytes_before_a_marker_are_skipped_as_a_run():
+    """Any number of FF fill bytes before a marker code, as libjpeg reads them; a file of
+    nothing but FF after SOI is incomplete (one search, not a step per byte)."""
+    progressive = progressive_jpeg()
+    second = progressive.index(b"\xff\xda", progressive.index(b"\xff\xda") + 2)
+    filled = progressive[:second] + b"\xff" * 100_000 + progressive[second:]
+    Image.open(io.BytesIO(filled)).load()  # libjpeg decodes it
+    assert probe(filled) == probe(progressive)
+    assert probe(filled).scans == 10
+    p = probe(b"\xff\xd8" + b"\xff" * 1_000_000)
+    assert (p.format, p.complete, p.scans, p.baseline_jpeg) == ("JPEG", False, 0, False)
+
+
 def test_garbled_jpeg_is_not_taken_for_baseline(monkeypatch):
     monkeypatch.setattr("worker.probe._jpeg", lambda data: 1 / 0)
     p = probe(encode([colours(1)[0]], "JPEG"))
