@@ -237,9 +237,12 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     """A YAML file's data and its node tree (for line numbers). A syntax error is a
     ``PolicyError`` naming the file and line, not a traceback."""
     try:
-        text = path.read_text()
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(path.read_text())
+        try:  # one parse: the data is constructed from the node tree (as yaml.safe_load does)
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
