@@ -405,11 +405,11 @@ class Pipeline:
         job.timings["infer_ms"] = max(r.infer_ms for r in results)
         failures = {d: msg for r in results for d, msg in r.errors.items()}
         detectors: dict[str, DetectorResult] = {}
-        silent: list[str] = []  # loaded, no error, yet no output for some frame
+        silent: set[str] = set()  # no output for some frame (any error returns below first)
         for det in self.detectors.detectors:
             per_frame = [r.outputs[det.id] for r in results if det.id in r.outputs]
-            if len(per_frame) < len(results) and det.id not in failures:
-                silent.append(det.id)
+            if len(per_frame) < len(results):
+                silent.add(det.id)
             if per_frame:
                 fused = fuse_frames(per_frame)
                 detectors[det.id] = DetectorResult(
