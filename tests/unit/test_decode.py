@@ -168,9 +168,8 @@ def animation(n: int, size=(64, 48), fmt="GIF") -> bytes:
     return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=40, loop=0)
 
 
-def test_bomb_gif_is_too_complex_from_its_blocks_alone(monkeypatch):
-    data = bomb_gif()
-    assert Image.open(io.BytesIO(data)).size == (4000, 4000)  # a valid GIF Pillow would decode
+def refused_before_any_decoder(monkeypatch, data: bytes) -> ModerationError:
+    """The error ``decode_image`` raises for ``data`` with every decoder made to fail."""
 
     def no_decoder(*args, **kwargs):
         raise AssertionError("a decoder was opened")
@@ -178,8 +177,15 @@ def test_bomb_gif_is_too_complex_from_its_blocks_alone(monkeypatch):
     monkeypatch.setattr("worker.decode.Image.open", no_decoder)
     with pytest.raises(ModerationError) as info:
         decode_image(data, S, 224)
-    assert info.value.code == ErrorCode.IMAGE_TOO_COMPLEX
-    assert "120 frames of 4000x4000" in info.value.message
+    return info.value
+
+
+def test_bomb_gif_is_too_complex_from_its_blocks_alone(monkeypatch):
+    data = bomb_gif()
+    assert Image.open(io.BytesIO(data)).size == (4000, 4000)  # a valid GIF Pillow would decode
+    error = refused_before_any_decoder(monkeypatch, data)
+    assert error.code == ErrorCode.IMAGE_TOO_COMPLEX
+    assert "120 frames of 4000x4000" in error.message
 
 
 def test_the_same_canvas_with_few_frames_is_within_budget():
@@ -228,15 +234,9 @@ def test_formats_the_probe_does_not_walk_are_budgeted_from_pillow_headers():
 def test_jpeg_scan_bomb_is_too_complex_before_any_decoder_runs(monkeypatch):
     bomb = scan_bomb_jpeg(64, 200)  # 210 scans
     assert Image.open(io.BytesIO(bomb)).load() is not None  # a valid JPEG Pillow would decode
-
-    def no_decoder(*args, **kwargs):
-        raise AssertionError("a decoder was opened")
-
-    monkeypatch.setattr("worker.decode.Image.open", no_decoder)
-    with pytest.raises(ModerationError) as info:
-        decode_image(bomb, S, 224)
-    assert info.value.code == ErrorCode.IMAGE_TOO_COMPLEX
-    assert "210 JPEG scans exceeds the limit of 100" in info.value.message
+    error = refused_before_any_decoder(monkeypatch, bomb)
+    assert error.code == ErrorCode.IMAGE_TOO_COMPLEX
+    assert "210 JPEG scans exceeds the limit of 100" in error.message
 
 
 def test_jpeg_scan_limit_is_the_setting_and_exact():
