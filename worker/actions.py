@@ -71,6 +71,16 @@ def quarantine_key(prefix: str, key: str) -> str:
     return prefix + "/".join(p.replace(".", "%2E") if p in (".", "..") else p for p in parts)
 
 
+def _quarantine_to(q: QuarantineAction, source: Any) -> str | None:
+    """The quarantine URI for ``source``'s object, or None when the object already lies in
+    that location: a copy there that is judged again (the bucket's notifications may cover
+    the prefix) must not move on to ``<prefix><prefix>…`` without end."""
+    bucket = q.bucket or source.bucket
+    if q.prefix and bucket == source.bucket and source.key.startswith(q.prefix):
+        return None
+    return f"s3://{bucket}/{quarantine_key(q.prefix, source.key)}"
+
+
 def plan(
     verdict: Verdict, actions: PolicyActions, rule: ResolvedErrorRule | None = None
 ) -> dict[str, Any] | None:
@@ -87,8 +97,8 @@ def plan(
     if actions.tag:
         wanted["tag"] = {actions.tag_key: verdict.decision}
     q = actions.quarantine
-    if q is not None and verdict.decision in q.decisions:
-        wanted["quarantine_to"] = f"s3://{q.bucket or source.bucket}/{quarantine_key(q.prefix, source.key)}"
+    if q is not None and verdict.decision in q.decisions and (target := _quarantine_to(q, source)):
+        wanted["quarantine_to"] = target
     return wanted or None
 
 
@@ -100,10 +110,11 @@ def _error_plan(verdict: Verdict, actions: PolicyActions, rule: ResolvedErrorRul
     if code in NO_OBJECT:
         return {"skip": f"{code.value}: {NO_OBJECT[code]}"}
     wanted: dict[str, Any] = {"tag": {actions.tag_key: ERROR_TAG}}
-    if rule.action == "quarantine":
-        q = actions.quarantine or QuarantineAction()  # its default location when none is set
-        target = quarantine_key(q.prefix, verdict.source.key or "")
-        wanted["quarantine_to"] = f"s3://{q.bucket or verdict.source.bucket}/{target}"
+    # its default location when none is set
+    if rule.action == "quarantine" and (
+        target := _quarantine_to(actions.quarantine or QuarantineAction(), verdict.source)
+    ):
+        wanted["quarantine_to"] = target
     return wanted
 
 

@@ -157,6 +157,18 @@ def test_quarantine_for_an_error_moves_it_to_the_configured_or_default_place(act
     assert tags_of(s3_client, bucket, "held/d/huge.gif") == {"modgate-decision": "error"}
 
 
+def test_an_object_already_in_quarantine_is_tagged_not_moved_again(actions, s3_client, bucket):
+    """A quarantined copy that is judged again (the bucket's notifications cover the prefix)
+    fails the same way; it must stay put, not walk on to quarantine/quarantine/… forever."""
+    s3_client.put_object(Bucket=bucket, Key="quarantine/d/huge.gif", Body=b"GIF89a too complex")
+    rule = ResolvedErrorRule("quarantine", False)
+    v = error_of(bucket, "quarantine/d/huge.gif", ErrorCode.IMAGE_TOO_COMPLEX)
+    assert plan(v, PolicyActions(), rule) == {"tag": {"modgate-decision": "error"}}
+    assert actions.apply(v, PolicyActions(), rule) == {"tagged": {"modgate-decision": "error"}}
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys == ["quarantine/d/huge.gif"]
+
+
 def test_dot_segment_keys_are_acted_on_literally_and_quarantined_inside_the_prefix(
     actions, s3_client, bucket
 ):
