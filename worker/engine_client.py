@@ -195,7 +195,9 @@ def _check_sizes(head_size: int, payload_size: int, limit: int) -> None:
         raise ProtocolError(f"message of {head_size} + {payload_size} bytes is over the limits")
 
 
-def _parse_header(raw: bytes | bytearray) -> dict[str, Any]:
+def _parse_header(raw: bytes | bytearray, meta: bool = False) -> dict[str, Any]:
+    """A header as a message: one that names its request, or (``meta``: the first on a
+    connection) the metadata, the one kind without an id."""
     try:
         header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -203,7 +205,7 @@ def _parse_header(raw: bytes | bytearray) -> dict[str, Any]:
     if not isinstance(header, dict) or not isinstance(header.get("k"), str):
         raise ProtocolError("header is not a message")
     rid = header.get("id")
-    if header["k"] != "meta" and (type(rid) is not int or rid < 0):
+    if not (meta and header["k"] == "meta") and (type(rid) is not int or rid < 0):
         raise ProtocolError("header without a request id")
     return header
 
@@ -311,13 +313,15 @@ def _read_exact(readinto: Callable[[memoryview], int | None], size: int) -> byte
     return buf
 
 
-def read_message(stream: BinaryIO, limit: int = 256 * 1024 * 1024) -> tuple[dict[str, Any], bytearray | None]:
-    """The next message from a buffered socket reader; EOFError once the peer is gone,
-    ProtocolError for a message that breaks the framing."""
+def read_message(
+    stream: BinaryIO, limit: int = 256 * 1024 * 1024, meta: bool = False
+) -> tuple[dict[str, Any], bytearray | None]:
+    """The next message from a buffered socket reader (``meta``: the connection's first);
+    EOFError once the peer is gone, ProtocolError for a message that breaks the framing."""
     head = _read_exact(stream.readinto, _HEAD.size)
     head_size, payload_size = _HEAD.unpack(head)
     _check_sizes(head_size, payload_size, limit)
-    header = _parse_header(_read_exact(stream.readinto, head_size))
+    header = _parse_header(_read_exact(stream.readinto, head_size), meta)
     return header, (_read_exact(stream.readinto, payload_size) if payload_size else None)
 
 
@@ -734,7 +738,7 @@ class RemoteEngine:
             try:
                 conn = _Conn.open(self.path, self.server_uid)
                 try:
-                    header, _ = read_message(conn.reader, self.limit)
+                    header, _ = read_message(conn.reader, self.limit, meta=True)
                     if header.get("k") != "meta":
                         raise ConfigError(f"{self.path}: not a modgate inference process")
                     meta = EngineMeta.from_json(header)

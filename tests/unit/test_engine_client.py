@@ -193,7 +193,7 @@ def test_an_unsealed_memfd_is_refused_and_a_truncation_after_sending_cannot_kill
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(sock_path))
         reader = sock.makefile("rb")
-        assert read_message(reader)[0]["k"] == "meta"
+        assert read_message(reader, meta=True)[0]["k"] == "meta"
         data = b"\xff" * (INLINE_MAX + 4096)
         fd = unsealed_memfd(data)
         head = encode({"k": "jpeg", "id": 1, "memfd": len(data)})[0]
@@ -486,6 +486,20 @@ def test_an_unparsable_reply_ends_in_an_error_after_bounded_resends(sock_path):
             future.result(20)
         assert server.requests == MAX_LOSSES  # sent once per connection, then given up
         assert client.pending == 0
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_reply_without_a_request_id_does_not_kill_the_reader(sock_path):
+    server = GarbageServer(sock_path, lambda header: b"".join(encode({"k": "meta"})))
+    client = client_for(sock_path)
+    try:
+        future = client.submit_frame(PreparedFrame(None, {"fake": np.zeros(3, np.float32)}))
+        with pytest.raises(RemoteError):
+            future.result(20)
+        assert server.requests == MAX_LOSSES  # a broken stream: sent once per connection
+        assert client.pending == 0 and client.alive()
     finally:
         client.close()
         server.close()
