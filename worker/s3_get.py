@@ -594,6 +594,8 @@ class _Response:
         if not self._chunked and "content-length" in h:
             try:
                 self.length = int(h["content-length"])
+                if self.length < 0:  # read(-1) would read to the end of the connection
+                    raise ValueError
             except ValueError:
                 raise _BrokenResponse(f"bad Content-Length {h['content-length']!r}") from None
         self._remaining = 0 if self.status in (204, 304) else self.length  # None: until close
@@ -643,6 +645,8 @@ class _Response:
             line = self._fp.readline(_MAX_LINE + 1)
             try:
                 size = int(line.split(b";", 1)[0].strip(), 16)
+                if size < 0:
+                    raise ValueError
             except ValueError:
                 raise _BrokenResponse(f"bad chunk size line {line[:100]!r}") from None
             if size == 0:

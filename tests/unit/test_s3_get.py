@@ -324,6 +324,23 @@ def test_a_body_cut_short_is_transient_like_botocore(s3_env):
     assert results[0][0] == "transient" and "IncompleteReadError" in results[0][2]
 
 
+@pytest.mark.parametrize(
+    ("head", "body"),
+    [(b"Content-Length: -1\r\n", b"x" * 100), (b"Transfer-Encoding: chunked\r\n", b"-1\r\n" + b"x" * 100)],
+)
+def test_a_negative_length_is_transient_like_botocore_never_a_read_to_the_end(s3_env, head, body):
+    """A negative Content-Length or chunk size is a broken answer, not ``read(-1)`` (every
+    byte until the server closes, held in memory) nor an unclassified ValueError."""
+
+    def answer(conn):
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" + head + b'ETag: "e"\r\n\r\n' + body)
+
+    with RawServer(answer) as url:
+        results = [outcome(f, source("b", "k")) for f in both(url, max_attempts=1)]
+    assert results[0][0] == results[1][0] == "transient", results
+
+
 def test_unreachable_endpoint_is_transient_like_botocore(s3_env):
     from tests.servers import free_port
 
