@@ -200,7 +200,7 @@ def _parse_header(raw: bytes | bytearray, meta: bool = False) -> dict[str, Any]:
     connection) the metadata, the one kind without an id."""
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep for json
         raise ProtocolError(f"unparsable header: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("k"), str):
         raise ProtocolError("header is not a message")

@@ -505,6 +505,28 @@ def test_a_reply_without_a_request_id_does_not_kill_the_reader(sock_path):
         server.close()
 
 
+def test_a_header_nested_too_deep_for_json_ends_the_connection_not_the_server(sock_path, caplog):
+    server = InferenceServer(sock_path, FakeEngine())
+    server.start()
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(sock_path))
+        reader = sock.makefile("rb")
+        assert read_message(reader, meta=True)[0]["k"] == "meta"
+        deep = b"[" * 200_000
+        sock.sendall(struct.pack("!IQ", len(deep), 0) + deep)
+        assert reader.read() == b""
+        wait(lambda: "dropping a client: unparsable header" in caplog.text)  # a ProtocolError
+        sock.close()
+        client = client_for(sock_path)
+        try:
+            assert scores(client.submit_jpeg(b"\x03" * 4).result(5)) == (4, 3)
+        finally:
+            client.close()
+    finally:
+        server.close()
+
+
 def test_a_restart_into_malformed_metadata_is_not_attached_to(sock_path):
     server, client = serving(sock_path, FakeEngine())
     server.close()
