@@ -486,21 +486,13 @@ class EngineMeta:
 
     def signature(self) -> str:
         """What must not change across a reconnect: every detector (id, model, revision,
-        input, preparer), the backbone and the tensor path. The pipeline and the verdicts
-        of this process rest on exactly these."""
-        return json.dumps(
-            {
-                "detectors": [
-                    [d.id, d.input, d.model, d.revision, d.min_side, d.draft_ok, d.preparer_spec]
-                    for d in self.detectors
-                ],
-                "backbone": None
-                if self.backbone is None
-                else [self.backbone.preparer_spec, self.backbone.description],
-                "tensor": self.tensor,
-            },
-            sort_keys=True,
-        )
+        input, preparer), the backbone and the tensor path — the metadata less the devices
+        and the skipped detectors. The pipeline and the verdicts of this process rest on
+        exactly these."""
+        m = self.to_json()
+        detectors = [{k: v for k, v in d.items() if k != "device"} for d in m["detectors"]]
+        kept = {"detectors": detectors, "backbone": m["backbone"], "tensor": m["tensor"]}
+        return json.dumps(kept, sort_keys=True)
 
     def to_json(self) -> dict[str, Any]:
         return {
