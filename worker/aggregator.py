@@ -6,6 +6,7 @@ formula evaluated here with numpy), and decides safe / review / unsafe.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,8 +22,9 @@ class MissingEvidenceError(ValueError):
 
 
 class MissingScoresError(ValueError):
-    """A loaded detector that the policy's evidence uses returned no score for this image:
-    the image's verdict is a ``detector_failed`` error, never a silent zero."""
+    """A loaded detector that the policy's evidence uses returned no score (or a NaN or
+    infinite one) for this image: the image's verdict is a ``detector_failed`` error, never
+    a silent zero (a NaN compares below every threshold, so it would read as safe)."""
 
     def __init__(self, detectors: Collection[str]) -> None:
         self.detectors = sorted(detectors)
@@ -31,9 +33,13 @@ class MissingScoresError(ValueError):
 
 def check_scores(scores: Mapping[str, Mapping[str, float]], policy: Policy, loaded: Collection[str]) -> None:
     """Raise ``MissingScoresError`` when a detector in ``loaded`` that some category's evidence
-    names has no scores at all: treating it as 0.0 would fail open."""
+    names has no scores at all, or a non-finite one: treating it as 0.0 would fail open."""
     used = {e.detector for rule in policy.categories.values() for e in rule.evidence}
-    silent = {d for d in used.intersection(loaded) if not scores.get(d)}
+    silent = {
+        d
+        for d in used.intersection(loaded)
+        if not scores.get(d) or not all(math.isfinite(v) for v in scores[d].values())
+    }
     if silent:
         raise MissingScoresError(silent)
 
@@ -46,7 +52,9 @@ def fuse_frames(outputs: Sequence[DetectorOutput]) -> DetectorOutput:
     scores: dict[str, float] = {}
     for out in outputs:
         for name, value in out.scores.items():
-            scores[name] = max(value, scores.get(name, value))
+            prev = scores.get(name, value)
+            # a NaN frame stays NaN (max() would drop it by order), so the check above sees it
+            scores[name] = value if math.isnan(value) or value > prev else prev
     worst = max(outputs, key=lambda o: max(o.scores.values(), default=0.0))
     return DetectorOutput(scores=scores, details=worst.details)
 

@@ -177,6 +177,20 @@ def test_a_loaded_detector_without_scores_is_an_error_not_a_zero():
         assess({"open_nsfw": {"nsfw": 0.1}}, policy(), loaded={"open_nsfw", "nudenet"})
     with pytest.raises(MissingScoresError, match="nudenet"):
         assess({"open_nsfw": {"nsfw": 0.1}, "nudenet": {}}, policy(), loaded={"open_nsfw", "nudenet"})
+    # A NaN or infinite score is no score (NaN compares below every threshold: safe).
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(MissingScoresError, match="nudenet"):
+            assess(
+                {"open_nsfw": {"nsfw": 0.1}, "nudenet": {"sexual": bad}},
+                policy(),
+                loaded={"open_nsfw", "nudenet"},
+            )
+    # ... also when only one frame of an animation had it
+    nan_frame = DetectorOutput(scores={"sexual": float("nan")})
+    fused = fuse_frames(
+        [DetectorOutput(scores={"sexual": 0.1}), nan_frame, DetectorOutput(scores={"sexual": 0.2})]
+    )
+    assert math.isnan(fused.scores["sexual"])
     # A loaded detector that no evidence uses may stay silent.
     unused = policy(categories={"sexual": {"evidence": [{"detector": "open_nsfw", "score": "nsfw"}]}})
     assert assess({"open_nsfw": {"nsfw": 0.1}}, unused, loaded={"open_nsfw", "nudenet"}).decision == "safe"
