@@ -18,12 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m worker.samples demo --out .demo/images
+	$(PY) -m worker.tools.samples demo --out .demo/images
 	$(VENV)/bin/modgate scan .demo/images --output .demo/verdicts.jsonl
 	@echo "verdicts written to .demo/verdicts.jsonl"
 
 test: install
 	$(VENV)/bin/ruff check .
+	# The manual (docs/): a broken link or anchor fails the build.
+	$(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker import bench
+from modgate.settings import load_settings
 from worker.detectors import load_detectors
 from worker.detectors.clip_backbone import clip_preprocess
-from worker.samples import photo
-from worker.settings import load_settings
+from worker.tools import bench
+from worker.tools.samples import photo
 
 HEADS = ["sd_safety_checker", "laion_nsfw", "q16", "multiheaded", "laion_violence"]
 

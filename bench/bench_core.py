@@ -27,12 +27,12 @@ import platform
 import time
 from pathlib import Path
 
-from worker import bench
+from modgate.settings import load_settings
+from modgate.verdict import Source
 from worker.detectors import load_detectors
 from worker.pipeline import Pipeline
-from worker.samples import bench_set
-from worker.settings import load_settings
-from worker.verdict import Source
+from worker.tools import bench
+from worker.tools.samples import bench_set
 
 DETECTORS = ["open_nsfw", "nudenet"]
 

@@ -1,6 +1,6 @@
 """CPU node benchmark: how close the CPU pipeline gets to what the machine can do.
 
-Runs ``modgate bench`` (worker/bench.py) in one process over the same generated
+Runs ``modgate bench`` (worker/tools/bench.py) in one process over the same generated
 large-photo JPEG mix (0.3–12 MP) with ``open_nsfw`` + ``nudenet``, for each variant in
 turn: full-size and draft decoding, each with onnxruntime's CPU parallelism as before
 (``runtime.onnx_cpu_parallel=op``: one intra-op pool, whose caller spins at every
@@ -21,9 +21,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from worker import bench
+from modgate.settings import load_settings
 from worker.detectors import load_detectors
-from worker.settings import load_settings
+from worker.tools import bench
 
 DETECTORS = ["open_nsfw", "nudenet"]
 DRAFT = {"draft_always": True}

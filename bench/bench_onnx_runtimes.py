@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from modgate.settings import load_settings
 from worker.detectors.nudenet import _packaged_model as nudenet_file
 from worker.detectors.nudenet import preprocess as nudenet_preprocess
 from worker.detectors.onnx_torch import OrtModel, TorchModel
 from worker.detectors.open_nsfw import _packaged_model as open_nsfw_file
 from worker.detectors.open_nsfw import preprocess as open_nsfw_preprocess
-from worker.samples import photo, skin_scene
-from worker.settings import load_settings
+from worker.tools.samples import photo, skin_scene
 
 
 def inputs(batch: int) -> dict[str, np.ndarray]:

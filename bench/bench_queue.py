@@ -47,16 +47,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modgate import keys  # noqa: E402
+from modgate.contract import MODERATE_QUEUE, MODERATE_TASK  # noqa: E402
 from tests.servers import MotoServer, RedisServer, free_port  # noqa: E402
-from worker import keys  # noqa: E402
-from worker.contract import MODERATE_QUEUE, MODERATE_TASK  # noqa: E402
 
 
 class NoopPipeline:
     """Stands in for the model pipeline: an ``ok`` verdict per key, immediately."""
 
     def __init__(self, settings: Any) -> None:
-        from worker.aggregator import assess
+        from worker.judge.aggregator import assess
 
         self.policy = settings.policy
         self._loaded_ids: set[str] = set()
@@ -70,7 +70,7 @@ class NoopPipeline:
     def submit(
         self, source: Any, request_id: str | None = None, policy: Any = None, cancel: Any = None
     ) -> Future:
-        from worker.verdict import Verdict, verdict_id
+        from modgate.verdict import Verdict, verdict_id
 
         policy = policy or self.policy
         future: Future = Future()
@@ -96,8 +96,8 @@ class NoopPipeline:
 
 def serve_noop() -> None:
     """Subprocess entry: ``modgate worker`` with the no-op pipeline."""
-    from worker import celery_app
-    from worker.settings import load_settings
+    from modgate.settings import load_settings
+    from worker.service import celery_app
 
     settings = load_settings()
     app = celery_app.create_app(settings, pipeline_factory=NoopPipeline)
@@ -147,9 +147,9 @@ class NoopDetector:
 def header_only_decode(data: bytes, settings: Any, min_side: int, info: Any = None) -> Any:
     """Decoding skipped: the header probe and the decode budget run, as they do before a
     batch goes to nvJPEG; the frame is a constant 1×1 image."""
-    from worker.decode import DecodedImage, Frame, check_budget
-    from worker.errors import ErrorCode, ModerationError
-    from worker.probe import probe
+    from modgate.errors import ErrorCode, ModerationError
+    from worker.ingest.decode import DecodedImage, Frame, check_budget
+    from worker.ingest.probe import probe
 
     info = info if info is not None else probe(data)
     if info.format is None:
@@ -166,9 +166,10 @@ def serve_pipeline(decode: str) -> None:
     global _PIXEL
     from PIL import Image
 
-    from worker import celery_app, pipeline
+    from modgate.settings import load_settings
+    from worker import pipeline
     from worker.detectors import LoadedDetectors
-    from worker.settings import load_settings
+    from worker.service import celery_app
 
     if decode == "skip":
         if not hasattr(pipeline, "decode_image"):
@@ -205,14 +206,14 @@ def serve_noop_inference(socket: str) -> None:
     that probes and budgets the header and skips the decode (nvJPEG's part on a GPU)."""
     from concurrent.futures import Future
 
-    from worker.decode import check_budget
+    from modgate.errors import ModerationError
+    from modgate.settings import load_settings
     from worker.detectors import LoadedDetectors
-    from worker.engine import InferredImage, LocalEngine, PreparedFrame
-    from worker.engine_server import InferenceServer
-    from worker.errors import ModerationError
-    from worker.logs import setup_logging
-    from worker.probe import probe
-    from worker.settings import load_settings
+    from worker.device.engine import InferredImage, LocalEngine, PreparedFrame
+    from worker.device.engine_server import InferenceServer
+    from worker.ingest.decode import check_budget
+    from worker.ingest.probe import probe
+    from worker.observe.logs import setup_logging
 
     class HeaderOnlyEngine(LocalEngine):
         def submit_jpeg(self, data: bytes, cancel: Any = None) -> Future:
@@ -424,9 +425,10 @@ def inference_direct(keys_per_size: int = 10_000) -> dict[str, Any]:
     ``RemoteEngine`` (512 in flight), no Celery, no S3 — its CPU per key for a small and a
     large upload (the large one crosses as a memfd)."""
 
-    from worker.bench import jpeg_bytes
-    from worker.engine_client import INLINE_MAX, RemoteEngine
-    from worker.settings import InferenceSettings
+    from modgate.settings import InferenceSettings
+    from worker.device.engine_client import RemoteEngine
+    from worker.device.wire import INLINE_MAX
+    from worker.tools.bench import jpeg_bytes
 
     socket = Path(tempfile.mkdtemp(prefix="mg-")) / "inference.sock"
     server = subprocess.Popen(
@@ -470,11 +472,11 @@ def pipeline_inprocess(moto: MotoServer, total_keys: int, batch: int = 64) -> di
 
     from PIL import Image
 
+    from modgate.settings import load_settings
+    from modgate.verdict import Source
     from worker import pipeline
     from worker.detectors import LoadedDetectors
-    from worker.fetch import Fetcher
-    from worker.settings import load_settings
-    from worker.verdict import Source
+    from worker.ingest.fetch import Fetcher
 
     global _PIXEL
     _PIXEL = Image.new("RGB", (1, 1))
@@ -613,7 +615,7 @@ def throughput(redis_url: str, r: Any, total_keys: int, per_message: int, workdi
 
 
 def jpeg(seed: int) -> bytes:
-    from worker.bench import jpeg_bytes
+    from worker.tools.bench import jpeg_bytes
 
     return jpeg_bytes(640, 480, seed)
 

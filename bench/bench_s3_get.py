@@ -1,5 +1,5 @@
 """S3 GET cost: core-ms per object GET in the fetching process for the three clients
-modgate could GET with — botocore's ``get_object``, the lean client (worker/s3_get.py)
+modgate could GET with — botocore's ``get_object``, the lean client (worker/ingest/s3_get.py)
 and obstore (the Rust object_store crate; its tokio runtime runs on its own threads) —
 side by side in one run: the same objects on the same moto server (its own process, so
 its CPU is not counted), called synchronously from ``s3.max_concurrency`` threads as the
@@ -38,10 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modgate.settings import S3Settings  # noqa: E402
+from modgate.verdict import Source  # noqa: E402
 from tests.servers import MotoServer  # noqa: E402
-from worker.fetch import Fetcher  # noqa: E402
-from worker.settings import S3Settings  # noqa: E402
-from worker.verdict import Source  # noqa: E402
+from worker.ingest.fetch import Fetcher  # noqa: E402
 
 BUCKET = "bench"
 DISTINCT = 100  # objects uploaded; the GETs cycle over them

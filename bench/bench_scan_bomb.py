@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from modgate.errors import ModerationError
+from modgate.settings import DecodeSettings
 from tests.faults.hostile import scan_bomb_jpeg
-from worker.decode import decode_image
-from worker.decode_pool import DecodeProcesses
-from worker.errors import ModerationError
-from worker.probe import probe
-from worker.settings import DecodeSettings
+from worker.ingest.decode import decode_image
+from worker.ingest.decode_pool import DecodeProcesses
+from worker.ingest.probe import probe
 
 UNBOUNDED_SCANS = 1_000_000
 

@@ -1,5 +1,5 @@
 """Decode + preprocess cost, PIL path vs tensor path, on a photo-like JPEG mix
-(worker.samples sizes, 0.3–12 MP): what it takes to turn a JPEG into detector inputs.
+(worker.tools.samples sizes, 0.3–12 MP): what it takes to turn a JPEG into detector inputs.
 
 Reported as CPU time of this process per image (core-ms: robust to other load on a shared
 machine), with wall-clock images/s beside it (PIL: one thread, image by image; tensor:
@@ -22,13 +22,13 @@ import warnings
 
 import torch
 
-from worker.decode import decode_image
+from modgate.settings import DecodeSettings, load_settings
 from worker.detectors import LoadedDetectors
 from worker.detectors.nudenet import NudeNet
 from worker.detectors.open_nsfw import OpenNSFW
-from worker.preprocess_tensor import TensorPath
-from worker.samples import JPEG_SIZES_MP, _size, photo
-from worker.settings import DecodeSettings, load_settings
+from worker.device.preprocess_tensor import TensorPath
+from worker.ingest.decode import decode_image
+from worker.tools.samples import JPEG_SIZES_MP, _size, photo
 
 warnings.filterwarnings("ignore")
 

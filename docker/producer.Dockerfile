@@ -13,6 +13,7 @@ WORKDIR /src
 COPY docker/producer-requirements.txt ./
 RUN pip install -r producer-requirements.txt
 COPY pyproject.toml README.md ./
+COPY modgate ./modgate
 COPY worker ./worker
 COPY producers ./producers
 # --no-deps: the package's own dependencies include torch; producers never import it.

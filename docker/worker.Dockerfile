@@ -19,6 +19,7 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY modgate ./modgate
 COPY worker ./worker
 COPY producers ./producers
 # hadolint ignore=DL3013

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 # The policy's categories (UnsafeBench's 11); clip_zeroshot scores each one, and
-# worker.policy takes them from here.
+# modgate.policy takes them from here.
 Category = Literal[
     "hate",
     "harassment",

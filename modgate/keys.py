@@ -1,4 +1,4 @@
-"""Every Redis key modgate writes, in one place (queues are named in ``worker.contract``).
+"""Every Redis key modgate writes, in one place (queues are named in ``modgate.contract``).
 
 Deployments and probes rely on these names; change them only with a migration note.
 """

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from worker.detector_scores import CATEGORIES, DECLARED_SCORES, Category
-from worker.errors import ConfigError, ErrorCode, PolicyError
+from modgate.detector_scores import CATEGORIES, DECLARED_SCORES, Category
+from modgate.errors import ConfigError, ErrorCode, PolicyError
 
 if TYPE_CHECKING:
-    from worker.verdict import Verdict
+    from modgate.verdict import Verdict
 
 DEFAULT_POLICY_FILE = Path(__file__).with_name("policy_default.yaml")
 

@@ -21,10 +21,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from worker import keys
-from worker.contract import DEFAULT_MAX_ITEMS
-from worker.errors import PolicyError
-from worker.policy import Policy, PolicySource, deep_merge, default_policy_dict, load_policy, read_yaml
+from modgate import keys
+from modgate.contract import DEFAULT_MAX_ITEMS
+from modgate.errors import PolicyError
+from modgate.policy import Policy, PolicySource, deep_merge, default_policy_dict, load_policy, read_yaml
 
 MiB = 1024 * 1024
 
@@ -50,7 +50,7 @@ class S3Settings(BaseModel):
     backoff_base_s: float = Field(0.2, gt=0)
     backoff_max_s: float = Field(20.0, gt=0)
     max_concurrency: int = Field(32, ge=1)
-    # Who sends object GETs: "lean" (worker/s3_get.py: SigV4 + a minimal keep-alive
+    # Who sends object GETs: "lean" (worker/ingest/s3_get.py: SigV4 + a minimal keep-alive
     # HTTP/1.1 client to the endpoint botocore resolves per bucket, same answers and errors
     # as botocore at a fraction of its CPU per GET, which bounds ingest processes per GPU)
     # or "botocore". Listing and actions always use botocore.
@@ -107,7 +107,7 @@ class DecodeSettings(BaseModel):
     # Who decodes baseline JPEGs and preprocesses for the detectors: "pil" (decode
     # threads, PIL/numpy), "tensor" (a batch decoded by torchvision — nvJPEG on CUDA — and
     # preprocessed as device tensors; anything it cannot take falls back to PIL per image:
-    # worker/decode_tensor.py), "auto" = tensor on CUDA, pil on CPU.
+    # worker/device/decode_tensor.py), "auto" = tensor on CUDA, pil on CPU.
     backend: Literal["pil", "tensor", "auto"] = "auto"
 
 
@@ -189,7 +189,7 @@ class DetectorSettings(BaseModel):
     # open_clip architecture of a backbone given as a weights file (--model clip=FILE).
     backbone_arch: str = "ViT-L-14"
     # Hub commit per checkpoint id (sd_safety_checker, clip, falconsai_vit), replacing the
-    # pinned defaults in worker/models.py.
+    # pinned defaults in worker/detectors/weights.py.
     revisions: dict[str, str] = Field(default_factory=dict)
 
     @property
@@ -308,7 +308,7 @@ class WebhookSettings(BaseModel):
     @field_validator("secret", "rotation_secrets", "secrets")
     @classmethod
     def _secrets_are_usable(cls, value: Any) -> Any:
-        from worker.verify import check_secret
+        from modgate.signing import check_secret
 
         found: list[Any] = []
         for item in value.values() if isinstance(value, dict) else [value]:
@@ -419,7 +419,7 @@ class ReceiverSettings(BaseModel):
     @field_validator("hmac_secret")
     @classmethod
     def _hmac_secret_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        from worker.verify import modgate_key
+        from modgate.signing import modgate_key
 
         if value is not None:
             modgate_key(value.get_secret_value())  # ValueError under 16 bytes

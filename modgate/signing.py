@@ -1,7 +1,7 @@
 """Signing and verifying modgate webhooks: the public helper for receivers.
 
 Standard library only, so a receiver can import it without the worker's dependencies
-(``from worker.verify import verify_headers``) or copy this one file.
+(``from modgate.signing import verify_headers``) or copy this one file.
 
 Every delivery is signed twice, once per scheme, and once per active secret within each
 (during a rotation there are several; any one matching is enough):

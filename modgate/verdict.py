@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.errors import ErrorCode
+from modgate.errors import ErrorCode
 
 SCHEMA_VERSION = "1"
 
@@ -107,11 +107,11 @@ class Verdict(BaseModel):
     frames: int = 0
     timings_ms: dict[str, float] = Field(default_factory=dict)
     # Deprecated, always null on the stream and in webhooks: S3 actions run only after the
-    # verdict is published, so their outcome is recorded apart (``worker.actions.outcome``).
+    # verdict is published, so their outcome is recorded apart (``worker.delivery.actions.outcome``).
     actions: dict[str, Any] | None = Field(
         None,
         description="Deprecated: always null since S3 actions run after publishing; "
-        "see policy_actions, and the outcome recorded by verdict id (worker.actions.outcome).",
+        "see policy_actions, and the outcome recorded by verdict id (worker.delivery.actions.outcome).",
     )
     # Added to schema v1 (additive): the S3 actions the policy calls for on this object.
     policy_actions: dict[str, Any] | None = Field(
@@ -121,7 +121,7 @@ class Verdict(BaseModel):
         'on an error verdict {"tag": {"modgate-decision": "error"}} by default (the policy\'s errors '
         'rules), or {"skip": "<code>: why"} when there is no object of ours to act on; '
         "they run after the verdict is on the stream. What they did is recorded by verdict id "
-        "(worker.actions.outcome), not in the verdict.",
+        "(worker.delivery.actions.outcome), not in the verdict.",
     )
     policy_version: str
     request_id: str | None = None

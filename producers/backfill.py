@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from modgate.contract import Item
+from modgate.settings import ProducerRoute
 from producers.enqueuer import Enqueuer
 from producers.events import InvalidRecord, ObjectEvent
-from worker.contract import Item
-from worker.settings import ProducerRoute
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from modgate import keys
+from modgate.contract import MODERATE_QUEUE, MODERATE_TASK, Item, ModerateMessage, chunk_items
+from modgate.settings import ProducerRoute, Settings
 from producers.events import InvalidRecord, ObjectEvent
-from worker import keys
-from worker.contract import MODERATE_QUEUE, MODERATE_TASK, Item, ModerateMessage, chunk_items
-from worker.settings import ProducerRoute, Settings
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Enqueuer:
             payload = message.model_dump(mode="json")
             task_id = str(uuid.uuid4())
             # The outbox entry first: if the send or the message is lost later, the
-            # workers' reconciler re-sends it (see worker.keys.OUTBOX).
+            # workers' reconciler re-sends it (see modgate.keys.OUTBOX).
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(keys.OUTBOX_PAYLOADS, task_id, json.dumps(payload))
             pipe.zadd(keys.OUTBOX, {task_id: time.time()})

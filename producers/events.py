@@ -28,7 +28,7 @@ from urllib.parse import unquote_plus
 
 from pydantic import ValidationError
 
-from worker.contract import Item
+from modgate.contract import Item
 
 # eventSource values whose keys arrive unencoded (a setting: producer.raw_key_sources).
 RAW_KEY_SOURCES: tuple[str, ...] = ("ceph:s3",)

@@ -27,7 +27,7 @@ def _get_enqueuer() -> Enqueuer:
     # Built once per Lambda container and reused by warm invocations.
     global _enqueuer
     if _enqueuer is None:
-        from worker.settings import load_settings
+        from modgate.settings import load_settings
 
         _enqueuer = Enqueuer(load_settings())
     return _enqueuer

@@ -38,17 +38,17 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from modgate.settings import ReceiverSettings, Settings
+from modgate.signing import verify
 from producers.enqueuer import EVENTS, Enqueuer
 from producers.events import MalformedEvent, Parsed, parse
-from worker.settings import ReceiverSettings, Settings
-from worker.webhooks import verify
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "Modgate-Signature"
 # Invalid records named in one answer or logged one by one; the rest are only counted.
 MAX_NAMED = 50
-# Same tolerance as worker.webhooks.verify, checked before the body is read.
+# Same tolerance as modgate.signing.verify, checked before the body is read.
 SIGNATURE_TOLERANCE_S = 300
 _FIELD = re.compile(r"[a-z0-9]{1,16}=[\x21-\x2b\x2d-\x7e]{1,256}")
 BUFFERED = Gauge("modgate_receiver_buffered_bytes", "Request body bytes held by the bodies being read.")

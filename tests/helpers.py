@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from worker import keys
-from worker.samples import photo
+from modgate import keys
+from worker.tools.samples import photo
 
 
 def jpeg(seed: int, w: int = 320, h: int = 240) -> bytes:

@@ -43,7 +43,7 @@ def tiny_safety_checker(directory: Path, seed: int = 0, clip: Path | None = None
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
     from worker.detectors.clip_backbone import clip_preprocess
-    from worker.samples import photo, skin_scene
+    from worker.tools.samples import photo, skin_scene
 
     torch.manual_seed(seed)
     model = StableDiffusionSafetyChecker(tiny_clip_config()).eval()

@@ -24,12 +24,12 @@ N_IMAGES = 8
 def measure(workdir: Path) -> dict[str, Any]:
     import torch
 
+    from modgate.settings import load_settings
     from tests.conftest import SHARED
     from tests.models import tiny_clip
     from worker.detectors import load_laion_nsfw
     from worker.detectors.clip_backbone import ClipBackbone, clip_preprocess
-    from worker.samples import photo
-    from worker.settings import load_settings
+    from worker.tools.samples import photo
 
     clip = tiny_clip(workdir / "clip")
     detectors = {"paths": {"clip": str(clip)}, "backbone_space": "openai/ViT-L-14"}

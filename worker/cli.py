@@ -55,8 +55,8 @@ def _parse_models(models: list[str]) -> dict[str, str]:
 def _settings(config: Path | None, overrides: dict[str, Any]) -> Any:
     from pydantic import ValidationError
 
-    from worker.errors import PolicyError
-    from worker.settings import load_settings
+    from modgate.errors import PolicyError
+    from modgate.settings import load_settings
 
     try:
         return load_settings(config, **overrides)
@@ -139,10 +139,10 @@ def scan(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from worker.errors import ConfigError
-    from worker.fetch import TargetError
+    from modgate.errors import ConfigError
+    from worker.ingest.fetch import TargetError
     from worker.pipeline import Pipeline
-    from worker.scan import run_scan
+    from worker.tools.scan import run_scan
 
     console = Console(stderr=True)
     worst = {"safe": 0, "review": 1, "unsafe": 2}
@@ -237,7 +237,7 @@ def models_list(
     from rich.console import Console
     from rich.table import Table
 
-    from worker.models import SPECS, needed, status
+    from worker.detectors.weights import SPECS, needed, status
 
     settings = _settings(config, {"detectors": {"paths": _parse_models(model or [])}})
     ids = list(SPECS) if all_detectors else needed(_detector_ids(settings, detectors))
@@ -261,7 +261,7 @@ def models_pull(
     config: ConfigOpt = None,
 ) -> None:
     """Download every enabled detector's weights into DIR, for offline workers."""
-    from worker.models import SPECS, needed, pull
+    from worker.detectors.weights import SPECS, needed, pull
 
     settings = _settings(config, {})
     failed = False
@@ -301,7 +301,7 @@ def worker(
         overrides["worker"] = {"concurrency": concurrency}
     settings = _settings(config, overrides)
 
-    from worker import celery_app
+    from worker.service import celery_app
 
     app_ = celery_app.create_app(settings)
     celery_app.set_app(app_)
@@ -346,9 +346,9 @@ def serve_inference(
         overrides["inference"] = {"socket": socket}
     settings = _settings(config, overrides)
 
-    from worker.engine_server import serve
-    from worker.errors import ConfigError
-    from worker.logs import setup_logging
+    from modgate.errors import ConfigError
+    from worker.device.engine_server import serve
+    from worker.observe.logs import setup_logging
 
     setup_logging(settings.worker.log_format)
     try:
@@ -372,7 +372,7 @@ def webhooks_dead(
     """List dead-lettered deliveries (JSON lines: entry id, url, attempts, last error)."""
     import redis
 
-    from worker import keys
+    from modgate import keys
 
     settings = _settings(config, {})
     client = redis.Redis.from_url(settings.redis.url, decode_responses=True)
@@ -394,8 +394,8 @@ def webhooks_replay(
         raise typer.BadParameter("give --id ENTRY (repeatable) or --all")
     import redis
 
-    from worker import celery_app
-    from worker.webhooks import Dispatcher
+    from worker.delivery.webhooks import Dispatcher
+    from worker.service import celery_app
 
     settings = _settings(config, {})
     client = redis.Redis.from_url(settings.redis.url)
@@ -420,7 +420,7 @@ def health(
 
     import redis
 
-    from worker.health import read_heartbeats
+    from worker.observe.health import read_heartbeats
 
     settings = _settings(config, {})
     states = read_heartbeats(redis.Redis.from_url(settings.redis.url), hostname or socket.gethostname())
@@ -471,10 +471,10 @@ def enqueue(
 
     from rich.console import Console
 
+    from modgate.settings import ProducerRoute
     from producers.backfill import BackfillStopped, Filters, backfill
     from producers.enqueuer import Enqueuer
-    from worker.fetch import Fetcher, TargetError
-    from worker.settings import ProducerRoute
+    from worker.ingest.fetch import Fetcher, TargetError
 
     settings = _settings(config, {})
     try:
@@ -569,7 +569,7 @@ def listen_sqs(
 
     from producers.enqueuer import Enqueuer
     from producers.sqs import SqsListener
-    from worker.logs import setup_logging
+    from worker.observe.logs import setup_logging
 
     settings = _settings(config, {})
     setup_logging(settings.worker.log_format)
@@ -598,7 +598,7 @@ def serve_events(
     import uvicorn
 
     from producers.receiver import create_app, http_protocol
-    from worker.logs import setup_logging
+    from worker.observe.logs import setup_logging
 
     settings = _settings(config, {})
     setup_logging(settings.worker.log_format)
@@ -643,8 +643,8 @@ def bench(
 ) -> None:
     """Measure modgate on this machine: end to end vs pure model images/s, per-stage ms, the
     limit set by unavoidable work and the fraction reached, GPU memory and TFLOP/s."""
-    from worker import bench as bench_mod
-    from worker.errors import ConfigError
+    from modgate.errors import ConfigError
+    from worker.tools import bench as bench_mod
 
     overrides = _detector_overrides(detectors, model)
     runtime = {k: v for k, v in (("device", device), ("precision", precision)) if v}
@@ -697,7 +697,7 @@ def _scan_labelled(settings: Any, label_set: Any, output: Path, progress: bool) 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from worker.errors import ConfigError
+    from modgate.errors import ConfigError
     from worker.pipeline import Pipeline
     from worker.quality.evaluate import scan_labelled
 
@@ -893,8 +893,8 @@ def calibrate_(
 def schema() -> None:
     """Print the JSON Schema of the verdict (v1), with the webhook envelope (headers, event
     types, body) under ``x-modgate-webhook``."""
-    from worker.verdict import Verdict
-    from worker.webhooks import ENVELOPE
+    from modgate.verdict import Verdict
+    from worker.delivery.webhooks import ENVELOPE
 
     document = Verdict.model_json_schema()
     document["x-modgate-webhook"] = ENVELOPE

@@ -21,24 +21,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.aggregator import MissingScoresError, assess, fuse_frames
-from worker.decode import DecodedImage, Frame, decode_image
-from worker.decode_pool import DecodeProcesses, Preparers
+from modgate.errors import ErrorCode, ModerationError
+from modgate.policy import Policy, with_error_decision
+from modgate.settings import Settings
+from modgate.verdict import DetectorResult, ImageInfo, Source, Verdict, error_verdict, verdict_id
 from worker.detectors import LoadedDetectors, load_detectors
-from worker.engine import CLIP, Engine, FrameResult, LocalEngine, PreparedFrame, prepare_inputs
-from worker.errors import ErrorCode, ModerationError
-from worker.fetch import Fetched, Fetcher
-from worker.policy import Policy, with_error_decision
-from worker.probe import probe
+from worker.device.engine import (
+    CLIP,
+    Cancelled,
+    Engine,
+    FrameResult,
+    LocalEngine,
+    PreparedFrame,
+    prepare_inputs,
+)
+from worker.ingest.decode import DecodedImage, Frame, decode_image
+from worker.ingest.decode_pool import DecodeProcesses, Preparers
+from worker.ingest.fetch import Fetched, Fetcher
+from worker.ingest.probe import probe
+from worker.judge.aggregator import MissingScoresError, assess, fuse_frames
 from worker.runtime import configure_threads
-from worker.settings import Settings
-from worker.verdict import DetectorResult, ImageInfo, Source, Verdict, error_verdict, verdict_id
 
 log = logging.getLogger(__name__)
-
-
-class Cancelled(Exception):
-    """The job's ``Cancel`` was set before its verdict was ready; no verdict will come."""
 
 
 class Cancel:
@@ -130,7 +134,7 @@ def _engine_for(settings: Settings, detectors: LoadedDetectors | None, on_batch:
     """The models in this process, or, with ``inference.socket`` set, in the
     ``modgate serve-inference`` process listening there (nothing is loaded here)."""
     if detectors is None and settings.inference.socket is not None:
-        from worker.engine_client import RemoteEngine
+        from worker.device.engine_client import RemoteEngine
 
         return RemoteEngine(settings.inference)
     return LocalEngine(settings, detectors if detectors is not None else load_detectors(settings), on_batch)
@@ -304,8 +308,8 @@ class Pipeline:
     def _tensor_done(self, job: _Job, fetched: Fetched, size: int, future: Future[Any]) -> None:
         """On the decode-batch thread: the image's frame goes to the inference batcher, or,
         when the tensor path left it (Fallback, or its batch item raised), to the PIL path."""
-        from worker.decode_tensor import Cancelled as NotDecoded
-        from worker.decode_tensor import Fallback
+        from worker.device.decode_tensor import Cancelled as NotDecoded
+        from worker.device.decode_tensor import Fallback
 
         try:
             outcome = future.result()

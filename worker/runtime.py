@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from worker.settings import RuntimeSettings
+    from modgate.settings import RuntimeSettings
 
 
 def configure_threads(runtime: RuntimeSettings) -> None:

@@ -199,7 +199,7 @@ def worker_config(values):
 
 
 def test_the_worker_allowlist_follows_the_buckets_the_release_is_for():
-    from worker.settings import Settings
+    from modgate.settings import Settings
 
     config = worker_config({**BASE, "buckets": ["uploads", "avatars-*"]})
     assert config["worker"]["buckets"] == config["producer"]["buckets"] == ["uploads", "avatars-*"]

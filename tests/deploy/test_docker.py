@@ -12,9 +12,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
+from modgate.settings import load_settings
 from tests.conftest import REPO
 from worker.detectors.onnx_torch import choose_runtime
-from worker.settings import load_settings
 
 DOCKER = REPO / "docker"
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")

@@ -110,7 +110,7 @@ def scan_bomb_jpeg(side: int = 256, repeats: int = 200) -> bytes:
 
 def progressive_jpeg(side: int = 96, seed: int = 0) -> bytes:
     """An ordinary progressive JPEG (libjpeg's standard script: 10 scans) of a photo-like image."""
-    from worker.samples import photo
+    from worker.tools.samples import photo
 
     buf = io.BytesIO()
     photo(side, side, seed).save(buf, "JPEG", quality=85, progressive=True)
@@ -122,7 +122,7 @@ def junk_byte_gif(frames: int = 41, side: int = 32, unsafe_from: int = 1) -> byt
     Pillow skips it and decodes every frame; a probe that stops there sees one frame.
     Frames before ``unsafe_from`` are plain white, the others a photo-like image, so a
     verdict judged on frame 0 alone differs from one judged on the real frames."""
-    from worker.samples import photo
+    from worker.tools.samples import photo
 
     images = [
         Image.new("RGB", (side, side), "white") if i < unsafe_from else photo(side, side, i)

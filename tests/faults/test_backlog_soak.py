@@ -9,12 +9,12 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from modgate import keys
+from modgate.contract import Item
+from modgate.settings import ProducerRoute, load_settings
 from producers.enqueuer import Enqueuer
 from tests.faults.conftest import MESSAGE_TIMEOUT_S, rss_bytes
 from tests.helpers import jpeg
-from worker import keys
-from worker.contract import Item
-from worker.settings import ProducerRoute, load_settings
 
 N_KEYS = 5000
 WARM_UP_KEYS = 500  # the first 10 %: models warm, pools and batches at their working size

@@ -21,13 +21,13 @@ from urllib.parse import quote_plus
 import boto3
 import pytest
 
+from modgate import keys
+from modgate.settings import load_settings
 from producers.enqueuer import Enqueuer
 from producers.sqs import SqsListener
 from tests.helpers import jpeg, wait_for
 from tests.integration.test_producers import run_cli
 from tests.integration.test_receiver_inputs import Receiver, post
-from worker import keys
-from worker.settings import load_settings
 
 CONTROL = ["ctl/a\x01b\tc\x7f.jpg", "ctl/esc\x1b[31m\x00\x85\x9b.jpg", "ctl/cr\r\x0b\x0c\x1f.jpg"]
 # What a forged log record would look like, after the newline.

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from modgate import keys
+from modgate.contract import Item
+from modgate.settings import ProducerRoute, load_settings
 from producers.enqueuer import Enqueuer
 from tests.faults.conftest import MESSAGE_TIMEOUT_S
 from tests.faults.hostile import (
@@ -29,9 +32,6 @@ from tests.faults.hostile import (
 )
 from tests.helpers import jpeg, wait_for
 from tests.servers import InferenceProcess
-from worker import keys
-from worker.contract import Item
-from worker.settings import ProducerRoute, load_settings
 
 N_NORMAL = 200
 PER_MESSAGE = 4

@@ -11,13 +11,13 @@ from collections import Counter
 
 import pytest
 
+from modgate import keys
+from modgate.contract import Item
+from modgate.settings import ProducerRoute, load_settings
 from producers.enqueuer import Enqueuer
 from tests.faults.conftest import shipped_redis_persistence
 from tests.helpers import upload, wait_for
 from tests.servers import WebhookReceiver
-from worker import keys
-from worker.contract import Item
-from worker.settings import ProducerRoute, load_settings
 
 N_KEYS = 60
 PER_MESSAGE = 3

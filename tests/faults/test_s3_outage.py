@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+from modgate import keys
+from modgate.contract import Item
+from modgate.settings import ProducerRoute, load_settings
 from producers.enqueuer import Enqueuer
 from tests.faults.proxy import S3_SLOW_DOWN, Fault
 from tests.helpers import upload, wait_for
-from worker import keys
-from worker.contract import Item
-from worker.settings import ProducerRoute, load_settings
 
 N_KEYS = 60
 MAX_ATTEMPTS = 5

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from modgate import keys
 from tests.helpers import jpeg, verdicts, wait_for
 from tests.servers import InferenceProcess
-from worker import keys
 
 N_KEYS = 120
 PER_MESSAGE = 4

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from modgate.contract import Item
+from modgate.settings import ProducerRoute, load_settings
 from producers.enqueuer import Enqueuer
 from tests.faults.proxy import Fault, FaultProxy
 from tests.helpers import upload, wait_for
 from tests.servers import WebhookReceiver
-from worker.contract import Item
-from worker.settings import ProducerRoute, load_settings
 
 SLOW_KEYS = 16
 OTHER_KEYS = 12  # per other tenant

@@ -4,11 +4,18 @@ real service (real Redis, real pipeline and S3)."""
 
 import pytest
 
+from modgate.errors import ErrorCode
+from modgate.policy import PolicyActions, QuarantineAction, ResolvedErrorRule
+from modgate.verdict import Source, Verdict, error_verdict
 from tests.helpers import jpeg, verdicts
-from worker.actions import ObjectActions, TransientActionError, outcome, outcome_id, plan, record_outcome
-from worker.errors import ErrorCode
-from worker.policy import PolicyActions, QuarantineAction, ResolvedErrorRule
-from worker.verdict import Source, Verdict, error_verdict
+from worker.delivery.actions import (
+    ObjectActions,
+    TransientActionError,
+    outcome,
+    outcome_id,
+    plan,
+    record_outcome,
+)
 
 
 def verdict(bucket, key, etag, decision="unsafe", version_id=None):
@@ -209,11 +216,11 @@ def service(redis_server, s3_env, moto_server):
     """The real service over real Redis and S3, with a real pipeline (Open-NSFW)."""
     import redis
 
+    from modgate.settings import load_settings
     from worker.detectors import LoadedDetectors
     from worker.detectors.open_nsfw import OpenNSFW
     from worker.pipeline import Pipeline
-    from worker.service import Service
-    from worker.settings import load_settings
+    from worker.service.service import Service
 
     def make(policy):
         r = redis.Redis.from_url(redis_server.url)
@@ -278,7 +285,7 @@ def test_the_service_acts_on_error_verdicts_by_the_policy_errors_rules(service, 
     assert tags_of(s3_client, bucket, "empty.jpg") == {} and tags_of(s3_client, bucket, "ok.jpg") == {}
 
     def recorded(key):
-        from worker.verdict import Verdict as V
+        from modgate.verdict import Verdict as V
 
         return outcome(svc.redis, outcome_id(V.model_validate(by_key[key])))
 
@@ -300,9 +307,9 @@ def test_timeout_verdicts_whose_tagging_fails_record_the_failure(redis_server, s
     import redis
     from botocore.config import Config
 
+    from modgate.settings import load_settings
     from tests.servers import free_port
-    from worker.service import Service
-    from worker.settings import load_settings
+    from worker.service.service import Service
 
     class Stuck:
         """Admitted at once, never finished; its S3 client points at a closed port."""

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from worker.bench import format_table, jpeg_bytes
+from worker.tools.bench import format_table, jpeg_bytes
 
 MODGATE = [sys.executable, "-m", "worker.cli"]
 
@@ -107,7 +107,7 @@ def test_random_init_configs_are_full_size_vit_l14_and_vit_b16():
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPVisionModel, ViTForImageClassification
 
-    from worker.bench import clip_vit_l14_config, falconsai_config
+    from worker.tools.bench import clip_vit_l14_config, falconsai_config
 
     with torch.device("meta"):
         clip = CLIPVisionModel(clip_vit_l14_config("full").vision_config)

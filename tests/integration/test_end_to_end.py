@@ -14,9 +14,9 @@ import uuid
 import boto3
 import redis
 
+from modgate import keys
 from tests.servers import WorkerProcess
-from worker import keys
-from worker.samples import photo
+from worker.tools.samples import photo
 
 
 def test_upload_to_verdict_through_sqs_listener_and_worker(

@@ -4,9 +4,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker.errors import ErrorCode, ModerationError
-from worker.fetch import Fetcher, TargetError
-from worker.settings import S3Settings
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import S3Settings
+from worker.ingest.fetch import Fetcher, TargetError
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_unreachable_endpoint_is_fetch_failed_after_retries(s3_env):
         )
     )
     source = dead.parse_s3_uri("s3://b/k")
-    from worker.verdict import Source
+    from modgate.verdict import Source
 
     src = Source(kind="s3", uri="s3://b/k", bucket=source[0], key=source[1])
     with pytest.raises(ModerationError) as info:

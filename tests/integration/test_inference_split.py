@@ -21,9 +21,9 @@ import redis
 from celery import Celery
 from PIL import Image
 
+from modgate import keys
 from tests.helpers import jpeg, verdicts, wait_for
 from tests.servers import InferenceProcess
-from worker import keys
 
 DETECTORS = '["open_nsfw"]'
 
@@ -93,7 +93,7 @@ def ingest_env(s3_env, redis_server, socket_dir):
 def mixed_objects() -> dict[str, bytes]:
     """JPEGs for the tensor path, and what it hands back to the ingest process's PIL path."""
     objects = {f"photo/{i:02d}.jpg": jpeg(i, 480, 360) for i in range(8)}
-    # Above engine_client.INLINE_MAX: its bytes cross in a memfd, mapped by the server.
+    # Above wire.INLINE_MAX: its bytes cross in a memfd, mapped by the server.
     objects["photo/large.jpg"] = large = jpeg(60, 2400, 1800)
     assert len(large) > 128 * 1024
     png = io.BytesIO()
@@ -113,9 +113,9 @@ def mixed_objects() -> dict[str, bytes]:
 
 def reference_scores(objects: dict[str, bytes], tmp_path: Path) -> dict[str, dict]:
     """What one process with the models gives on the same bytes."""
+    from modgate.settings import load_settings
+    from modgate.verdict import Source
     from worker.pipeline import Pipeline
-    from worker.settings import load_settings
-    from worker.verdict import Source
 
     root = tmp_path / "ref"
     for key, data in objects.items():

@@ -16,12 +16,12 @@ import boto3
 import pytest
 import redis
 
+from modgate.keys import OUTBOX_PAYLOADS
+from modgate.settings import load_settings
 from producers.enqueuer import Enqueuer
 from producers.events import ObjectEvent
 from producers.sqs import SqsListener
 from tests.servers import RedisServer, free_port
-from worker.keys import OUTBOX_PAYLOADS
-from worker.settings import load_settings
 
 MODGATE = [sys.executable, "-m", "worker.cli"]
 TRICKY = [
@@ -386,7 +386,7 @@ def test_lambda_handler_direct_and_sqs_batch(own_redis, monkeypatch):
 
 
 def test_http_receiver_with_hmac_signatures(own_redis, s3_env):
-    from worker.webhooks import sign
+    from worker.delivery.webhooks import sign
 
     proc, base = start_receiver(
         own_redis.url, s3_env, {"MODGATE_RECEIVER__HMAC_SECRET": "hmac-key-0123456789"}

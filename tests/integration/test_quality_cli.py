@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from worker.quality.synthetic import generate, write
-from worker.samples import photo, skin_scene
+from worker.tools.samples import photo, skin_scene
 
 MODGATE = [sys.executable, "-m", "worker.cli"]
 SAFE, UNSAFE = 22, 22

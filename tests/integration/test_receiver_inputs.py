@@ -308,7 +308,7 @@ def buffered_bytes(receiver: Receiver) -> float:
 
 
 def test_strangers_with_made_up_signatures_cannot_crowd_out_a_signed_event(start, own_redis):
-    from worker.verify import sign
+    from modgate.signing import sign
 
     cap = 2**20
     receiver = start(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.samples import bomb_png, photo
+from worker.tools.samples import bomb_png, photo
 
 MODGATE = [sys.executable, "-m", "worker.cli"]
 

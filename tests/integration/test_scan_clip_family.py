@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import SHARED
 from tests.models import tiny_safety_checker
-from worker.samples import photo, skin_scene
+from worker.tools.samples import photo, skin_scene
 
 CLIP_DETECTORS = ["sd_safety_checker", "laion_nsfw", "q16", "multiheaded", "laion_violence"]
 

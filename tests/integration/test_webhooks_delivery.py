@@ -10,18 +10,19 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
+from modgate import keys
+from modgate.contract import validate_message
+from modgate.errors import ErrorCode
+from modgate.settings import load_settings
+from modgate.signing import verify_headers
+from modgate.verdict import Source, Verdict, error_verdict, verdict_id
 from tests.faults.proxy import Fault, FaultProxy
 from tests.helpers import upload, verdicts, wait_for
 from tests.integration.test_worker import SECRET, env, producer, r  # noqa: F401 (fixtures)
 from tests.servers import WebhookReceiver, free_port
-from worker import celery_app, keys
-from worker.contract import validate_message
-from worker.errors import ErrorCode
-from worker.service import Requeue, Service
-from worker.settings import load_settings
-from worker.verdict import Source, Verdict, error_verdict, verdict_id
-from worker.verify import verify_headers
-from worker.webhooks import Delivery
+from worker.delivery.webhooks import Delivery
+from worker.service import celery_app
+from worker.service.service import Requeue, Service
 
 
 def readme_receiver(hook: WebhookReceiver, secret: str) -> list[dict]:

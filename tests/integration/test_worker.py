@@ -13,15 +13,15 @@ import pytest
 import redis
 from celery import Celery
 
+from modgate import keys
+from modgate.contract import Item
+from modgate.settings import ProducerRoute, load_settings
 from producers.enqueuer import Enqueuer
 from tests.faults.proxy import S3_SLOW_DOWN, Fault, FaultProxy
 from tests.helpers import jpeg, upload, verdicts, wait_for
 from tests.servers import WebhookReceiver, free_port
-from worker import keys
-from worker.actions import outcome
-from worker.contract import Item
-from worker.settings import ProducerRoute, load_settings
-from worker.webhooks import verify
+from worker.delivery.actions import outcome
+from worker.delivery.webhooks import verify
 
 SECRET = "whsec-test-secret-4711"
 MODGATE = [sys.executable, "-m", "worker.cli"]

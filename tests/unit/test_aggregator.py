@@ -3,10 +3,16 @@ import math
 import numpy as np
 import pytest
 
-from worker.aggregator import MissingEvidenceError, MissingScoresError, assess, category_scores, fuse_frames
+from modgate.errors import ConfigError
+from modgate.policy import CATEGORIES, Policy, deep_merge, default_policy_dict, require_detectors
 from worker.detectors.base import DetectorOutput
-from worker.errors import ConfigError
-from worker.policy import CATEGORIES, Policy, deep_merge, default_policy_dict, require_detectors
+from worker.judge.aggregator import (
+    MissingEvidenceError,
+    MissingScoresError,
+    assess,
+    category_scores,
+    fuse_frames,
+)
 
 
 def policy(**override) -> Policy:

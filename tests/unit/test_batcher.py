@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker.batcher import DynamicBatcher
+from worker.device.batcher import DynamicBatcher
 
 
 def test_items_from_many_threads_are_grouped_into_full_batches():

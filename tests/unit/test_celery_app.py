@@ -8,10 +8,10 @@ import pytest
 import redis
 from celery.exceptions import Reject
 
-from worker import celery_app
-from worker.contract import MODERATE_TASK
-from worker.service import Requeue
-from worker.settings import load_settings
+from modgate.contract import MODERATE_TASK
+from modgate.settings import load_settings
+from worker.service import celery_app
+from worker.service.service import Requeue
 
 
 class Failing:

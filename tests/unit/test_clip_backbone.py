@@ -3,11 +3,11 @@ import pytest
 import torch
 from PIL import Image
 
+from modgate.errors import ConfigError
+from modgate.settings import load_settings
 from tests.models import tiny_clip, tiny_safety_checker
 from worker.detectors.clip_backbone import ClipBackbone, clip_preprocess
-from worker.errors import ConfigError
-from worker.samples import photo
-from worker.settings import load_settings
+from worker.tools.samples import photo
 
 
 @pytest.mark.parametrize("size", [(300, 200), (200, 300), (224, 224), (1001, 333), (225, 227)])
@@ -71,7 +71,7 @@ def test_missing_checkpoint_names_what_was_looked_for(tmp_path):
 
 
 def test_frames_go_through_prepare(checker_dir):
-    from worker.decode import Frame
+    from worker.ingest.decode import Frame
 
     backbone = ClipBackbone.load(load_settings(detectors={"paths": {"sd_safety_checker": str(checker_dir)}}))
     x = backbone.prepare(Frame(Image.new("RGB", (500, 400), (10, 20, 30)), 1.0))

@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from modgate.errors import ConfigError
+from modgate.settings import load_settings
 from tests.conftest import SHARED
 from tests.models import tiny_clip
 from worker.detectors.clip_backbone import ClipBackbone, clip_preprocess
@@ -12,9 +14,7 @@ from worker.detectors.clip_zeroshot import (
     category_prompts,
     encode_prompts,
 )
-from worker.errors import ConfigError
-from worker.samples import photo, skin_scene
-from worker.settings import load_settings
+from worker.tools.samples import photo, skin_scene
 
 CATEGORIES_FILE = SHARED / "models" / "unsafebench" / "categories.txt"
 

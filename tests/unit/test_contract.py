@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from worker.contract import Item, ModerateMessage, chunk_items, validate_message
+from modgate.contract import Item, ModerateMessage, chunk_items, validate_message
 
 
 def test_valid_message_round_trips_as_json():
@@ -48,7 +48,7 @@ def test_chunking():
 
 
 def test_contract_imports_nothing_heavy():
-    code = "import sys, worker.contract; print({'torch', 'celery', 'boto3', 'numpy'} & set(sys.modules))"
+    code = "import sys, modgate.contract; print({'torch', 'celery', 'boto3', 'numpy'} & set(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"
 
@@ -56,7 +56,8 @@ def test_contract_imports_nothing_heavy():
 def test_producers_and_the_webhook_dispatcher_never_import_model_code():
     code = (
         "import sys, producers.sqs, producers.receiver, producers.backfill, producers.lambda_handler; "
-        "import worker.celery_app, worker.service, worker.cli; "  # the webhook dispatcher's path
+        # the webhook dispatcher's path
+        "import worker.service.celery_app, worker.service.service, worker.cli; "
         "print({'torch', 'torchvision', 'transformers', 'onnxruntime', 'open_clip', 'numpy', 'PIL'} "
         "& set(sys.modules))"
     )

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import DecodeSettings
 from tests.faults.hostile import junk_byte_gif, progressive_jpeg, scan_bomb_jpeg
-from worker.decode import check_budget, decode_image, decode_plan, to_rgb
-from worker.decode_pool import DecodeProcesses, decode_and_prepare
 from worker.detectors.open_nsfw import preprocess as open_nsfw_preprocess
-from worker.errors import ErrorCode, ModerationError
-from worker.probe import Probe, probe
-from worker.samples import bomb_png, photo
-from worker.settings import DecodeSettings
+from worker.ingest.decode import check_budget, decode_image, decode_plan, to_rgb
+from worker.ingest.decode_pool import DecodeProcesses, decode_and_prepare
+from worker.ingest.probe import Probe, probe
+from worker.tools.samples import bomb_png, photo
 
 S = DecodeSettings()
 
@@ -174,7 +174,7 @@ def refused_before_any_decoder(monkeypatch, data: bytes) -> ModerationError:
     def no_decoder(*args, **kwargs):
         raise AssertionError("a decoder was opened")
 
-    monkeypatch.setattr("worker.decode.Image.open", no_decoder)
+    monkeypatch.setattr("worker.ingest.decode.Image.open", no_decoder)
     with pytest.raises(ModerationError) as info:
         decode_image(data, S, 224)
     return info.value
@@ -264,7 +264,7 @@ def test_junk_byte_gif_is_judged_on_all_its_frames():
 
 def test_wall_clock_budget_is_checked_between_frames(monkeypatch):
     clock = iter(range(0, 10_000, 4))  # every reading is 4 s after the previous one
-    monkeypatch.setattr("worker.decode.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("worker.ingest.decode.time.monotonic", lambda: next(clock))
     with pytest.raises(ModerationError) as info:
         decode_image(animation(6), DecodeSettings(max_decode_s=10.0), 0)
     assert info.value.code == ErrorCode.IMAGE_TOO_COMPLEX and "10 s" in info.value.message

@@ -13,13 +13,13 @@ import zlib
 import pytest
 from PIL import Image
 
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import DecodeSettings
 from tests.faults.hostile import progressive_jpeg, scan_bomb_jpeg
-from worker.decode import decode_image
-from worker.decode_pool import DecodeProcesses
 from worker.detectors.open_nsfw import prepare_frame
-from worker.errors import ErrorCode, ModerationError
-from worker.probe import probe
-from worker.settings import DecodeSettings
+from worker.ingest.decode import decode_image
+from worker.ingest.decode_pool import DecodeProcesses
+from worker.ingest.probe import probe
 
 # 7000×7000 RGB: PIL holds it at 4 bytes a pixel, 196 MB before any conversion.
 SIDE = 7000

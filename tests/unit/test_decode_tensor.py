@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import DecodeSettings
 from tests.faults.hostile import scan_bomb_jpeg
-from worker import decode_tensor
-from worker.decode import decode_image
-from worker.decode_tensor import (
+from worker.detectors.inputs import to_device
+from worker.device.decode_tensor import (
     Accepted,
     Cancelled,
     Fallback,
@@ -21,9 +22,8 @@ from worker.decode_tensor import (
     classify,
     decode_batch,
 )
-from worker.errors import ErrorCode, ModerationError
-from worker.samples import photo, skin_scene
-from worker.settings import DecodeSettings
+from worker.ingest.decode import decode_image
+from worker.tools.samples import photo, skin_scene
 
 
 def jpeg(img: Image.Image, **kw) -> bytes:
@@ -233,4 +233,4 @@ def test_backend_choice():
 
 def test_to_device_is_a_no_op_on_cpu():
     t = torch.arange(4, dtype=torch.uint8)
-    assert decode_tensor.to_device(t, "cpu") is t
+    assert to_device(t, "cpu") is t

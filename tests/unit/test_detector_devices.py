@@ -7,12 +7,12 @@ import urllib.request
 import pytest
 import torch
 
+from modgate.errors import ConfigError
+from modgate.settings import load_settings
 from worker.detectors import LoadedDetectors, check_devices, detector_device, load_detectors, resolve_device
 from worker.detectors.onnx_torch import choose_runtime
 from worker.detectors.open_nsfw import OpenNSFW
-from worker.errors import ConfigError
-from worker.health import Health, detector_devices, serve
-from worker.settings import load_settings
+from worker.observe.health import Health, detector_devices, serve
 
 
 def gpu() -> bool:
@@ -119,10 +119,10 @@ def test_readyz_and_the_heartbeat_list_each_detectors_device():
 def test_every_clip_head_moves_all_its_weights_with_the_backbone(tmp_path):
     """On a GPU node the heads must sit where the embeddings are. Moving them to the meta
     device shows every weight follows (a head left behind would mix devices per batch)."""
+    from modgate.settings import load_settings
     from tests.conftest import SHARED
     from tests.models import tiny_safety_checker
     from worker.detectors import load_detectors
-    from worker.settings import load_settings
 
     shared = SHARED / "models"
     paths = {

@@ -3,12 +3,12 @@
 import pytest
 from PIL import Image
 
+from modgate.errors import ConfigError
+from modgate.settings import load_settings
 from tests.models import tiny_falconsai
-from worker.decode import Frame
 from worker.detectors.falconsai_vit import FalconsaiViT
-from worker.errors import ConfigError
-from worker.samples import photo, skin_scene
-from worker.settings import load_settings
+from worker.ingest.decode import Frame
+from worker.tools.samples import photo, skin_scene
 
 
 @pytest.fixture(scope="module")

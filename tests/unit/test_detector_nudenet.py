@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.decode import Frame
-from worker.samples import photo, skin_scene
-from worker.settings import load_settings
+from modgate.settings import load_settings
+from worker.ingest.decode import Frame
+from worker.tools.samples import photo, skin_scene
 
 nudenet_ref = pytest.importorskip("nudenet.nudenet")
 from worker.detectors import nudenet as ours  # noqa: E402

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.decode import Frame
+from modgate.errors import ConfigError
+from modgate.settings import load_settings
 from worker.detectors.open_nsfw import OpenNSFW
-from worker.errors import ConfigError
-from worker.samples import photo, skin_scene
-from worker.settings import load_settings
+from worker.ingest.decode import Frame
+from worker.tools.samples import photo, skin_scene
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import io
 
 import pytest
 
-from worker.decode import decode_image
+from modgate.settings import DecodeSettings, load_settings
 from worker.detectors.open_nsfw import OpenNSFW
-from worker.samples import photo, skin_scene
-from worker.settings import DecodeSettings, load_settings
+from worker.ingest.decode import decode_image
+from worker.tools.samples import photo, skin_scene
 
 SIZES = [(1600, 1200), (2000, 1500), (3000, 2000), (4000, 3000), (1200, 1600), (4032, 3024)]
 
@@ -39,10 +39,10 @@ def test_nudenet_opts_out_and_stays_exact_on_large_jpegs(tmp_path):
     a draft decode makes boxes appear or vanish. With NudeNet enabled the pipeline decodes
     at full size, and its detections on large JPEGs equal the reference's."""
     nudenet_ref = pytest.importorskip("nudenet")
+    from modgate.verdict import Source
     from worker.detectors import LoadedDetectors
     from worker.detectors.nudenet import NudeNet
     from worker.pipeline import Pipeline
-    from worker.verdict import Source
 
     settings = load_settings()
     detector = NudeNet.load(settings)

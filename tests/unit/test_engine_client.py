@@ -1,4 +1,4 @@
-"""The ingest ↔ inference transport (worker/engine_client.py, worker/engine_server.py) in
+"""The ingest ↔ inference transport (worker/device/: engine_client.py, wire.py, engine_server.py) in
 one process: framing, sealed memfd hand-over, reconnect with resend, cancellation, a
 restart that changes the detectors, malformed replies, the peer-cred checks."""
 
@@ -20,18 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.decode_tensor import Cancelled as NotDecoded
-from worker.decode_tensor import Fallback
+from modgate.errors import ConfigError
+from modgate.settings import InferenceSettings
 from worker.detectors import build_preparer, preparer_spec
 from worker.detectors.open_nsfw import prepare_frame
-from worker.engine import FrameResult, PreparedFrame
-from worker.engine_client import (
+from worker.device.decode_tensor import Cancelled as NotDecoded
+from worker.device.decode_tensor import Fallback
+from worker.device.engine import FrameResult, PreparedFrame
+from worker.device.engine_client import MAX_BAD_REPLIES, MAX_LOSSES, RemoteEngine, RemoteError
+from worker.device.engine_server import InferenceServer
+from worker.device.wire import (
     INLINE_MAX,
-    MAX_BAD_REPLIES,
-    MAX_LOSSES,
     ProtocolError,
-    RemoteEngine,
-    RemoteError,
     encode,
     encode_frame,
     jpeg_message,
@@ -39,9 +39,6 @@ from worker.engine_client import (
     read_request,
     unpack_value,
 )
-from worker.engine_server import InferenceServer
-from worker.errors import ConfigError
-from worker.settings import InferenceSettings
 
 
 class FakeDetector:
@@ -269,8 +266,8 @@ def test_falconsais_image_processor_travels_as_its_config(cls):
     import transformers
     from PIL import Image
 
-    from worker.decode import Frame
     from worker.detectors import falconsai_vit
+    from worker.ingest.decode import Frame
 
     if not hasattr(transformers, cls):
         pytest.skip(f"this transformers has no {cls}")
@@ -455,7 +452,7 @@ class GarbageServer:
 
 
 def _meta_json() -> dict:
-    from worker.engine_server import engine_meta
+    from worker.device.engine_server import engine_meta
 
     return engine_meta(FakeEngine()).to_json()  # type: ignore[arg-type]
 
@@ -591,8 +588,8 @@ def test_a_replaced_socket_makes_the_server_not_live(sock_path):
 
 
 def test_no_pickle_in_the_engine_modules():
-    root = Path(__file__).resolve().parents[2] / "worker"
-    for name in ("engine.py", "engine_client.py", "engine_server.py"):
+    root = Path(__file__).resolve().parents[2] / "worker" / "device"
+    for name in ("engine.py", "engine_client.py", "engine_server.py", "wire.py"):
         tree = ast.parse((root / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):

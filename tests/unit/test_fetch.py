@@ -6,10 +6,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker.errors import ErrorCode, ModerationError
-from worker.fetch import BackoffGate, Fetcher, GateTimeout, TargetError, TransientFetchError, is_transient
-from worker.settings import S3Settings
-from worker.verdict import Source
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import S3Settings
+from modgate.verdict import Source
+from worker.ingest.fetch import (
+    BackoffGate,
+    Fetcher,
+    GateTimeout,
+    TargetError,
+    TransientFetchError,
+    is_transient,
+)
 
 
 def fetcher(cap=1000):

@@ -3,7 +3,7 @@
 import json
 import logging
 
-from worker.logs import JsonFormatter, TextFormatter, scrub
+from worker.observe.logs import JsonFormatter, TextFormatter, scrub
 
 
 def test_scrub_removes_url_credentials():
@@ -13,7 +13,9 @@ def test_scrub_removes_url_credentials():
 
 
 def test_json_line_with_extra_fields():
-    record = logging.LogRecord("worker.service", logging.INFO, __file__, 1, "verdict %s", ("abc",), None)
+    record = logging.LogRecord(
+        "worker.service.service", logging.INFO, __file__, 1, "verdict %s", ("abc",), None
+    )
     record.verdict_id = "abc"
     record.decision = "unsafe"
     record.url = "redis://:pw@h:1/0"
@@ -29,14 +31,16 @@ def test_scrub_removes_a_bare_token_before_the_host():
 
 
 def test_text_lines_carry_the_fields_of_an_error_verdict():
-    record = logging.LogRecord("worker.service", logging.WARNING, __file__, 1, "verdict %s", ("abc",), None)
+    record = logging.LogRecord(
+        "worker.service.service", logging.WARNING, __file__, 1, "verdict %s", ("abc",), None
+    )
     record.verdict_id = "abc"
     record.uri = "s3://uploads/a b.jpg"
     record.code = "not_found"
     record.request_id = None
     record.url = "https://tok@h.example/hook"
     line = TextFormatter().format(record)
-    assert "WARNING worker.service: verdict abc" in line
+    assert "WARNING worker.service.service: verdict abc" in line
     assert 'uri="s3://uploads/a b.jpg"' in line and "code=not_found" in line and "verdict_id=abc" in line
     assert "request_id" not in line and "tok" not in line
 
@@ -46,7 +50,13 @@ NASTY_KEY = "dir/a\x01b\tc\x7f.jpg\n2026-01-01 00:00:00,000 ERROR forged: \x1b[2
 
 def record_with_key(exc_info=None):
     record = logging.LogRecord(
-        "worker.service", logging.WARNING, __file__, 1, "verdict for %s", (f"s3://b/{NASTY_KEY}",), exc_info
+        "worker.service.service",
+        logging.WARNING,
+        __file__,
+        1,
+        "verdict for %s",
+        (f"s3://b/{NASTY_KEY}",),
+        exc_info,
     )
     record.uri = f"s3://b/{NASTY_KEY}"
     record.key = NASTY_KEY

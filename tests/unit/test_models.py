@@ -5,10 +5,10 @@ from functools import partial
 
 import pytest
 
+from modgate.settings import load_settings
 from tests.conftest import SHARED
-from worker import models
 from worker.detectors import load_detectors
-from worker.settings import load_settings
+from worker.detectors import weights as models
 
 
 def test_pulled_directory_serves_an_offline_worker(tmp_path):
@@ -64,10 +64,10 @@ def test_unreachable_source_raises(tmp_path, monkeypatch):
 
 
 def test_an_explicitly_enabled_head_downloads_into_the_cache_once(tmp_path, monkeypatch):
+    from modgate.errors import ConfigError
     from tests.models import tiny_clip
     from worker.detectors.clip_backbone import ClipBackbone
     from worker.detectors.clip_family import LaionViolence
-    from worker.errors import ConfigError
 
     served = tmp_path / "www"
     served.mkdir()

@@ -10,15 +10,15 @@ from collections.abc import Sequence
 import pytest
 from PIL import Image
 
+from modgate.errors import ErrorCode
+from modgate.settings import load_settings
+from modgate.verdict import Source
 from tests.helpers import wait_for
 from worker.detectors import LoadedDetectors
 from worker.detectors.base import Detector, DetectorOutput
 from worker.detectors.open_nsfw import OpenNSFW
-from worker.errors import ErrorCode
-from worker.fetch import Fetcher
+from worker.ingest.fetch import Fetcher
 from worker.pipeline import Cancel, Cancelled, Pipeline, _Turns
-from worker.settings import load_settings
-from worker.verdict import Source
 
 
 class ExplodesOnRed(Detector):
@@ -186,7 +186,7 @@ def test_a_loaded_detector_without_a_score_fails_its_image(tmp_path, settings, o
 
 @pytest.mark.parametrize("drop", [None, "nudenet"])
 def test_split_shape_an_engine_reply_without_a_detector_fails_its_image(tmp_path, settings, open_nsfw, drop):
-    from worker.engine import LocalEngine
+    from worker.device.engine import LocalEngine
 
     blue = write(tmp_path / "blue.png", (0, 0, 255))
     inner = LocalEngine(settings, LoadedDetectors([open_nsfw, Nudity()], {}), None)
@@ -345,7 +345,7 @@ def test_messages_are_admitted_first_come_first_served():
 
 def hang_on_marker(data, info, *args):
     """Decode-process job for tests: bytes starting with b"HANG" never finish."""
-    from worker.decode_pool import decode_and_prepare
+    from worker.ingest.decode_pool import decode_and_prepare
 
     if data.startswith(b"HANG"):
         time.sleep(3600)
@@ -353,7 +353,7 @@ def hang_on_marker(data, info, *args):
 
 
 def mixed_inputs(tmp_path):
-    from worker.samples import photo
+    from worker.tools.samples import photo
 
     paths = []
     for i, fmt in enumerate(["PNG", "WEBP", "PNG", "BMP"]):
@@ -388,7 +388,7 @@ def test_decode_processes_give_the_scores_of_the_thread_path(tmp_path, open_nsfw
 
 def test_bombs_and_hanging_decodes_cost_only_their_image(tmp_path, open_nsfw):
     from tests.unit.test_decode import bomb_gif
-    from worker.decode_pool import DecodeProcesses
+    from worker.ingest.decode_pool import DecodeProcesses
 
     good = [write(tmp_path / f"g{i}.png", (i * 40, 90, 200)) for i in range(4)]
     (tmp_path / "bomb.gif").write_bytes(bomb_gif())

@@ -3,10 +3,10 @@ YAML syntax errors and out-of-range values are refused at load, naming file and 
 
 import pytest
 
-from worker.detector_scores import DECLARED_SCORES
-from worker.errors import ErrorCode, PolicyError
-from worker.policy import Policy, default_policy_dict
-from worker.settings import load_settings
+from modgate.detector_scores import DECLARED_SCORES
+from modgate.errors import ErrorCode, PolicyError
+from modgate.policy import Policy, default_policy_dict
+from modgate.settings import load_settings
 
 POLICY = """\
 version: typo-1

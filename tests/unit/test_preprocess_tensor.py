@@ -11,19 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
+from modgate.errors import ModerationError
+from modgate.settings import DecodeSettings, load_settings
 from tests.conftest import SHARED
 from tests.models import tiny_clip, tiny_falconsai
-from worker.decode import decode_image
-from worker.decode_tensor import Fallback, TensorImage, decode_batch
 from worker.detectors import LoadedDetectors, load_detectors
 from worker.detectors import nudenet as nudenet_module
 from worker.detectors.clip_backbone import clip_preprocess
+from worker.detectors.inputs import stack_inputs
 from worker.detectors.nudenet import NudeNet
 from worker.detectors.open_nsfw import OpenNSFW
-from worker.errors import ModerationError
-from worker.preprocess_tensor import CLIP_KEY, TensorPreprocessor, clip_input, nudenet_input, stack_inputs
-from worker.samples import photo, skin_scene
-from worker.settings import DecodeSettings, load_settings
+from worker.device.decode_tensor import Fallback, TensorImage, decode_batch
+from worker.device.preprocess_tensor import CLIP_KEY, TensorPreprocessor, clip_input, nudenet_input
+from worker.ingest.decode import decode_image
+from worker.tools.samples import photo, skin_scene
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -313,7 +314,7 @@ def test_the_decode_batch_forms_across_submitters_and_isolates_failures(open_nsf
     that raises for one image fails that image only."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from worker.preprocess_tensor import TensorPath, TensorResult, TensorStage
+    from worker.device.preprocess_tensor import TensorPath, TensorResult, TensorStage
 
     path = TensorPath(SETTINGS, "cpu", None, [open_nsfw])
     sizes: list[int] = []
@@ -398,8 +399,8 @@ def test_modgate_scan_with_the_tensor_backend_gives_the_pil_verdicts(tmp_path, m
 def test_jobs_cancelled_during_preprocessing_stop_there():
     """A detector without a tensor preprocessing gets its PIL prepare per image on a host
     copy; a job cancelled meanwhile is skipped and comes back Cancelled, not prepared."""
-    from worker.decode_tensor import Cancelled
-    from worker.preprocess_tensor import TensorPath, TensorResult
+    from worker.device.decode_tensor import Cancelled
+    from worker.device.preprocess_tensor import TensorPath, TensorResult
 
     class Flag:
         cancelled = False

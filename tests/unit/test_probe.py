@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.faults.hostile import junk_byte_gif, progressive_jpeg, scan_bomb_jpeg
-from worker.probe import Probe, probe
+from worker.ingest.probe import Probe, probe
 
 
 def encode(frames: list[Image.Image], fmt: str, **kw) -> bytes:
@@ -299,6 +299,6 @@ def test_fill_bytes_before_a_marker_are_skipped_as_a_run():
 
 
 def test_garbled_jpeg_is_not_taken_for_baseline(monkeypatch):
-    monkeypatch.setattr("worker.probe._jpeg", lambda data: 1 / 0)
+    monkeypatch.setattr("worker.ingest.probe._jpeg", lambda data: 1 / 0)
     p = probe(encode([colours(1)[0]], "JPEG"))
     assert (p.format, p.complete, p.baseline_jpeg) == ("JPEG", False, False)

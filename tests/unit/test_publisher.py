@@ -4,17 +4,17 @@ import json
 
 import redis
 
-from worker import keys
-from worker.errors import ErrorCode
-from worker.publisher import ResultPublisher
-from worker.settings import ResultsSettings
-from worker.verdict import Source, Verdict, error_verdict
+from modgate import keys
+from modgate.errors import ErrorCode
+from modgate.settings import ResultsSettings
+from modgate.verdict import Source, Verdict, error_verdict
+from worker.delivery.publisher import ResultPublisher
 
 SOURCE = Source(kind="s3", uri="s3://b/k.jpg", bucket="b", key="k.jpg", etag="abc")
 
 
 def ok_verdict(source=SOURCE):
-    from worker.verdict import verdict_id
+    from modgate.verdict import verdict_id
 
     return Verdict(
         id=verdict_id(source, "p1"), source=source, status="ok", decision="safe", policy_version="p1"

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import yaml
 
-from worker.policy import CATEGORIES
+from modgate.policy import CATEGORIES
+from modgate.settings import Settings
 from worker.quality.calibrate import CalibrationError, Target, calibrate, fit_review, fit_threshold
 from worker.quality.replay import reaggregate
 from worker.quality.synthetic import CALIBRATION_SCORES as SCORES
 from worker.quality.synthetic import base_policy as base
 from worker.quality.synthetic import calibration_halves, held_out
 from worker.quality.synthetic import single_detector_f1 as single
-from worker.settings import Settings
 
 N = 6000  # 3,000 to fit, 3,000 held out
 

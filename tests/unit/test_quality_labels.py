@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from worker.errors import ErrorCode
-from worker.policy import CATEGORIES
+from modgate.errors import ErrorCode
+from modgate.policy import CATEGORIES
+from modgate.verdict import Source, Verdict, error_verdict
 from worker.quality.labels import LabelsError, join, read_labels
 from worker.quality.replay import read_verdicts
-from worker.verdict import Source, Verdict, error_verdict
 
 
 def write(tmp_path, name, text):

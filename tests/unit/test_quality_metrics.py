@@ -11,7 +11,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from worker.policy import CATEGORIES, Policy, deep_merge, default_policy_dict
+from modgate.policy import CATEGORIES, Policy, deep_merge, default_policy_dict
 from worker.quality.labels import LabelRow, LabelSet, join
 from worker.quality.metrics import Bootstrap, binary_metrics, evaluate, score_metrics
 from worker.quality.synthetic import generate

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from worker.policy import Policy, deep_merge, default_policy_dict
+from modgate.policy import Policy, deep_merge, default_policy_dict
 from worker.quality.labels import LabelsError
 from worker.quality.replay import reaggregate, replay
 from worker.quality.synthetic import generate

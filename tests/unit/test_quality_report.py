@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from worker.policy import CATEGORIES, Policy, default_policy_dict
+from modgate.policy import CATEGORIES, Policy, default_policy_dict
 from worker.quality.labels import LabelRow, LabelSet, join
 from worker.quality.metrics import evaluate
 from worker.quality.report import category_figure, write_report

@@ -6,9 +6,9 @@ import time
 
 import redis
 
-from worker import keys
-from worker.service import Service
-from worker.settings import load_settings
+from modgate import keys
+from modgate.settings import load_settings
+from worker.service.service import Service
 
 
 def service(redis_server, resent):

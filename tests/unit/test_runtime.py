@@ -10,7 +10,7 @@ pytest.importorskip("cv2")
 
 BEFORE_IMPORT = """
 from worker.runtime import configure_threads
-from worker.settings import RuntimeSettings
+from modgate.settings import RuntimeSettings
 configure_threads(RuntimeSettings(preprocess_threads=1))
 import cv2
 print(cv2.getNumThreads())
@@ -20,7 +20,7 @@ AFTER_IMPORT = """
 import cv2, torch
 cv2.setNumThreads(4)
 from worker.runtime import configure_threads
-from worker.settings import RuntimeSettings
+from modgate.settings import RuntimeSettings
 configure_threads(RuntimeSettings(preprocess_threads=1, threads=1))
 print(cv2.getNumThreads(), torch.get_num_threads())
 """
@@ -41,7 +41,7 @@ def test_opencv_and_torch_threads_apply_when_already_imported():
 
 
 def test_pipeline_settings_default_to_one_opencv_thread():
-    from worker.settings import load_settings
+    from modgate.settings import load_settings
 
     assert load_settings().runtime.preprocess_threads == 1
 

@@ -1,4 +1,4 @@
-"""The lean S3 GET client (worker/s3_get.py): SigV4 against AWS's published examples and
+"""The lean S3 GET client (worker/ingest/s3_get.py): SigV4 against AWS's published examples and
 botocore's own signer, URLs against botocore's, and against a real moto server (directly
 and behind the fault proxy) the same answers and the same fetch.py classification as
 the botocore client it stands in for."""
@@ -18,12 +18,12 @@ from botocore.awsrequest import AWSRequest, AWSResponse
 from botocore.config import Config
 from botocore.credentials import Credentials
 
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import S3Settings
+from modgate.verdict import Source
 from tests.faults.proxy import S3_SLOW_DOWN, Fault, FaultProxy
-from worker.errors import ErrorCode, ModerationError
-from worker.fetch import Fetcher, _Transient
-from worker.s3_get import UNSIGNED_PAYLOAD, LeanS3Client, SigV4Signer, encode_key
-from worker.settings import S3Settings
-from worker.verdict import Source
+from worker.ingest.fetch import Fetcher, _Transient
+from worker.ingest.s3_get import UNSIGNED_PAYLOAD, LeanS3Client, SigV4Signer, encode_key
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 KEYS = [

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from modgate.errors import ConfigError
+from modgate.settings import load_settings
 from tests.models import tiny_clip, tiny_safety_checker
 from worker.detectors.clip_backbone import ClipBackbone, clip_preprocess
 from worker.detectors.sd_safety_checker import SDSafetyChecker
-from worker.errors import ConfigError
-from worker.samples import photo, skin_scene
-from worker.settings import load_settings
+from worker.tools.samples import photo, skin_scene
 
 
 @pytest.fixture(scope="module")

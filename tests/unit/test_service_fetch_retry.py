@@ -9,13 +9,13 @@ from contextlib import nullcontext
 import pytest
 import redis
 
+from modgate import keys
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import load_settings
+from modgate.verdict import error_verdict
 from tests.helpers import verdicts
-from worker import keys
-from worker.errors import ErrorCode, ModerationError
-from worker.fetch import TransientFetchError
-from worker.service import Requeue, Service
-from worker.settings import load_settings
-from worker.verdict import error_verdict
+from worker.ingest.fetch import TransientFetchError
+from worker.service.service import Requeue, Service
 
 MESSAGE = ({"items": [{"bucket": "bkt", "key": "a.jpg"}, {"bucket": "bkt", "key": "gone.jpg"}]},)
 

@@ -9,11 +9,11 @@ from contextlib import nullcontext
 import pytest
 import redis
 
+from modgate import keys
+from modgate.settings import load_settings
 from tests.helpers import verdicts
-from worker import keys
 from worker.pipeline import Cancelled
-from worker.service import Requeue, Service
-from worker.settings import load_settings
+from worker.service.service import Requeue, Service
 
 
 class Backlogged:
@@ -93,8 +93,8 @@ class LateTurn(Backlogged):
     def submit(self, source, request_id=None, policy=None, cancel=None):
         from concurrent.futures import ThreadPoolExecutor
 
-        from worker.errors import ErrorCode
-        from worker.verdict import error_verdict
+        from modgate.errors import ErrorCode
+        from modgate.verdict import error_verdict
 
         verdict = error_verdict(source, policy.version, ErrorCode.NOT_FOUND, "no such key")
         return ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.3), verdict)[1])

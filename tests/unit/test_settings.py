@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from worker.settings import DEFAULT_DETECTORS, load_settings
+from modgate.settings import DEFAULT_DETECTORS, load_settings
 
 
 def test_defaults_match_the_contract(monkeypatch):

@@ -1,5 +1,5 @@
-from worker.errors import ErrorCode
-from worker.verdict import Source, Verdict, error_verdict, verdict_id
+from modgate.errors import ErrorCode
+from modgate.verdict import Source, Verdict, error_verdict, verdict_id
 
 
 def s3(key="a.jpg", etag='"abc"', version=None):

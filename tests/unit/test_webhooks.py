@@ -18,12 +18,12 @@ import standardwebhooks
 import stripe
 from kombu.exceptions import OperationalError
 
+from modgate import keys
+from modgate.settings import WebhookSettings, load_settings
+from modgate.signing import sign_standard, standard_secret, verify_headers
 from tests.faults.proxy import Fault, FaultProxy
 from tests.servers import WebhookReceiver
-from worker import keys
-from worker.settings import WebhookSettings, load_settings
-from worker.verify import sign_standard, standard_secret, verify_headers
-from worker.webhooks import (
+from worker.delivery.webhooks import (
     MAX_HOP_S,
     Delivery,
     Dispatcher,
@@ -539,9 +539,8 @@ def test_a_refused_callback_is_dead_lettered_once_per_scope_without_bodies(r):
 
 
 def _readme_snippets(language):
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = text.split("### Webhooks\n", 1)[1].split("\n### ", 1)[0]
-    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+    text = (Path(__file__).resolve().parents[2] / "docs" / "webhooks.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 
 
 def test_the_readme_snippets_verify_a_real_delivery(r, tmp_path):
@@ -620,7 +619,7 @@ def test_a_delivery_lost_in_transit_is_resent_until_it_settles(r):
     """kombu can lose a webhook task popped just before Redis or the worker died: every
     scheduled delivery stays pending until it is delivered or dead-lettered, and the
     reconciler re-sends one still pending long after it was due."""
-    from worker import keys
+    from modgate import keys
 
     hook = WebhookReceiver()
     dispatcher, scheduled = make(r)
@@ -637,7 +636,7 @@ def test_a_delivery_lost_in_transit_is_resent_until_it_settles(r):
 
 
 def test_a_retry_keeps_its_delivery_pending_with_the_latest_payload(r):
-    from worker import keys
+    from modgate import keys
 
     hook = WebhookReceiver(responses=[503])
     dispatcher, _ = make(r)

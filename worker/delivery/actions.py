@@ -15,10 +15,10 @@ import json
 import logging
 from typing import Any
 
-from worker import keys
-from worker.errors import ErrorCode
-from worker.policy import PolicyActions, QuarantineAction, ResolvedErrorRule
-from worker.verdict import Verdict
+from modgate import keys
+from modgate.errors import ErrorCode
+from modgate.policy import PolicyActions, QuarantineAction, ResolvedErrorRule
+from modgate.verdict import Verdict
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from worker import keys
-from worker.errors import ErrorCode
-from worker.settings import ResultsSettings
-from worker.verdict import Verdict
+from modgate import keys
+from modgate.errors import ErrorCode
+from modgate.settings import ResultsSettings
+from modgate.verdict import Verdict
 
 # KEYS: marker, stream. ARGV: ttl, maxlen, verdict json, verdict id, status, decision.
 # Returns {entry id, 1} for a new entry; {entry id, 0, stored verdict json} for a duplicate

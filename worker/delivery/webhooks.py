@@ -11,7 +11,7 @@ while POSTing, and a claim per scheduled retry so the retry chain cannot fork.
 One delivery is one published stream entry to one URL: the event id is
 ``<verdict id>:<stream entry id>``, so a later verdict for the same object (an ``ok``
 after a ``timeout``) is a new event, and every copy of one entry carries the same body,
-the entry as stored. Receivers verify with ``worker.verify``.
+the entry as stored. Receivers verify with ``modgate.signing``.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, field_validator
 
-from worker import keys
-from worker.settings import WebhookSettings
-from worker.verify import SIGNATURE_HEADER, sign, sign_standard, verify
+from modgate import keys
+from modgate.settings import WebhookSettings
+from modgate.signing import SIGNATURE_HEADER, sign, sign_standard, verify
 
 __all__ = ["SIGNATURE_HEADER", "sign", "sign_standard", "verify"]
 

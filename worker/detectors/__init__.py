@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from worker.errors import ConfigError
-from worker.policy import require_detectors
+from modgate.errors import ConfigError
+from modgate.policy import require_detectors
 
 if TYPE_CHECKING:
+    from modgate.settings import Settings
     from worker.detectors.base import Detector
     from worker.detectors.clip_backbone import ClipBackbone
-    from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from worker.errors import ConfigError
+from modgate.errors import ConfigError
 
 if TYPE_CHECKING:
-    from worker.decode import Frame
-    from worker.settings import Settings
+    from modgate.settings import Settings
+    from worker.ingest.decode import Frame
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker.errors import ConfigError
+from modgate.errors import ConfigError
 
 if TYPE_CHECKING:
-    from worker.decode import Frame
-    from worker.settings import Settings
+    from modgate.settings import Settings
+    from worker.ingest.decode import Frame
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)

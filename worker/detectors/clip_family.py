@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from modgate.errors import ConfigError
 from worker.detectors.base import Detector, DetectorOutput
-from worker.errors import ConfigError
 
 if TYPE_CHECKING:
+    from modgate.settings import Settings
     from worker.detectors.clip_backbone import ClipBackbone
-    from worker.settings import Settings
 
 OPENAI_L14 = "openai/ViT-L-14"
 
@@ -83,7 +83,7 @@ class FileHead(ClipHead):
 
     @classmethod
     def load(cls, settings: Settings, backbone: ClipBackbone | None = None) -> FileHead:
-        from worker.models import resolve_or_fetch
+        from worker.detectors.weights import resolve_or_fetch
 
         path = resolve_or_fetch(cls.id, settings, cls.FILE)
         module, dim, names = cls.build(path)

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from modgate.errors import ConfigError
 from worker.detectors.base import resolve_weights
 from worker.detectors.clip_backbone import fingerprint, read_state_dict
 from worker.detectors.clip_family import ClipHead
-from worker.errors import ConfigError
 
 if TYPE_CHECKING:
+    from modgate.settings import Settings
     from worker.detectors.clip_backbone import ClipBackbone
-    from worker.settings import Settings
 
 CATEGORY_IDS = {
     "hate": "hate",

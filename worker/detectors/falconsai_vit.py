@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from modgate.errors import ConfigError
 from worker.detectors.base import Detector, DetectorOutput
-from worker.errors import ConfigError
 
 if TYPE_CHECKING:
-    from worker.decode import Frame
-    from worker.settings import Settings
+    from modgate.settings import Settings
+    from worker.ingest.decode import Frame
 
 HUB_REPO = "Falconsai/nsfw_image_detection"
 
@@ -67,7 +67,7 @@ class FalconsaiViT(Detector):
         online = local is None and settings.detectors.strict
         kwargs: dict[str, Any] = {} if online else {"local_files_only": True}
         if local is None:
-            from worker.models import SPECS
+            from worker.detectors.weights import SPECS
 
             kwargs["revision"] = SPECS["falconsai_vit"].revision(settings)
         try:

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.detector_scores import NUDENET_LABELS
+from modgate.detector_scores import NUDENET_LABELS
+from modgate.errors import ConfigError
 from worker.detectors.base import Detector, DetectorOutput, resolve_weights
 from worker.detectors.onnx_torch import OnnxModel, load_onnx_model
-from worker.errors import ConfigError
 
 if TYPE_CHECKING:
-    from worker.decode import Frame
-    from worker.settings import Settings
+    from modgate.settings import Settings
+    from worker.ingest.decode import Frame
 
 INPUT_SIZE = 320
 SCORE_THRESHOLD = 0.2
@@ -183,7 +183,7 @@ class NudeNet(Detector):
         if all(isinstance(b, np.ndarray) for b in blobs):
             raw = self.run(np.concatenate(blobs))
         else:  # the tensor decode path's blobs stay on their device
-            from worker.preprocess_tensor import cat_inputs
+            from worker.detectors.inputs import cat_inputs
 
             raw = self.run(cat_inputs(blobs))
         outputs = []

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from worker.errors import ConfigError
+from modgate.errors import ConfigError
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
+    from modgate.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from worker.detectors.base import Detector, DetectorOutput, resolve_weights
 from worker.detectors.onnx_torch import OnnxModel, load_onnx_model
 
 if TYPE_CHECKING:
-    from worker.decode import Frame
-    from worker.settings import Settings
+    from modgate.settings import Settings
+    from worker.ingest.decode import Frame
 
 MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
 RESIZE = 256
@@ -101,7 +101,7 @@ class OpenNSFW(Detector):
         if all(isinstance(x, np.ndarray) for x in inputs):
             batch = np.stack(inputs)
         else:  # the tensor decode path's inputs stay on their device
-            from worker.preprocess_tensor import stack_inputs
+            from worker.detectors.inputs import stack_inputs
 
             batch = stack_inputs(inputs)
         return [DetectorOutput({"nsfw": float(nsfw), "sfw": float(sfw)}) for sfw, nsfw in self.run(batch)]

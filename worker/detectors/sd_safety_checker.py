@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from modgate.errors import ConfigError
 from worker.detectors.base import DetectorOutput
 from worker.detectors.clip_backbone import fingerprint, locate_checkpoint, read_state_dict
 from worker.detectors.clip_family import ClipHead
-from worker.errors import ConfigError
 
 if TYPE_CHECKING:
+    from modgate.settings import Settings
     from worker.detectors.clip_backbone import ClipBackbone
-    from worker.settings import Settings
 
 SPECIAL_ADJUSTMENT = 0.01
 

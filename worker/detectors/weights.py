@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modgate.errors import ConfigError
+from modgate.settings import Settings
 from worker.detectors.base import resolve_weights
-from worker.errors import ConfigError
-from worker.settings import Settings
 
 LAION = "https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/main"
 MULTIHEADED = "https://github.com/YitingQu/unsafe-diffusion/raw/main/checkpoints/multi-headed"

@@ -2,8 +2,8 @@
 the device, decoded together by ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA,
 libjpeg-turbo on CPU).
 
-Every image is first classified from its header alone (``worker.probe`` + Pillow's
-header parse, no pixel decoded): the decode budget (``worker.decode.check_budget``, the
+Every image is first classified from its header alone (``worker.ingest.probe`` + Pillow's
+header parse, no pixel decoded): the decode budget (``worker.ingest.decode.check_budget``, the
 one budget function of every decode path) runs there, so a bomb is refused before any
 decoder runs. What the tensor path does not take — non-JPEG, MPO, CMYK/YCCK, no
 end-of-image marker (truncated), progressive or multi-scan, a decoder error — is handed
@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
-from worker.decode import check_budget
-from worker.errors import ModerationError
-from worker.probe import Probe, probe
+from modgate.errors import ModerationError
+from worker.ingest.decode import check_budget
+from worker.ingest.probe import Probe, probe
 
 if TYPE_CHECKING:
     import torch
 
-    from worker.settings import DecodeSettings
+    from modgate.settings import DecodeSettings
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec (not a dependency
 # here); the warning would be issued on every call.
@@ -198,16 +198,6 @@ def _channels_last(pixels: torch.Tensor) -> torch.Tensor:
     rotated or flipped image is copied."""
     hwc = pixels.permute(1, 2, 0)
     return pixels if hwc.is_contiguous() else hwc.contiguous().permute(2, 0, 1)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Host → device: from pinned memory, non-blocking, on CUDA; a no-op on CPU."""
-    import torch
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def decode_batch(

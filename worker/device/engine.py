@@ -2,7 +2,7 @@
 detectors' forward passes, on prepared frames or on JPEG bytes.
 
 ``LocalEngine`` runs it in this process (CPU nodes, one-process GPU workers, and the
-``modgate serve-inference`` process, which owns the CUDA context). ``worker.engine_client``
+``modgate serve-inference`` process, which owns the CUDA context). ``worker.device.engine_client``
 has the same two calls over a Unix socket, so several ingest processes feed one GPU. The
 pipeline talks to either through ``submit_frame`` / ``submit_jpeg`` and never sees which.
 """
@@ -18,17 +18,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from worker.batcher import BatchInfo, DynamicBatcher
-from worker.decode import Frame
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import Settings
 from worker.detectors import LoadedDetectors
 from worker.detectors.base import DetectorOutput
-from worker.errors import ErrorCode, ModerationError
-from worker.settings import Settings
+from worker.device.batcher import BatchInfo, DynamicBatcher
+from worker.ingest.decode import Frame
 
 log = logging.getLogger(__name__)
 
 # Key of the CLIP backbone's preprocessed input in PreparedFrame.inputs.
 CLIP = "clip_backbone"
+
+
+class Cancelled(Exception):
+    """The job's ``Cancel`` was set before its verdict was ready; no verdict will come. Set on
+    a job's future by the pipeline, or by an engine that drops a cancelled request."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ def stack(inputs: list[Any]) -> Any:
     the device) once the tensor path's are among them."""
     if all(isinstance(x, np.ndarray) for x in inputs):
         return np.stack(inputs)
-    from worker.preprocess_tensor import stack_inputs
+    from worker.detectors.inputs import stack_inputs
 
     return stack_inputs(inputs)
 
@@ -132,17 +137,17 @@ class LocalEngine:
     # -- the tensor path ----------------------------------------------------------------
 
     def _tensor_stage_for(self, settings: Settings) -> Any:
-        """The tensor decode path's batcher (worker/preprocess_tensor.py), when
+        """The tensor decode path's batcher (worker/device/preprocess_tensor.py), when
         ``decode.backend`` resolves to it on this device; None: PIL only."""
         if settings.decode.backend == "pil":
             return None
-        from worker.decode_tensor import backend_for
         from worker.detectors.clip_backbone import torch_device
+        from worker.device.decode_tensor import backend_for
 
         device = torch_device(settings)
         if backend_for(settings.decode.backend, device.type) != "tensor":
             return None
-        from worker.preprocess_tensor import TensorPath, TensorStage
+        from worker.device.preprocess_tensor import TensorPath, TensorStage
 
         path = TensorPath(settings.decode, device, self.detectors.backbone, self.detectors.detectors)
         return TensorStage(path, settings.batch.max_batch, settings.batch.max_wait_ms / 1000.0)
@@ -151,8 +156,8 @@ class LocalEngine:
         """On the decode-batch thread: a decoded, prepared image goes on to the inference
         batcher; anything else (Fallback, Cancelled, a budget error, an exception) is the
         outcome as it is."""
-        from worker.decode_tensor import Cancelled
-        from worker.preprocess_tensor import TensorResult
+        from worker.device.decode_tensor import Cancelled as NotDecoded
+        from worker.device.preprocess_tensor import TensorResult
 
         try:
             outcome = future.result()
@@ -163,7 +168,7 @@ class LocalEngine:
             out.set_result(outcome)
             return
         if cancel is not None and cancel.cancelled:
-            out.set_result(Cancelled())  # do not spend a batch slot on it
+            out.set_result(NotDecoded())  # do not spend a batch slot on it
             return
         image = outcome.image
 

@@ -3,7 +3,7 @@ context and serves ``LocalEngine`` to the ingest processes over a Unix socket.
 
 Every client's requests go into the same decode batch and inference batcher, so the GPU
 sees full batches however many processes feed it. Messages (framing and values in
-``worker.engine_client``, JSON headers and raw arrays, no pickle): on connect the server
+``worker.device.engine_client``, JSON headers and raw arrays, no pickle): on connect the server
 sends ``{"k": "meta", ...}`` (detectors, preparers by name); a client sends
 ``{"k": "jpeg", "id"}`` + the JPEG's bytes, ``{"k": "jpeg", "id", "memfd": size}`` with the
 descriptor of a sealed memfd holding them, or ``{"k": "frame", "id", "inputs"}`` + the
@@ -32,15 +32,15 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from worker.decode_tensor import Fallback
+from modgate.errors import ConfigError
+from modgate.settings import Settings
 from worker.detectors import preparer_spec
-from worker.engine import LocalEngine, PreparedFrame
-from worker.engine_client import (
+from worker.device.decode_tensor import Fallback
+from worker.device.engine import LocalEngine, PreparedFrame
+from worker.device.engine_client import EngineMeta, RemoteBackbone, RemoteDetector
+from worker.device.wire import (
     PROTOCOL,
-    EngineMeta,
     ProtocolError,
-    RemoteBackbone,
-    RemoteDetector,
     encode,
     outcome_to_json,
     peer_uid,
@@ -48,8 +48,6 @@ from worker.engine_client import (
     tune,
     unpack_value,
 )
-from worker.errors import ConfigError
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +283,8 @@ def _write_loop(conn: socket.socket, out: queue.SimpleQueue[bytes | None]) -> No
 
 def serve(settings: Settings) -> int:
     """Load the models, listen, serve until SIGTERM/SIGINT. Returns the exit status."""
-    from worker import health, metrics
     from worker.detectors import load_detectors
+    from worker.observe import health, metrics
     from worker.runtime import configure_threads
 
     if settings.inference.socket is None:

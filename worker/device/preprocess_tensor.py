@@ -1,5 +1,5 @@
 """Detector preprocessing on device tensors: what each detector's PIL ``prepare`` does,
-step for step, on the (3, H, W) uint8 RGB tensors of ``worker.decode_tensor``.
+step for step, on the (3, H, W) uint8 RGB tensors of ``worker.device.decode_tensor``.
 
 - CLIP backbone: short side to ``image_size`` with antialiased bicubic (torchvision's
   antialias kernel is Pillow's, a = -0.5, with uint8 rounding), centre crop, CLIP mean/std.
@@ -31,20 +31,20 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
 
-from worker.decode_tensor import (
+from modgate.errors import ModerationError
+from worker.detectors.inputs import to_device
+from worker.device.decode_tensor import (
     Cancellable,
     Cancelled,
     Fallback,
     Outcome,
     TensorImage,
     decode_batch,
-    to_device,
 )
-from worker.errors import ModerationError
 
 if TYPE_CHECKING:
+    from modgate.settings import DecodeSettings
     from worker.detectors.base import Detector
-    from worker.settings import DecodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -208,34 +208,10 @@ class TensorPreprocessor:
 
 
 def _host_frame(image: TensorImage) -> Any:
-    from worker.decode import Frame
+    from worker.ingest.decode import Frame
 
     array = image.pixels.permute(1, 2, 0).contiguous().cpu().numpy()
     return Frame(Image.fromarray(array), 1.0)
-
-
-def stack_inputs(inputs: Sequence[Any]) -> Any:
-    """Stack per-frame inputs into a batch: ``torch.stack`` for tensors (they stay on their
-    device), ``np.stack`` for the PIL path's arrays; a mix (fallback frames in a tensor
-    batch) goes to the tensors' device."""
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-    if not tensors:
-        return np.stack(inputs)
-    device = tensors[0].device
-    return torch.stack(
-        [x if isinstance(x, torch.Tensor) else to_device(torch.as_tensor(x), device) for x in inputs]
-    )
-
-
-def cat_inputs(inputs: Sequence[Any]) -> Any:
-    """``stack_inputs`` for inputs that already carry a batch axis (nudenet's blobs)."""
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-    if not tensors:
-        return np.concatenate(inputs)
-    device = tensors[0].device
-    return torch.cat(
-        [x if isinstance(x, torch.Tensor) else to_device(torch.as_tensor(x), device) for x in inputs]
-    )
 
 
 @dataclass(frozen=True)
@@ -326,7 +302,7 @@ class TensorStage:
     that image down the PIL path)."""
 
     def __init__(self, path: TensorPath, max_batch: int, max_wait_s: float) -> None:
-        from worker.batcher import DynamicBatcher
+        from worker.device.batcher import DynamicBatcher
 
         self.path = path
         self._batcher: DynamicBatcher[tuple[bytes, Cancellable | None], TensorOutcome] = DynamicBatcher(

@@ -1,7 +1,7 @@
 """Decode stage: bytes → RGB frames the detectors can score, safely.
 
 The decode budget (``check_budget``: canvas pixels, JPEG scans, frames, frames × canvas)
-is checked from the container's blocks (``worker.probe``) before any decoder runs; JPEGs are
+is checked from the container's blocks (``worker.ingest.probe``) before any decoder runs; JPEGs are
 decoded with DCT scaling ("draft" mode) down to just above the largest input any enabled
 detector needs; EXIF orientation is applied; every mode becomes RGB with transparency
 composited on white; animations are sampled to at most ``max_frames`` frames, within a
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-from worker.errors import ErrorCode, ModerationError
-from worker.probe import Probe, probe
-from worker.settings import DecodeSettings
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import DecodeSettings
+from worker.ingest.probe import Probe, probe
 
 _BASE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 

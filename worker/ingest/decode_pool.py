@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from worker.decode import Frame, decode_image
-from worker.errors import ErrorCode, ModerationError
-from worker.probe import Probe
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import DecodeSettings, RuntimeSettings
+from worker.ingest.decode import Frame, decode_image
+from worker.ingest.probe import Probe
 from worker.runtime import configure_threads
-from worker.settings import DecodeSettings, RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class DecodeProcesses:
         self._ctx = multiprocessing.get_context("forkserver")
         # The fork server imports these once (the main module too, which every child
         # would otherwise import again); each child then forks ready to work.
-        modules = {"__main__", "worker.decode_pool", job.__module__}
+        modules = {"__main__", "worker.ingest.decode_pool", job.__module__}
         for prepare in preparers.values():
             modules.add(getattr(prepare, "func", prepare).__module__)
             # A partial's bound objects (an image processor) bring their own modules.

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from worker.errors import ErrorCode, ModerationError
-from worker.settings import S3Settings
-from worker.verdict import Source
+from modgate.errors import ErrorCode, ModerationError
+from modgate.settings import S3Settings
+from modgate.verdict import Source
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class Fetcher:
     def get_client(self) -> Any:
         """The client for GETs: botocore does not retry (one attempt, so its process-wide
         retry quota is never drawn on either); ``_fetch_s3`` counts and paces attempts.
-        With ``s3.get_client = "lean"`` the lean client (worker/s3_get.py) stands in for
+        With ``s3.get_client = "lean"`` the lean client (worker/ingest/s3_get.py) stands in for
         it, sending the same one-attempt GETs at a fraction of the CPU."""
         if self._get_client is None:
             with self._lock:
@@ -265,7 +265,7 @@ class Fetcher:
         return self._get_client
 
     def _make_get_client(self) -> Any:
-        from worker.s3_get import LeanS3Client, lean_unsupported
+        from worker.ingest.s3_get import LeanS3Client, lean_unsupported
 
         client = self._make_client(1)
         if self.settings.get_client != "lean":

@@ -1,7 +1,7 @@
 """Container probe: format, canvas size, frame count and JPEG scan count of an image,
 read from its blocks without decompressing a single pixel.
 
-The decode budget (``worker.decode.check_budget``) is checked from what this returns,
+The decode budget (``worker.ingest.decode.check_budget``) is checked from what this returns,
 so a decompression bomb is refused before any decoder runs. GIF blocks (logical screen,
 image descriptors; data sub-blocks are skipped by their lengths), PNG/APNG chunks
 (IHDR, acTL, fcTL), WebP RIFF chunks (VP8, VP8L, VP8X, ANMF) and JPEG markers (SOF, and

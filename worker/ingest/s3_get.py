@@ -55,7 +55,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
-from worker.settings import S3Settings
+from modgate.settings import S3Settings
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _ALGORITHM = "AWS4-HMAC-SHA256"

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modgate.policy import CATEGORIES, CategoryPolicy, Policy
+from modgate.verdict import CategoryResult, Decision
 from worker.detectors.base import DetectorOutput
-from worker.policy import CATEGORIES, CategoryPolicy, Policy
-from worker.verdict import CategoryResult, Decision
 
 
 class MissingEvidenceError(ValueError):

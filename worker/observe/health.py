@@ -23,7 +23,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from worker import keys
+from modgate import keys
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker process (served on ``/metrics`` by ``worker.health``).
+"""Prometheus metrics of a worker process (served on ``/metrics`` by ``worker.observe.health``).
 
 Metric objects live at module level, as prometheus_client intends: one registry per process.
 """

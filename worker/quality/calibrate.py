@@ -2,7 +2,7 @@
 the evidence scores) to labelled verdicts, and write a complete policy YAML.
 
 Fitting works on the frame-fused detector scores exactly as a verdict stores them, and
-every fused score here comes from ``worker.aggregator.category_scores``, the formula the
+every fused score here comes from ``worker.judge.aggregator.category_scores``, the formula the
 worker and ``replay`` evaluate, so a calibrated policy does live what it did here. The
 threshold and the review band are fitted on the scores of the rule written out (for
 logistic fusion: the model refitted on every image), so the written policy, replayed on
@@ -24,8 +24,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from worker.aggregator import category_scores
-from worker.policy import CATEGORIES, CategoryPolicy, Policy
+from modgate.policy import CATEGORIES, CategoryPolicy, Policy
+from worker.judge.aggregator import category_scores
 from worker.quality.labels import Joined
 from worker.quality.replay import evidence_values, score_table
 

@@ -1,5 +1,5 @@
 """``modgate eval``: labelled images → verdicts (stored ones, or a scan through
-``worker.scan`` like ``modgate scan``) → metrics under a policy → report files."""
+``worker.tools.scan`` like ``modgate scan``) → metrics under a policy → report files."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from worker.policy import Policy
+from modgate.policy import Policy
+from modgate.verdict import Source, Verdict
 from worker.quality.labels import LabelSet, join
 from worker.quality.metrics import evaluate
 from worker.quality.report import write_report
-from worker.verdict import Source, Verdict
 
 
 def label_sources(labels: LabelSet) -> list[Source]:
@@ -31,7 +31,7 @@ def scan_labelled(
 ) -> Path:
     """Moderate every labelled image with ``modgate scan``'s code; verdicts go to ``output``
     (JSONL), so later runs can pass it as ``--verdicts`` and skip the models."""
-    from worker.scan import run_scan
+    from worker.tools.scan import run_scan
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w") as handle:

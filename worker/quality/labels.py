@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from worker.policy import CATEGORIES
-from worker.verdict import Verdict
+from modgate.policy import CATEGORIES
+from modgate.verdict import Verdict
 
 EXAMPLES = 5  # how many offending uris/names a report lists
 _RESERVED = {"uri", "split", "label", "category"}

@@ -23,7 +23,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from worker.policy import CATEGORIES, CategoryPolicy, Policy
+from modgate.policy import CATEGORIES, CategoryPolicy, Policy
 from worker.quality.labels import Joined
 from worker.quality.replay import check_policy, evidence_values, reaggregate, score_table
 

@@ -1,7 +1,7 @@
 """Stored verdicts under another policy, without running a model: ``modgate replay``.
 
 A verdict keeps every detector's frame-fused scores, so re-aggregating them with
-``worker.aggregator.assess`` gives exactly what a worker running the new policy would
+``worker.judge.aggregator.assess`` gives exactly what a worker running the new policy would
 say. Error verdicts pass through unchanged.
 """
 
@@ -18,10 +18,10 @@ from typing import Any, TextIO
 import numpy as np
 from pydantic import ValidationError
 
-from worker.aggregator import assess
-from worker.policy import CATEGORIES, CategoryPolicy, Policy, with_error_decision
+from modgate.policy import CATEGORIES, CategoryPolicy, Policy, with_error_decision
+from modgate.verdict import Verdict, verdict_id
+from worker.judge.aggregator import assess
 from worker.quality.labels import LabelsError
-from worker.verdict import Verdict, verdict_id
 
 OUTCOMES = ("safe", "review", "unsafe", "error")
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.aggregator import assess
-from worker.errors import ErrorCode
-from worker.policy import CATEGORIES, Policy, default_policy_dict
+from modgate.errors import ErrorCode
+from modgate.policy import CATEGORIES, Policy, default_policy_dict
+from modgate.verdict import DetectorResult, Source, Verdict, error_verdict, verdict_id
+from worker.judge.aggregator import assess
 from worker.quality.labels import Joined, LabelRow, LabelSet, join
-from worker.verdict import DetectorResult, Source, Verdict, error_verdict, verdict_id
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 names of the contract, and the signals that load models before consuming and drain on
 SIGTERM.
 
-``modgate worker`` runs it; ``celery -A worker.celery_app worker -Q modgate,modgate.webhooks``
+``modgate worker`` runs it; ``celery -A worker.service.celery_app worker -Q modgate,modgate.webhooks``
 works too (the ``app`` attribute is built on first access from the settings).
 
 Delivery guarantees, and how the settings relate (README "Delivery guarantees"):
@@ -35,9 +35,9 @@ from celery import Celery, signals
 from celery.exceptions import Reject
 from kombu.transport import redis as kombu_redis
 
-from worker.contract import MODERATE_QUEUE, MODERATE_TASK, WEBHOOK_QUEUE, WEBHOOK_TASK
-from worker.errors import ConfigError
-from worker.settings import Settings, load_settings
+from modgate.contract import MODERATE_QUEUE, MODERATE_TASK, WEBHOOK_QUEUE, WEBHOOK_TASK
+from modgate.errors import ConfigError
+from modgate.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: Any = None) -
     def moderate(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
         import kombu.exceptions
 
-        from worker.service import Requeue
+        from worker.service.service import Requeue
 
         try:
             return current_service().moderate(self.request.id, args, kwargs)
@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: Any = None) -
 
     @app.task(name=WEBHOOK_TASK, bind=True)
     def deliver_webhook(self: Any, *args: Any, **kwargs: Any) -> str:
-        from worker.service import Requeue
+        from worker.service.service import Requeue
 
         payload = args[0] if len(args) == 1 and not kwargs else kwargs
         try:
@@ -199,7 +199,7 @@ def resend_moderation(app: Celery) -> Any:
 
 @signals.setup_logging.connect
 def _setup_logging(loglevel: Any = logging.INFO, **_: Any) -> None:
-    from worker.logs import setup_logging
+    from worker.observe.logs import setup_logging
 
     settings = _app.modgate_settings if _app is not None else None  # type: ignore[attr-defined]
     level = (
@@ -212,7 +212,7 @@ def _setup_logging(loglevel: Any = logging.INFO, **_: Any) -> None:
 def _start_service(sender: str, instance: Any, **_: Any) -> None:
     """Before the first message is consumed: load models, start heartbeat and metrics."""
     global _service
-    from worker.service import Service
+    from worker.service.service import Service
 
     app = instance.app
     settings = getattr(app, "modgate_settings", None)
@@ -268,7 +268,7 @@ def _stop_service(sender: Any = None, **_: Any) -> None:
 
 
 def __getattr__(name: str) -> Any:
-    # `celery -A worker.celery_app` looks up `app`; build it lazily so importing this
+    # `celery -A worker.service.celery_app` looks up `app`; build it lazily so importing this
     # module (tests, `modgate worker`) does not read settings twice.
     global _app
     if name in ("app", "celery"):

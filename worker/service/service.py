@@ -23,17 +23,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker import actions, keys, metrics
-from worker.actions import ObjectActions, TransientActionError
-from worker.contract import MODERATE_QUEUE, Item, ModerateMessage, validate_message
-from worker.errors import ErrorCode
-from worker.fetch import is_transient
-from worker.health import Health
-from worker.policy import Policy, with_error_decision
-from worker.publisher import TRANSIENT, Published, ResultPublisher
-from worker.settings import Settings
-from worker.verdict import ErrorInfo, Source, Verdict, error_verdict
-from worker.webhooks import (
+from modgate import keys
+from modgate.contract import MODERATE_QUEUE, Item, ModerateMessage, validate_message
+from modgate.errors import ErrorCode
+from modgate.policy import Policy, with_error_decision
+from modgate.settings import Settings
+from modgate.verdict import ErrorInfo, Source, Verdict, error_verdict
+from worker.delivery import actions
+from worker.delivery.actions import ObjectActions, TransientActionError
+from worker.delivery.publisher import TRANSIENT, Published, ResultPublisher
+from worker.delivery.webhooks import (
     MAX_HOP_S,
     Delivery,
     Dispatcher,
@@ -43,6 +42,9 @@ from worker.webhooks import (
     strip_userinfo,
     unsigned_warning,
 )
+from worker.ingest.fetch import is_transient
+from worker.observe import metrics
+from worker.observe.health import Health
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ class Service:
 
     def start(self) -> None:
         """Load the models (if this process moderates), then report ready."""
-        from worker import health
+        from worker.observe import health
 
         metrics.watch_queues(self.redis, self.queues)
         if self.settings.worker.metrics_port:
@@ -122,7 +124,7 @@ class Service:
                 self.health, self.settings.worker.metrics_host, self.settings.worker.metrics_port
             )
         self.health.start()
-        from worker.contract import WEBHOOK_QUEUE
+        from modgate.contract import WEBHOOK_QUEUE
 
         unsigned = unsigned_warning(self.settings.webhook)
         if WEBHOOK_QUEUE in self.queues and unsigned is not None:

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from worker.decode import Frame
+    from modgate.settings import Settings
     from worker.detectors import LoadedDetectors
-    from worker.settings import Settings
+    from worker.ingest.decode import Frame
 
 RandomSize = Literal["full", "b32", "tiny"]
 
@@ -74,7 +74,7 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 def jpeg_mix(out: Path, count: int, megapixels: Sequence[float] = MIX_MP) -> list[Path]:
     """``count`` photo-like JPEGs (quality 88) cycling through ``megapixels``; generated
     once, deterministically, then reused from ``out``."""
-    from worker.samples import photo
+    from worker.tools.samples import photo
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -262,8 +262,8 @@ def prepare_inputs(frame: Frame, loaded: LoadedDetectors) -> dict[str, Any]:
 def decode_and_prepare(paths: Sequence[Path], settings: Settings, loaded: LoadedDetectors) -> Prepared:
     """Decode and preprocess every image once, on this thread, timing each with the process
     CPU clock (immune to other processes on the machine; libjpeg and PIL use one core)."""
-    from worker.decode import decode_image
-    from worker.errors import ConfigError, ModerationError
+    from modgate.errors import ConfigError, ModerationError
+    from worker.ingest.decode import decode_image
 
     draft_side = loaded.draft_side(settings.decode.draft_always)
     out = Prepared()
@@ -429,8 +429,8 @@ def end_to_end(
     verdicts in a window would be off by up to a batch)."""
     import threading
 
+    from modgate.verdict import Source
     from worker.pipeline import Pipeline
-    from worker.verdict import Source
 
     stop = threading.Event()
 
@@ -722,7 +722,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 def jpeg_bytes(width: int, height: int, seed: int, quality: int = 85) -> bytes:
     """One photo-like JPEG in memory (queue benchmarks upload these)."""
-    from worker.samples import photo
+    from worker.tools.samples import photo
 
     buf = io.BytesIO()
     photo(width, height, seed).save(buf, "JPEG", quality=quality)

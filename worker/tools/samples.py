@@ -3,8 +3,8 @@ benchmark and the tests: photo-like JPEGs of 0.3–12 MP plus PNG and WebP, skin
 scenes that make the nudity detectors fire, and hostile files (truncated, zero-byte, not
 an image, decompression bomb, animated).
 
-    python -m worker.samples bench --out .cache/bench-images --count 48
-    python -m worker.samples demo --out .demo/images
+    python -m worker.tools.samples bench --out .cache/bench-images --count 48
+    python -m worker.tools.samples demo --out .demo/images
 """
 
 from __future__ import annotations

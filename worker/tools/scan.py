@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from worker.fetch import Fetcher
+from modgate.verdict import Source, Verdict
+from worker.ingest.fetch import Fetcher
 from worker.pipeline import Pipeline
-from worker.verdict import Source, Verdict
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Delivery: verdicts out — the results stream, signed webhooks, S3 actions."""

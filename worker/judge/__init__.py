@@ -1,0 +1,1 @@
+"""Judging: detector scores → category scores → a decision, under a policy."""

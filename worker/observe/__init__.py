@@ -1,0 +1,1 @@
+"""How an operator sees a process: health probes and heartbeats, Prometheus metrics, logs."""
