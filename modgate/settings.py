@@ -98,10 +98,10 @@ class DecodeSettings(BaseModel):
     draft: bool = True
     # Draft decoding stops at this multiple of the largest detector input. At 1× the
     # Open-NSFW score moves by up to 0.04 against a full decode (its JPEG re-encode
-    # amplifies resampling differences); at 2× it stays below 0.01 on photos (README).
+    # amplifies resampling differences); at 2× it stays below 0.01 on photos (docs/benchmarks.md).
     draft_factor: float = Field(2.0, ge=1.0)
     # Detectors that are not draft-tolerant (NudeNet) switch draft decoding off while they
-    # run, to stay exact. True trades that exactness for speed (deviation in the README).
+    # run, to stay exact. True trades that exactness for speed (deviation in docs/benchmarks.md).
     draft_always: bool = False
     workers: int = Field(2, ge=1)
     # Who decodes baseline JPEGs and preprocesses for the detectors: "pil" (decode
@@ -141,7 +141,7 @@ class InferenceSettings(BaseModel):
     """The split shape of a GPU node: one ``modgate serve-inference`` process per GPU owns
     the models and the CUDA context; several ``modgate worker`` (ingest) processes feed it,
     because one Python process cannot fetch and handle as many images per second as a
-    GPU infers (README, "Process shape on a GPU node")."""
+    GPU infers (docs/worker.md, "Process shape on a GPU node")."""
 
     # Unix socket of the inference process. On `modgate serve-inference`: where it
     # listens. On `modgate worker`: set = load no models, send every batch item there.
@@ -201,7 +201,7 @@ class DetectorSettings(BaseModel):
 
 
 class WorkerSettings(BaseModel):
-    """How ``modgate worker`` consumes: see README "Delivery guarantees" for how these relate."""
+    """How ``modgate worker`` consumes: see docs/worker.md "Delivery guarantees" for how these relate."""
 
     max_items: int = Field(DEFAULT_MAX_ITEMS, ge=1)
     # Messages in flight at once (threads). None = 2 × batch.max_batch, so single-key
@@ -277,7 +277,7 @@ class ResultsSettings(BaseModel):
 class WebhookSettings(BaseModel):
     # Signing secret when the tenant has none of its own. A ``whsec_<base64>`` secret's
     # Standard Webhooks key is the decoded base64; any other string's is its UTF-8 bytes
-    # (README "Webhooks"). ``Modgate-Signature`` always uses the string as given.
+    # (docs/webhooks.md). ``Modgate-Signature`` always uses the string as given.
     secret: SecretStr | None = None
     # Also active while a rotation is under way (the old or the new secret): every
     # delivery carries one signature per active secret, so receivers may hold either.

@@ -41,7 +41,7 @@ def _send_steadily(url: str, bucket: str, keys_: list[str], hook: str, done: thr
 
 
 def test_the_shipped_redis_fsyncs_every_write():
-    # The choice behind the kill -9 case (README "Delivery guarantees"): with everysec the
+    # The choice behind the kill -9 case (docs/worker.md "Delivery guarantees"): with everysec the
     # last second of acknowledged writes (queued messages, their outbox entries, stream
     # entries) can vanish, and the outbox lives in that same Redis, so nothing re-sends them.
     assert shipped_redis_persistence() == {"appendonly": True, "appendfsync": "always"}

@@ -1,4 +1,4 @@
-"""README "Devices and precision": what reduced precision promises, on every CPU kernel path.
+"""docs/devices.md, "Devices and precision": what reduced precision promises, on every CPU kernel path.
 
 The promise is about the CLIP backbone (the only part that runs under autocast): its
 embeddings stay within cosine 0.9999 and 1 % (relative to the largest component) of

@@ -84,3 +84,17 @@ def test_duplicates_in_one_round_and_a_trimmed_entry(redis_server):
     r.xdel(keys.VERDICT_STREAM, first_a.entry_id)  # trimmed by MAXLEN since
     gone = publisher.publish(a)
     assert gone.duplicate and gone.entry_id == first_a.entry_id and gone.body is None
+
+
+def test_the_readme_example_reads_published_verdicts(redis_server, capsys):
+    """README "Example": the reader a newcomer copies sees what the publisher wrote."""
+    import re
+    from pathlib import Path
+
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    ResultPublisher(r, ResultsSettings()).publish(ok_verdict())
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "xread" in s]
+    exec(snippet.replace("redis://127.0.0.1:6379/0", redis_server.url), {})
+    assert capsys.readouterr().out.split() == ["s3://b/k.jpg", "safe", "None"]

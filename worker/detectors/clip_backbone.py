@@ -72,7 +72,7 @@ def torch_device(settings: Settings) -> torch.device:
 
 def _autocast_dtype(settings: Settings, device: torch.device) -> torch.dtype | None:
     # Autocast on CUDA and on CPU alike (bf16 pays off on CPUs with AMX/AVX512-BF16);
-    # the deviation from fp32 is tested and documented in the README.
+    # the deviation from fp32 is tested and documented in docs/devices.md.
     if settings.runtime.precision == "fp32":
         return None
     return torch.float16 if settings.runtime.precision == "fp16" else torch.bfloat16

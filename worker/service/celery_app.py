@@ -5,7 +5,7 @@ SIGTERM.
 ``modgate worker`` runs it; ``celery -A worker.service.celery_app worker -Q modgate,modgate.webhooks``
 works too (the ``app`` attribute is built on first access from the settings).
 
-Delivery guarantees, and how the settings relate (README "Delivery guarantees"):
+Delivery guarantees, and how the settings relate (docs/worker.md "Delivery guarantees"):
 
 * ``task_acks_late``: a message is acknowledged when its task returns, i.e. after every
   verdict of the message is on the stream; a crash before that leaves it unacknowledged.
