@@ -20,6 +20,11 @@ key must hold at least ``MIN_SECRET_BYTES`` bytes: a shorter or empty one (an un
 environment variable) raises ``ValueError`` when signing or verifying, because with an
 empty key anyone can forge a valid signature. Verification never raises otherwise: a
 missing or malformed header is ``False``.
+
+Deliveries are at least once: a dispatcher that dies between the receiver's 2xx and its
+own record of it sends that event again, with the same event id and the same body.
+``claim_event`` / ``release_event`` make deduplicating one line for a receiver with a Redis
+(or anything with redis-py's ``set(name, value, nx=, ex=)`` and ``delete``).
 """
 
 from __future__ import annotations
@@ -30,8 +35,14 @@ import hashlib
 import hmac
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 SIGNATURE_HEADER = "Modgate-Signature"
+EVENT_HEADER = "Modgate-Event-Id"
+# Longer than the dispatcher's retry horizon (MODGATE_WEBHOOK__MAX_AGE_S, 24 h by default)
+# with room for a dead letter replayed within the week.
+EVENT_TTL_S = 7 * 24 * 3600
+EVENT_KEY_PREFIX = "modgate:received:"
 WHSEC_PREFIX = "whsec_"
 # 128 bits: HMAC-SHA256's security strength is the key's length up to 256 bits (NIST SP
 # 800-107r1 5.3.4), so shorter keys are the weak link. Standard Webhooks secrets decode
@@ -169,3 +180,29 @@ def verify_headers(
     if "webhook-signature" in lower:
         return verify_standard(secrets, body, lower, tolerance_s, now)
     return verify(secrets, body, lower.get(SIGNATURE_HEADER.lower()), tolerance_s, now)
+
+
+def event_id(headers: Mapping[str, str]) -> str | None:
+    """A delivery's event id: ``webhook-id`` (covered by the Standard Webhooks signature)
+    when present, else ``Modgate-Event-Id``; the same value on every copy of one event."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    return lower.get("webhook-id") or lower.get(EVENT_HEADER.lower()) or None
+
+
+def claim_event(store: Any, headers: Mapping[str, str], ttl_s: int = EVENT_TTL_S) -> bool:
+    """True the first time this event id is claimed, False for a copy already claimed:
+    ``SET <prefix><id> 1 NX EX ttl_s`` on ``store`` (a redis-py client). Verify the
+    signature first; answer 2xx to a copy without processing it again. If processing the
+    first copy fails, ``release_event`` so that the next retry is processed. An event
+    without an id is never a copy (True)."""
+    eid = event_id(headers)
+    if eid is None:
+        return True
+    return bool(store.set(EVENT_KEY_PREFIX + eid, 1, nx=True, ex=ttl_s))
+
+
+def release_event(store: Any, headers: Mapping[str, str]) -> None:
+    """Forget a claimed event (its processing failed): the dispatcher's retry will be taken."""
+    eid = event_id(headers)
+    if eid is not None:
+        store.delete(EVENT_KEY_PREFIX + eid)

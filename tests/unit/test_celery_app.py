@@ -137,3 +137,24 @@ def test_a_worker_that_stopped_on_an_error_exits_non_zero(monkeypatch):
     Worker.exitcode = None  # a normal (warm) stop
     celery_app._stop_service(sender=Worker())
     assert celery_app.exit_status() == 0
+
+
+def test_the_delivery_settings_the_manual_states():
+    """docs/worker.md "Delivery guarantees": late acks, prefetch 1, 2 × max_batch threads,
+    the visibility timeout and kombu's sweep every 5 s (not 100 s); a visibility timeout
+    that does not cover a message + 30 s is refused."""
+    from pydantic import ValidationError
+
+    settings = load_settings(redis={"url": "redis://127.0.0.1:1/0"})
+    app = celery_app.create_app(settings)
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_concurrency == 2 * settings.batch.max_batch
+    options = conf.broker_transport_options
+    assert options["visibility_timeout"] == settings.worker.visibility_timeout_s == 300
+    assert options["unacked_restore_interval"] * options["unacked_restore_throttle"] == 5.0
+    assert settings.worker.message_timeout_s == 240
+    with pytest.raises(ValidationError, match="visibility_timeout_s"):
+        load_settings(worker={"visibility_timeout_s": 100, "message_timeout_s": 80})
+    app.close()

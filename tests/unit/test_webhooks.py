@@ -649,3 +649,33 @@ def test_a_retry_keeps_its_delivery_pending_with_the_latest_payload(r):
     assert dispatcher.deliver(stored.model_copy(update={"not_before": 0.0})) == "delivered"
     assert r.zcard(keys.WEBHOOK_PENDING) == 0
     hook.stop()
+
+
+def test_a_copy_sent_after_a_lost_done_marker_is_the_same_event_and_claim_event_takes_it_once(r):
+    """At least once: a dispatcher that dies between the receiver's 2xx and its done marker
+    sends the event again. The copy carries the same event id and body, and a receiver
+    deduplicating with ``claim_event`` (on its own Redis) processes it once; a first copy
+    whose processing failed and was released lets the next copy through."""
+    from modgate.signing import claim_event, event_id, release_event, verify_headers
+
+    hook = WebhookReceiver()
+    dispatcher, _ = make(r)
+    delivery = Delivery.new("v-copy:1-0", hook.url, '{"id": "v-copy"}', tenant=None)
+    assert dispatcher.deliver(delivery) == "delivered"
+    r.delete(keys.delivered_marker(delivery.delivery_id))  # the process died before writing it
+    assert dispatcher.deliver(delivery) == "delivered"
+    first, copy = hook.requests
+    assert first["body"] == copy["body"] and event_id(first["headers"]) == event_id(copy["headers"])
+    assert event_id(first["headers"]) == first["headers"]["Modgate-Event-Id"] == "v-copy:1-0"
+
+    processed = []
+    for req in hook.requests:
+        verified = verify_headers("s3cr3t-s3cr3t-s3cr3t", req["body"], req["headers"])
+        if verified and claim_event(r, req["headers"]):
+            processed.append(req["body"])
+    assert processed == [first["body"]]
+    assert 0 < r.ttl("modgate:received:v-copy:1-0") <= 7 * 24 * 3600
+
+    release_event(r, first["headers"])  # processing of the first copy failed
+    assert claim_event(r, copy["headers"]) and not claim_event(r, copy["headers"])
+    assert claim_event(r, {}) and claim_event(r, {})  # no event id: never taken for a copy

@@ -39,15 +39,14 @@ from pydantic import BaseModel, Field, field_validator
 
 from modgate import keys
 from modgate.settings import WebhookSettings
-from modgate.signing import SIGNATURE_HEADER, sign, sign_standard, verify
+from modgate.signing import EVENT_HEADER, SIGNATURE_HEADER, sign, sign_standard, verify
 
 __all__ = ["SIGNATURE_HEADER", "sign", "sign_standard", "verify"]
 
 log = logging.getLogger(__name__)
 
-# -- the envelope (README "Webhooks" and `modgate schema` describe exactly this) ------------
+# -- the envelope (docs/webhooks.md and `modgate schema` describe exactly this) ------------
 
-EVENT_HEADER = "Modgate-Event-Id"
 VERDICT_HEADER = "Modgate-Verdict-Id"
 EVENT_TYPE_HEADER = "Modgate-Event-Type"
 DELIVERY_HEADER = "Modgate-Delivery-Attempt"
