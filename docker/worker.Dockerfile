@@ -13,7 +13,7 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE} AS build
 ARG EXTRAS=nudenet
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc g++ \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -131,6 +131,46 @@ class ResolvedErrorRule:
     review: bool
 
 
+BankAction = Literal["unsafe", "review", "safe"]
+
+
+class BankOverride(BaseModel):
+    """This policy's view of one bank: its action turned down or up, another category."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: BankAction | None = None
+    category: Category | None = None
+
+
+class BankPolicy(BaseModel):
+    """Which hash banks count under this policy and what their matches do. A bank's match
+    applies before, and above, detector evidence (unsafe > review > safe when several
+    match); banks change without a policy version, so matches are never cached."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "all": every bank the worker knows (in Redis, or given to `modgate scan --bank`).
+    use: Literal["all"] | list[str] = "all"
+    overrides: dict[str, BankOverride] = Field(default_factory=dict)
+    # A decisive match may skip the models: by default an unsafe match does (the detectors
+    # cannot make it safer), an allow-list match does not (their scores stay on record).
+    skip_models_on_match: dict[BankAction, bool] = Field(
+        default_factory=lambda: {"unsafe": True, "review": False, "safe": False}
+    )
+
+    def uses(self, bank: str) -> bool:
+        return self.use == "all" or bank in self.use
+
+    def resolve(self, bank: str, action: str, category: str | None) -> tuple[str, str | None]:
+        """The action and category of a match in ``bank`` under this policy."""
+        override = self.overrides.get(bank) or BankOverride()
+        return override.action or action, override.category or category
+
+    def skips_models(self, action: str) -> bool:
+        return bool(self.skip_models_on_match.get(action, False))  # type: ignore[call-overload]
+
+
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -140,6 +180,8 @@ class Policy(BaseModel):
     # Error verdicts by code (or ``all``): an error must never leave an object looking
     # moderated, so by default its object is tagged.
     errors: dict[str, ErrorRule] = Field(default_factory=dict)
+    # Hash banks (additive): which count, and what a match does.
+    banks: BankPolicy = Field(default_factory=BankPolicy)
 
     @field_validator("errors")
     @classmethod

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from modgate.errors import ErrorCode
 
 SCHEMA_VERSION = "1"
+# The additions within v1 (new optional fields only: every v1 reader still reads a verdict):
+# 1.1 added ``hashes``, ``matches`` and ``cached_from``.
+SCHEMA_REVISION = "1.1"
 
 Decision = Literal["safe", "review", "unsafe"]
 
@@ -86,6 +89,27 @@ class ImageInfo(BaseModel):
     frame_count: int
 
 
+class Hashes(BaseModel):
+    """Hashes of the image, as hash lists share them (the SHA-256 of the bytes is ``source.sha256``)."""
+
+    pdq: str | None = Field(
+        None, description="PDQ of the first frame: 64 lowercase hex digits, as ThreatExchange writes it"
+    )
+    pdq_quality: int | None = Field(None, description="PDQ quality 0-100; below 50 the hash is not matched")
+    md5: str | None = Field(None, description="MD5 of the original bytes, hex")
+
+
+class BankMatch(BaseModel):
+    """A hash of this image found in a hash bank."""
+
+    bank: str
+    kind: Literal["pdq", "md5", "sha256"]
+    hash: str = Field(description="the bank's hash that matched")
+    distance: int = Field(description="Hamming distance for PDQ; 0 for exact kinds")
+    category: str | None = None
+    action: Literal["unsafe", "review", "safe"]
+
+
 class Verdict(BaseModel):
     """One image, one verdict. ``status=error`` verdicts have ``decision=null``, or
     ``review`` where the policy's ``errors`` rule for their code says ``review: true``."""
@@ -122,6 +146,20 @@ class Verdict(BaseModel):
         'rules), or {"skip": "<code>: why"} when there is no object of ours to act on; '
         "they run after the verdict is on the stream. What they did is recorded by verdict id "
         "(worker.delivery.actions.outcome), not in the verdict.",
+    )
+    # Added in schema v1.1 (additive).
+    hashes: Hashes | None = Field(
+        None, description="Added in schema v1.1 (additive). PDQ and MD5 of the image."
+    )
+    matches: list[BankMatch] = Field(
+        default_factory=list,
+        description="Added in schema v1.1 (additive). Hash-bank matches; a bank's action applies before "
+        "detector evidence (the drivers of a flagged category name the bank as `bank:<name>`).",
+    )
+    cached_from: str | None = Field(
+        None,
+        description="Added in schema v1.1 (additive). The verdict id whose detector scores this verdict "
+        "reuses: the same bytes under the same policy, detectors and decode settings.",
     )
     policy_version: str
     request_id: str | None = None

@@ -893,10 +893,12 @@ def calibrate_(
 def schema() -> None:
     """Print the JSON Schema of the verdict (v1), with the webhook envelope (headers, event
     types, body) under ``x-modgate-webhook``."""
-    from modgate.verdict import Verdict
+    from modgate.verdict import SCHEMA_REVISION, Verdict
     from worker.delivery.webhooks import ENVELOPE
 
     document = Verdict.model_json_schema()
+    revision = f"Schema v1, revision {SCHEMA_REVISION}."
+    document["description"] = f"{document.get('description', '')} {revision}".strip()
     document["x-modgate-webhook"] = ENVELOPE
     typer.echo(json.dumps(document, indent=2))
 

@@ -18,13 +18,22 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from modgate.errors import ErrorCode, ModerationError
 from modgate.policy import Policy, with_error_decision
 from modgate.settings import Settings
-from modgate.verdict import DetectorResult, ImageInfo, Source, Verdict, error_verdict, verdict_id
+from modgate.verdict import (
+    BankMatch,
+    DetectorResult,
+    Hashes,
+    ImageInfo,
+    Source,
+    Verdict,
+    error_verdict,
+    verdict_id,
+)
 from worker.detectors import LoadedDetectors, load_detectors
 from worker.device.engine import (
     CLIP,
@@ -38,8 +47,16 @@ from worker.device.engine import (
 from worker.ingest.decode import DecodedImage, Frame, decode_image
 from worker.ingest.decode_pool import DecodeProcesses, Preparers
 from worker.ingest.fetch import Fetched, Fetcher
+from worker.ingest.hashing import PDQ_KEY, ImageHashes, exact_hashes, frame_pdq, with_pdq
 from worker.ingest.probe import probe
-from worker.judge.aggregator import MissingScoresError, assess, fuse_frames
+from worker.judge.aggregator import (
+    MissingScoresError,
+    apply_matches,
+    assess,
+    decisive,
+    fuse_frames,
+    resolve_matches,
+)
 from worker.runtime import configure_threads
 
 log = logging.getLogger(__name__)
@@ -124,6 +141,13 @@ class _Job:
     future: Future[Verdict] = field(default_factory=Future)
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
+    hashes: ImageHashes | None = None
+    matches: list[BankMatch] = field(default_factory=list)
+
+    def hashes_block(self) -> Hashes | None:
+        if self.hashes is None:
+            return None
+        return Hashes(pdq=self.hashes.pdq, pdq_quality=self.hashes.pdq_quality, md5=self.hashes.md5)
 
 
 def _ms(seconds: float) -> float:
@@ -148,8 +172,12 @@ class Pipeline:
         fetcher: Fetcher | None = None,
         on_batch: Callable[[int], None] | None = None,
         engine: Engine | None = None,
+        banks: Callable[[], Any] | None = None,
     ) -> None:
         self.settings = settings
+        # The hash banks as they stand now (a BankSet, kept in step with Redis by a BankSync
+        # in the service; fixed for a `modgate scan --bank` run), or None.
+        self._banks = banks
         # Size native thread pools before any pool starts (decode threads vs OpenCV/torch).
         configure_threads(settings.runtime)
         self.engine: Engine = engine if engine is not None else _engine_for(settings, detectors, on_batch)
@@ -265,6 +293,19 @@ class Pipeline:
         finally:
             job.timings["fetch_ms"] = _ms(time.perf_counter() - t)
         job.source = fetched.source
+        t = time.perf_counter()
+        md5, sha256 = exact_hashes(fetched.data)
+        job.hashes = ImageHashes(md5, sha256)
+        if job.source.sha256 is None:
+            job.source = job.source.model_copy(update={"sha256": sha256})
+        banks = self._banks() if self._banks is not None else None
+        if banks is not None:
+            # Before any decoder sees the bytes: a known file needs no decode and no model.
+            job.matches = resolve_matches(banks.match_exact(md5, sha256), job.policy)
+        job.timings["hash_ms"] = _ms(time.perf_counter() - t)
+        if decisive(job.matches, job.policy, final=False):
+            self._judge_by_banks(job, None)
+            return
         size = len(fetched.data)
         if not self._buffered.acquire(size, job.cancel):
             self._cancelled(job)
@@ -288,7 +329,47 @@ class Pipeline:
 
     def _decode_stage(self, job: _Job, fetched: Fetched) -> None:
         decoded, prepared = self._decode_and_prepare(job, fetched.data)
+        if self._match_pdq(job):
+            self._judge_by_banks(job, decoded)
+            return
         self._submit_frames(job, decoded, prepared)
+
+    def _match_pdq(self, job: _Job) -> bool:
+        """The PDQ banks on this image's frames; True when a match makes the models moot."""
+        banks = self._banks() if self._banks is not None else None
+        if banks is None or job.hashes is None or not job.hashes.frame_pdqs:
+            return False
+        job.matches = [*job.matches, *resolve_matches(banks.match_pdq(job.hashes.frame_pdqs), job.policy)]
+        return decisive(job.matches, job.policy)
+
+    def _judge_by_banks(self, job: _Job, decoded: DecodedImage | None) -> None:
+        """A verdict from the banks' matches alone: the models were skipped."""
+        assessment = apply_matches(None, job.matches)
+        image = None
+        if decoded is not None:
+            image = ImageInfo(
+                format=decoded.format,
+                width=decoded.width,
+                height=decoded.height,
+                frame_count=decoded.frame_count,
+            )
+        job.timings["total_ms"] = _ms(time.perf_counter() - job.started)
+        job.future.set_result(
+            Verdict(
+                id=verdict_id(job.source, job.policy.version),
+                source=job.source,
+                status="ok",
+                decision=assessment.decision,
+                primary_category=assessment.primary_category,
+                categories=assessment.categories,
+                image=image,
+                timings_ms=job.timings,
+                policy_version=job.policy.version,
+                request_id=job.request_id,
+                hashes=job.hashes_block(),
+                matches=job.matches,
+            )
+        )
 
     def _submit_frames(self, job: _Job, decoded: DecodedImage, prepared: list[PreparedFrame]) -> None:
         futures = [self.engine.submit_frame(item) for item in prepared]
@@ -325,11 +406,18 @@ class Pipeline:
         if isinstance(outcome, NotDecoded):
             self._cancelled(job)
             return
-        self._guard(job, self._tensor_frames, job, outcome)
+        self._guard(job, self._tensor_frames, job, outcome, fetched.data)
 
-    def _tensor_frames(self, job: _Job, outcome: Any) -> None:
+    def _tensor_frames(self, job: _Job, outcome: Any, data: bytes) -> None:
         if isinstance(outcome, ModerationError):
             raise outcome  # the shared decode budget refused it: its error verdict
+        # The frame stayed on the device: PDQ from a draft decode on the host (a JPEG's DCT
+        # scaling makes it a fraction of a full decode). The models have run already, so a
+        # match only joins the verdict.
+        t = time.perf_counter()
+        job.hashes = with_pdq(job.hashes or ImageHashes(*exact_hashes(data)), [_host_pdq_frame(data)])
+        self._match_pdq(job)
+        job.timings["hash_ms"] = _ms(job.timings.get("hash_ms", 0.0) / 1000.0 + time.perf_counter() - t)
         job.timings["decode_ms"] = _ms(outcome.decode_s)
         job.timings["prepare_ms"] = _ms(outcome.prepare_s)
         decoded = DecodedImage([], outcome.format, outcome.width, outcome.height, outcome.frame_count)
@@ -350,6 +438,10 @@ class Pipeline:
             finally:
                 job.timings["decode_ms"] = _ms(time.perf_counter() - t)
             t = time.perf_counter()
+            if job.hashes is not None:
+                job.hashes = with_pdq(job.hashes, [frame.image for frame in decoded.frames])
+            job.timings["hash_ms"] = job.timings.get("hash_ms", 0.0) + _ms(time.perf_counter() - t)
+            t = time.perf_counter()
             prepared = [PreparedFrame(None, self._prepare(frame)) for frame in decoded.frames]
             job.timings["prepare_ms"] = _ms(time.perf_counter() - t)
             # Every input is prepared: the full-size frames go now rather than wait for the
@@ -365,6 +457,10 @@ class Pipeline:
         job.timings["decode_ms"] = _ms(max(0.0, time.perf_counter() - t - out.prepare_s))
         t = time.perf_counter()
         prepared = []
+        pdqs = tuple(item.inputs.pop(PDQ_KEY) for item in out.frames if PDQ_KEY in item.inputs)
+        if job.hashes is not None and pdqs:
+            first, quality = pdqs[0]
+            job.hashes = replace(job.hashes, pdq=first, pdq_quality=quality, frame_pdqs=pdqs)
         for item in out.frames:
             inputs = item.inputs
             if self._parent_keys and item.frame is not None:
@@ -396,6 +492,7 @@ class Pipeline:
                 parent.append(key)
             else:
                 preparers[key] = fn
+        preparers[PDQ_KEY] = frame_pdq  # hashed where the frame is: in the decode process
         return preparers, parent
 
     def _prepare(self, frame: Frame, keys: Sequence[str] | None = None) -> dict[str, Any]:
@@ -419,9 +516,7 @@ class Pipeline:
                 detectors[det.id] = DetectorResult(
                     model=det.model, revision=det.revision, scores=fused.scores, details=fused.details
                 )
-        image = ImageInfo(
-            format=decoded.format, width=decoded.width, height=decoded.height, frame_count=decoded.frame_count
-        )
+        image = _image_info(decoded)
         if failures:
             message = "; ".join(f"{d}: {m}" for d, m in sorted(failures.items()))
             self._fail(
@@ -443,6 +538,7 @@ class Pipeline:
                 image=image,
             )
             return
+        assessment = apply_matches(assessment, job.matches)
         job.timings["aggregate_ms"] = _ms(time.perf_counter() - t)
         job.timings["total_ms"] = _ms(time.perf_counter() - job.started)
         job.future.set_result(
@@ -459,6 +555,8 @@ class Pipeline:
                 timings_ms=job.timings,
                 policy_version=job.policy.version,
                 request_id=job.request_id,
+                hashes=job.hashes_block(),
+                matches=job.matches,
             )
         )
 
@@ -473,6 +571,26 @@ class Pipeline:
             message,
             timings_ms=job.timings,
             request_id=job.request_id,
+            hashes=job.hashes_block(),
+            matches=job.matches,
             **extra,
         )
         job.future.set_result(with_error_decision(verdict, job.policy))
+
+
+def _host_pdq_frame(data: bytes) -> Any:
+    """The first frame of a JPEG the tensor path decoded on the device, decoded again on
+    the host in draft mode (to about 512 px, EXIF-oriented) for its PDQ hash."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (512, 512))
+        return ImageOps.exif_transpose(im.convert("RGB"))
+
+
+def _image_info(decoded: DecodedImage) -> ImageInfo:
+    return ImageInfo(
+        format=decoded.format, width=decoded.width, height=decoded.height, frame_count=decoded.frame_count
+    )

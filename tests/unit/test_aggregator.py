@@ -200,3 +200,58 @@ def test_a_loaded_detector_without_scores_is_an_error_not_a_zero():
     # A loaded detector that no evidence uses may stay silent.
     unused = policy(categories={"sexual": {"evidence": [{"detector": "open_nsfw", "score": "nsfw"}]}})
     assert assess({"open_nsfw": {"nsfw": 0.1}}, unused, loaded={"open_nsfw", "nudenet"}).decision == "safe"
+
+
+def _match(action, category="illegal_activity", bank="b1", kind="sha256"):
+    from modgate.verdict import BankMatch
+
+    return BankMatch(bank=bank, kind=kind, hash="ab" * 32, distance=0, category=category, action=action)
+
+
+def _assessed(**scores):
+    from worker.judge.aggregator import assess
+
+    return assess({"open_nsfw": {"nsfw": scores.get("nsfw", 0.0), "sfw": 1.0}}, policy(), {"open_nsfw"})
+
+
+def test_an_unsafe_bank_match_flags_its_category_above_the_detectors():
+    from worker.judge.aggregator import apply_matches
+
+    got = apply_matches(_assessed(nsfw=0.01), [_match("unsafe")])
+    assert got.decision == "unsafe" and got.primary_category == "illegal_activity"
+    cat = got.categories["illegal_activity"]
+    assert cat.flagged and cat.covered and cat.drivers == ["bank:b1"]
+    assert got.categories["sexual"].score == pytest.approx(0.01)  # the detectors' scores stay
+    skipped = apply_matches(None, [_match("unsafe")])  # the models were skipped
+    assert skipped.decision == "unsafe" and skipped.categories["sexual"].covered is False
+
+
+def test_review_and_safe_matches_never_weaken_a_stronger_finding():
+    from worker.judge.aggregator import apply_matches
+
+    unsafe = _assessed(nsfw=0.99)
+    assert unsafe.decision == "unsafe"
+    assert apply_matches(unsafe, [_match("review")]).decision == "unsafe"
+    assert apply_matches(unsafe, [_match("safe")]).decision == "safe"  # an allow-list overturns
+    assert apply_matches(unsafe, [_match("safe"), _match("unsafe", bank="b2")]).decision == "unsafe"
+    assert apply_matches(unsafe, [_match("safe"), _match("review", bank="b2")]).decision == "unsafe"
+    review = apply_matches(_assessed(nsfw=0.0), [_match("review", category="violence")])
+    assert review.decision == "review" and review.primary_category == "violence"
+    assert review.categories["violence"].review and not review.categories["violence"].flagged
+    safe = apply_matches(unsafe, [_match("safe")])
+    assert safe.primary_category is None and not any(c.flagged or c.review for c in safe.categories.values())
+    with pytest.raises(ValueError):
+        apply_matches(None, [])
+
+
+def test_the_policy_resolves_bank_actions_and_which_banks_count():
+    p = Policy.model_validate(
+        deep_merge(
+            default_policy_dict(), {"banks": {"use": ["b1"], "overrides": {"b1": {"action": "review"}}}}
+        )
+    )
+    assert p.banks.uses("b1") and not p.banks.uses("b2")
+    assert p.banks.resolve("b1", "unsafe", "illegal_activity") == ("review", "illegal_activity")
+    assert p.banks.skips_models("unsafe") and not p.banks.skips_models("safe")
+    with pytest.raises(ValueError):
+        Policy.model_validate(deep_merge(default_policy_dict(), {"banks": {"overides": {}}}))

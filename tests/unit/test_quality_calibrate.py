@@ -117,3 +117,12 @@ def test_written_logistic_policy_meets_target_and_review_recall_on_its_fitting_d
     fit = result.fits["sexual"]
     assert 0.9 <= fit.cv["review_recall"] <= 1.0  # the held-out estimate, stated beside it
     assert "hold on these verdicts by construction" in result.header()
+
+
+def test_calibrate_carries_the_policys_bank_settings_through(halves):
+    train, _ = halves
+    banks = {"use": ["known-bad"], "overrides": {"known-bad": {"action": "review"}}}
+    policy = base().model_copy(update={"banks": base().banks.model_validate(banks)})
+    result = calibrate(train, policy, Target("f1"), "max")
+    assert result.policy.banks == policy.banks
+    assert yaml.safe_load(result.yaml())["banks"]["use"] == ["known-bad"]

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from modgate.policy import CATEGORIES, CategoryPolicy, Policy
-from modgate.verdict import CategoryResult, Decision
+from modgate.verdict import BankMatch, CategoryResult, Decision
 from worker.detectors.base import DetectorOutput
 
 
@@ -162,3 +163,81 @@ def assess(scores: dict[str, dict[str, float]], policy: Policy, loaded: Collecti
     else:
         decision, primary = "safe", None
     return Assessment(decision=decision, primary_category=primary, categories=categories)
+
+
+_BANK_RANK = {"safe": 0, "review": 1, "unsafe": 2}
+
+
+def resolve_matches(found: Iterable[Any], policy: Policy) -> list[BankMatch]:
+    """What raw hash-bank matches (``bank``, ``kind``, ``hash``, ``distance``, ``category``,
+    ``action``, optional ``allow_pdq``) mean under ``policy``: banks it does not use are
+    dropped, its overrides applied. A near (PDQ) match never allow-lists an image unless its
+    bank says ``allow_pdq``: crafted PDQ collisions are published, exact hashes are not."""
+    out: list[BankMatch] = []
+    for m in found:
+        if not policy.banks.uses(m.bank):
+            continue
+        action, category = policy.banks.resolve(m.bank, m.action, m.category)
+        if action == "safe" and m.kind == "pdq" and not getattr(m, "allow_pdq", False):
+            continue
+        out.append(
+            BankMatch(
+                bank=m.bank, kind=m.kind, hash=m.hash, distance=m.distance, category=category, action=action
+            )
+        )
+    return out
+
+
+def decisive(matches: Sequence[BankMatch], policy: Policy, final: bool = True) -> bool:
+    """True when the strongest match makes running the models pointless under ``policy``
+    (``banks.skip_models_on_match``). Before the PDQ stage (``final=False``) only an unsafe
+    match can be: a weaker one could still be outranked by a PDQ match after decode."""
+    if not matches:
+        return False
+    top = max(matches, key=lambda m: _BANK_RANK[m.action])
+    return (final or top.action == "unsafe") and policy.banks.skips_models(top.action)
+
+
+def apply_matches(assessment: Assessment | None, matches: Sequence[BankMatch]) -> Assessment:
+    """Hash-bank matches over the detectors' assessment (None when a decisive match skipped
+    the models). The strongest action wins and no match weakens another or the detectors:
+    ``unsafe`` flags its category (its drivers name ``bank:<name>``) and makes the verdict
+    unsafe; ``review`` makes a verdict that is not unsafe ``review``; ``safe`` (an
+    allow-list) makes it safe only when no ``unsafe`` or ``review`` bank matched.
+    ``matches`` carry the action and category the policy resolved for them."""
+    if not matches:
+        if assessment is None:
+            raise ValueError("no assessment and no bank match to judge by")
+        return assessment
+    categories = (
+        dict(assessment.categories)
+        if assessment is not None
+        else {name: CategoryResult(score=None, flagged=False, covered=False) for name in CATEGORIES}
+    )
+    top = max(_BANK_RANK[m.action] for m in matches)
+    if top == _BANK_RANK["safe"]:
+        cleared = {n: c.model_copy(update={"flagged": False, "review": False}) for n, c in categories.items()}
+        return Assessment(decision="safe", primary_category=None, categories=cleared)
+    banked: list[str] = []
+    for match in sorted(matches, key=lambda m: -_BANK_RANK[m.action]):
+        if _BANK_RANK[match.action] != top or match.category not in categories:
+            continue
+        old = categories[match.category]
+        flagged = old.flagged or match.action == "unsafe"
+        driver = f"bank:{match.bank}"
+        categories[match.category] = old.model_copy(
+            update={
+                "flagged": flagged,
+                "review": not flagged,
+                "covered": True,
+                "drivers": [driver, *(d for d in old.drivers if d != driver)],
+            }
+        )
+        banked.append(match.category)
+    if top == _BANK_RANK["unsafe"]:
+        primary = banked[0] if banked else assessment.primary_category if assessment else None
+        return Assessment(decision="unsafe", primary_category=primary, categories=categories)
+    if assessment is not None and assessment.decision == "unsafe":
+        return Assessment("unsafe", assessment.primary_category, categories)
+    primary = banked[0] if banked else assessment.primary_category if assessment else None
+    return Assessment(decision="review", primary_category=primary, categories=categories)
