@@ -86,3 +86,13 @@ def action_outcome(verdict_id: str) -> str:
     """What the policy's S3 actions did for one verdict (JSON), written after they ran;
     until it exists every copy of the message runs them again."""
     return f"{PREFIX}:actions:{verdict_id}"
+
+
+# The score cache: detector scores by (bytes, policy, detectors, decode settings), with a
+# sorted set of entries by insertion time that bounds their number.
+SCORE_CACHE_INDEX = f"{PREFIX}:cache:index"
+
+
+def score_cache(digest: str) -> str:
+    """One cached entry (JSON), expiring after ``cache.ttl_s``."""
+    return f"{PREFIX}:cache:{digest}"

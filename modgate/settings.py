@@ -274,6 +274,17 @@ class ResultsSettings(BaseModel):
     transient_dedup_ttl_s: int = Field(600, ge=1)
 
 
+class CacheSettings(BaseModel):
+    """The score cache: the same bytes judged again under the same policy, detectors and
+    decode settings reuse the first run's detector scores (never its bank matches)."""
+
+    enabled: bool = True
+    # Entries expire after ttl_s, and the oldest go once there are more than max_entries
+    # (in Redis for the worker, in memory for `modgate scan`).
+    ttl_s: int = Field(24 * 3600, ge=1)
+    max_entries: int = Field(200_000, ge=1)
+
+
 class WebhookSettings(BaseModel):
     # Signing secret when the tenant has none of its own. A ``whsec_<base64>`` secret's
     # Standard Webhooks key is the decoded base64; any other string's is its UTF-8 bytes
@@ -444,6 +455,7 @@ class Settings(BaseSettings):
     detectors: DetectorSettings = Field(default_factory=DetectorSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)

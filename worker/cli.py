@@ -141,8 +141,7 @@ def scan(
 
     from modgate.errors import ConfigError
     from worker.ingest.fetch import TargetError
-    from worker.pipeline import Pipeline
-    from worker.tools.scan import run_scan
+    from worker.tools.scan import run_scan, scan_pipeline
 
     console = Console(stderr=True)
     worst = {"safe": 0, "review": 1, "unsafe": 2}
@@ -155,7 +154,7 @@ def scan(
             seen["worst"] = max(seen["worst"], worst[verdict.decision])
 
     try:
-        pipeline = Pipeline(settings)
+        pipeline = scan_pipeline(settings)
     except ConfigError as exc:
         console.print(f"[red]modgate: {exc}[/red]")
         raise typer.Exit(EXIT_INFRA) from None
@@ -698,12 +697,12 @@ def _scan_labelled(settings: Any, label_set: Any, output: Path, progress: bool) 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from modgate.errors import ConfigError
-    from worker.pipeline import Pipeline
     from worker.quality.evaluate import scan_labelled
+    from worker.tools.scan import scan_pipeline
 
     console = Console(stderr=True)
     try:
-        pipeline = Pipeline(settings)
+        pipeline = scan_pipeline(settings)
     except ConfigError as exc:
         console.print(f"[red]modgate: {exc}[/red]")
         raise typer.Exit(EXIT_INFRA) from None

@@ -57,6 +57,8 @@ from worker.judge.aggregator import (
     fuse_frames,
     resolve_matches,
 )
+from worker.judge.score_cache import CachedScores, ScoreCache, cache_key
+from worker.observe import metrics
 from worker.runtime import configure_threads
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,7 @@ class _Job:
     timings: dict[str, float] = field(default_factory=dict)
     hashes: ImageHashes | None = None
     matches: list[BankMatch] = field(default_factory=list)
+    cache_key: str | None = None
 
     def hashes_block(self) -> Hashes | None:
         if self.hashes is None:
@@ -173,11 +176,13 @@ class Pipeline:
         on_batch: Callable[[int], None] | None = None,
         engine: Engine | None = None,
         banks: Callable[[], Any] | None = None,
+        cache: ScoreCache | None = None,
     ) -> None:
         self.settings = settings
         # The hash banks as they stand now (a BankSet, kept in step with Redis by a BankSync
         # in the service; fixed for a `modgate scan --bank` run), or None.
         self._banks = banks
+        self._cache = cache
         # Size native thread pools before any pool starts (decode threads vs OpenCV/torch).
         configure_threads(settings.runtime)
         self.engine: Engine = engine if engine is not None else _engine_for(settings, detectors, on_batch)
@@ -186,7 +191,13 @@ class Pipeline:
         self.fetcher = fetcher if fetcher is not None else Fetcher(settings.s3)
         self.policy = settings.policy
         self._loaded_ids = {d.id for d in self.detectors.detectors}
+        # What scores depend on besides the bytes and the policy: the score cache's key.
+        self._detector_sig = ";".join(
+            sorted(f"{d.id}:{d.model}:{d.revision}" for d in self.detectors.detectors)
+        )
         self._draft_side = self.detectors.draft_side(settings.decode.draft_always)
+        tensor = getattr(self.engine, "tensor", False)
+        self._decode_sig = f"{settings.decode.model_dump_json()}|tensor={tensor}|draft={self._draft_side}"
         self._fetch_pool = ThreadPoolExecutor(settings.s3.max_concurrency, thread_name_prefix="modgate-fetch")
         self._decode_pool = ThreadPoolExecutor(settings.decode.workers, thread_name_prefix="modgate-decode")
         self._decode_procs: DecodeProcesses | None = None
@@ -305,6 +316,8 @@ class Pipeline:
         job.timings["hash_ms"] = _ms(time.perf_counter() - t)
         if decisive(job.matches, job.policy, final=False):
             self._judge_by_banks(job, None)
+            return
+        if self._cached(job):
             return
         size = len(fetched.data)
         if not self._buffered.acquire(size, job.cancel):
@@ -526,6 +539,20 @@ class Pipeline:
         # A frame a detector skipped must not count as a 0.0 frame: its scores are left out,
         # and the aggregator refuses the image if the policy uses that detector.
         scored = {k: v.scores for k, v in detectors.items() if k not in silent}
+        if self._judge(job, detectors, scored, image, len(results), t) and not silent:
+            self._remember(job, detectors, image, len(results))
+
+    def _judge(
+        self,
+        job: _Job,
+        detectors: dict[str, DetectorResult],
+        scored: dict[str, dict[str, float]],
+        image: ImageInfo,
+        frames: int,
+        t: float,
+        cached_from: str | None = None,
+    ) -> bool:
+        """Scores (and bank matches) → the job's verdict; False when it became an error."""
         try:
             assessment = assess(scored, job.policy, self._loaded_ids)
         except MissingScoresError as exc:
@@ -534,10 +561,10 @@ class Pipeline:
                 ErrorCode.DETECTOR_FAILED,
                 str(exc),
                 detectors=detectors,
-                frames=len(results),
+                frames=frames,
                 image=image,
             )
-            return
+            return False
         assessment = apply_matches(assessment, job.matches)
         job.timings["aggregate_ms"] = _ms(time.perf_counter() - t)
         job.timings["total_ms"] = _ms(time.perf_counter() - job.started)
@@ -551,14 +578,47 @@ class Pipeline:
                 categories=assessment.categories,
                 detectors=detectors,
                 image=image,
-                frames=len(results),
+                frames=frames,
                 timings_ms=job.timings,
                 policy_version=job.policy.version,
                 request_id=job.request_id,
                 hashes=job.hashes_block(),
                 matches=job.matches,
+                cached_from=cached_from,
             )
         )
+        return True
+
+    # -- the score cache ----------------------------------------------------------------
+
+    def _cached(self, job: _Job) -> bool:
+        """A repeat of bytes already scored: its verdict from the cached scores. True if so."""
+        if self._cache is None or job.hashes is None:
+            return False
+        job.cache_key = cache_key(job.hashes.sha256, job.policy.version, self._detector_sig, self._decode_sig)
+        hit = self._cache.get(job.cache_key)
+        metrics.SCORE_CACHE.labels("hit" if hit is not None else "miss").inc()
+        if hit is None:
+            return False
+        t = time.perf_counter()
+        if hit.frame_pdqs:
+            first, quality = hit.frame_pdqs[0]
+            job.hashes = replace(job.hashes, pdq=first, pdq_quality=quality, frame_pdqs=hit.frame_pdqs)
+            self._match_pdq(job)  # banks as they stand now: matches are never cached
+        scored = {k: v.scores for k, v in hit.detectors.items()}
+        self._judge(job, dict(hit.detectors), scored, hit.image, hit.frames, t, cached_from=hit.verdict_id)
+        return True
+
+    def _remember(
+        self, job: _Job, detectors: dict[str, DetectorResult], image: ImageInfo, frames: int
+    ) -> None:
+        if self._cache is None or job.cache_key is None or job.hashes is None:
+            return
+        entry = CachedScores(
+            verdict_id(job.source, job.policy.version), detectors, image, frames, job.hashes.frame_pdqs
+        )
+        self._cache.put(job.cache_key, entry)
+        metrics.SCORE_CACHE.labels("stored").inc()
 
     def _fail(self, job: _Job, code: ErrorCode, message: str, **extra: object) -> None:
         if job.future.done():

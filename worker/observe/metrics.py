@@ -21,6 +21,9 @@ PUBLISHED = Counter(
     "modgate_published_total", "Stream publications, by result (new or duplicate).", ["result"]
 )
 MESSAGES = Counter("modgate_messages_total", "Queue messages handled, by outcome.", ["outcome"])
+SCORE_CACHE = Counter(
+    "modgate_score_cache_total", "Score cache lookups (hit, miss) and entries stored.", ["result"]
+)
 BATCH_SIZE = Histogram(
     "modgate_batch_size",
     "Frames per detector batch.",

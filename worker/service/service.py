@@ -151,9 +151,11 @@ class Service:
     def _build_pipeline(self) -> Any:
         if self._pipeline_factory is not None:
             return self._pipeline_factory(self.settings)
+        from worker.judge.score_cache import RedisScoreCache
         from worker.pipeline import Pipeline
 
-        return Pipeline(self.settings, on_batch=metrics.BATCH_SIZE.observe)
+        cache = RedisScoreCache(self.redis, self.settings.cache) if self.settings.cache.enabled else None
+        return Pipeline(self.settings, on_batch=metrics.BATCH_SIZE.observe, cache=cache)
 
     def begin_drain(self) -> None:
         """SIGTERM: in-flight messages get ``drain_timeout_s`` to finish, then go back to the queue."""

@@ -7,10 +7,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
+from modgate.settings import Settings
 from modgate.verdict import Source, Verdict
 from worker.ingest.fetch import Fetcher
+from worker.judge.score_cache import MemoryScoreCache
 from worker.pipeline import Pipeline
 
 
@@ -60,3 +62,10 @@ def run_scan(
     output.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def scan_pipeline(settings: Settings, banks: Any = None) -> Pipeline:
+    """The pipeline of an offline run (``scan``, ``eval``): an in-memory score cache, so a
+    file met twice is scored once, and the banks given on the command line, if any."""
+    cache = MemoryScoreCache(settings.cache) if settings.cache.enabled else None
+    return Pipeline(settings, cache=cache, banks=(lambda: banks) if banks is not None else None)

@@ -1,0 +1,113 @@
+"""The score cache: repeated bytes reuse the first run's detector scores (the real pipeline
+and the real Open-NSFW model, counted), in memory for scan and in a real Redis for the
+worker, bounded by count and time."""
+
+import shutil
+import time
+
+import pytest
+import redis
+
+from modgate import keys
+from modgate.policy import Policy
+from modgate.settings import CacheSettings, load_settings
+from modgate.verdict import DetectorResult, ImageInfo, Source
+from worker.detectors import LoadedDetectors
+from worker.detectors.open_nsfw import OpenNSFW
+from worker.judge.score_cache import CachedScores, MemoryScoreCache, RedisScoreCache
+from worker.pipeline import Pipeline
+from worker.tools.samples import photo
+
+
+class Counting(OpenNSFW):
+    """The real Open-NSFW model, counting the frames it scores."""
+
+    frames_scored = 0
+
+    def infer(self, inputs):
+        Counting.frames_scored += len(inputs)
+        return super().infer(inputs)
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_settings(batch={"max_batch": 4, "max_wait_ms": 5})
+
+
+@pytest.fixture(scope="module")
+def model(settings):
+    loaded = OpenNSFW.load(settings)
+    counting = Counting.__new__(Counting)
+    counting.__dict__.update(loaded.__dict__)
+    return counting
+
+
+def _file(path):
+    return Source(kind="file", uri=str(path), path=str(path))
+
+
+def _run(pipe, paths, policy=None):
+    return [pipe.submit(_file(p), policy=policy).result(timeout=60) for p in paths]
+
+
+def test_the_same_bytes_under_two_names_are_scored_once(tmp_path, settings, model):
+    first = tmp_path / "a.jpg"
+    photo(320, 240, 7).save(first, "JPEG")
+    second = shutil.copy(first, tmp_path / "b.jpg")
+    other = tmp_path / "c.jpg"
+    photo(320, 240, 8).save(other, "JPEG")
+    Counting.frames_scored = 0
+    with Pipeline(settings, LoadedDetectors([model], {}), cache=MemoryScoreCache(settings.cache)) as pipe:
+        a, b, c = _run(pipe, [first, second, other])
+        assert Counting.frames_scored == 2  # a and c; b reused a's scores
+        assert a.cached_from is None and c.cached_from is None and b.cached_from == a.id
+        # Its own verdict for its own source (a local file is named by its bytes, so the id is
+        # the same; an S3 object's is not).
+        assert b.source.path == str(second) and b.source.sha256 == a.source.sha256
+        assert b.detectors == a.detectors and b.decision == a.decision and b.hashes == a.hashes
+        # Another policy version: scores are keyed by it, so the models run again.
+        bumped = Policy.model_validate({**settings.policy.model_dump(), "version": "other"})
+        (again,) = _run(pipe, [second], policy=bumped)
+        assert Counting.frames_scored == 3 and again.cached_from is None
+    Counting.frames_scored = 0
+    with Pipeline(settings, LoadedDetectors([model], {})) as pipe:  # no cache
+        _run(pipe, [first, second])
+    assert Counting.frames_scored == 2
+
+
+def _entry(n: int) -> CachedScores:
+    return CachedScores(
+        verdict_id=f"v{n}",
+        detectors={"open_nsfw": DetectorResult(model="m", revision="r", scores={"nsfw": n / 10})},
+        image=ImageInfo(format="JPEG", width=10, height=10, frame_count=1),
+        frames=1,
+        frame_pdqs=(("ab" * 32, 90),),
+    )
+
+
+def test_the_redis_cache_round_trips_and_stays_bounded(redis_server):
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    cache = RedisScoreCache(r, CacheSettings(max_entries=3, ttl_s=60))
+    for n in range(5):
+        cache.put(f"k{n}", _entry(n))
+    assert cache.get("k4") == _entry(4)
+    assert cache.get("k0") is None and cache.get("k1") is None  # the oldest went
+    assert r.zcard(keys.SCORE_CACHE_INDEX) == 3
+    assert 0 < r.ttl(keys.score_cache("k4")) <= 60
+    r.set(keys.score_cache("k3"), b"{not json")
+    assert cache.get("k3") is None  # an entry written by hand is a miss, not a failed image
+    broken = RedisScoreCache(redis.Redis(port=1, socket_connect_timeout=0.2), CacheSettings())
+    assert broken.get("k4") is None
+    broken.put("k4", _entry(4))  # a Redis outage costs the cache, never the verdict
+
+
+def test_the_memory_cache_expires_and_evicts():
+    cache = MemoryScoreCache(CacheSettings(max_entries=2, ttl_s=1))
+    cache.put("a", _entry(1))
+    cache.put("b", _entry(2))
+    assert cache.get("a") == _entry(1)  # a is now the most recent
+    cache.put("c", _entry(3))
+    assert cache.get("b") is None and cache.get("a") is not None
+    time.sleep(1.1)
+    assert cache.get("a") is None
