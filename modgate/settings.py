@@ -274,6 +274,15 @@ class ResultsSettings(BaseModel):
     transient_dedup_ttl_s: int = Field(600, ge=1)
 
 
+class HashingSettings(BaseModel):
+    """PDQ of every decoded frame (the verdict's ``hashes``, PDQ banks). ``frame`` hashes the
+    frame as decoded: equal to ThreatExchange's hash of a full decode, within 0-12 bits of it
+    when JPEG draft mode reduced the frame (docs/banks.md has the figures); ``off`` skips PDQ
+    (MD5 and SHA-256 stay) where its cost matters more than PDQ banks."""
+
+    pdq: Literal["frame", "off"] = "frame"
+
+
 class CacheSettings(BaseModel):
     """The score cache: the same bytes judged again under the same policy, detectors and
     decode settings reuse the first run's detector scores (never its bank matches)."""
@@ -456,6 +465,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    hashing: HashingSettings = Field(default_factory=HashingSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)

@@ -183,6 +183,7 @@ class Pipeline:
         # in the service; fixed for a `modgate scan --bank` run), or None.
         self._banks = banks
         self._cache = cache
+        self._pdq = settings.hashing.pdq != "off"
         # Size native thread pools before any pool starts (decode threads vs OpenCV/torch).
         configure_threads(settings.runtime)
         self.engine: Engine = engine if engine is not None else _engine_for(settings, detectors, on_batch)
@@ -428,8 +429,9 @@ class Pipeline:
         # scaling makes it a fraction of a full decode). The models have run already, so a
         # match only joins the verdict.
         t = time.perf_counter()
-        job.hashes = with_pdq(job.hashes or ImageHashes(*exact_hashes(data)), [_host_pdq_frame(data)])
-        self._match_pdq(job)
+        if self._pdq:
+            job.hashes = with_pdq(job.hashes or ImageHashes(*exact_hashes(data)), [_host_pdq_frame(data)])
+            self._match_pdq(job)
         job.timings["hash_ms"] = _ms(job.timings.get("hash_ms", 0.0) / 1000.0 + time.perf_counter() - t)
         job.timings["decode_ms"] = _ms(outcome.decode_s)
         job.timings["prepare_ms"] = _ms(outcome.prepare_s)
@@ -451,7 +453,7 @@ class Pipeline:
             finally:
                 job.timings["decode_ms"] = _ms(time.perf_counter() - t)
             t = time.perf_counter()
-            if job.hashes is not None:
+            if job.hashes is not None and self._pdq:
                 job.hashes = with_pdq(job.hashes, [frame.image for frame in decoded.frames])
             job.timings["hash_ms"] = job.timings.get("hash_ms", 0.0) + _ms(time.perf_counter() - t)
             t = time.perf_counter()
@@ -505,7 +507,8 @@ class Pipeline:
                 parent.append(key)
             else:
                 preparers[key] = fn
-        preparers[PDQ_KEY] = frame_pdq  # hashed where the frame is: in the decode process
+        if self._pdq:
+            preparers[PDQ_KEY] = frame_pdq  # hashed where the frame is: in the decode process
         return preparers, parent
 
     def _prepare(self, frame: Frame, keys: Sequence[str] | None = None) -> dict[str, Any]:
