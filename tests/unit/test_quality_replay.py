@@ -75,3 +75,19 @@ def test_error_verdicts_take_the_replayed_policys_error_decision(verdicts):
         new = reaggregate(v, strict)
         assert new.status == "error" and new.error == v.error
         assert new.decision == ("review" if v.error.code == code else None)
+
+
+def test_stored_bank_matches_apply_and_bank_only_verdicts_are_not_rejudged(verdicts):
+    from modgate.verdict import BankMatch
+
+    match = BankMatch(
+        bank="takedowns", kind="sha256", hash="ab" * 32, distance=0, category="violence", action="unsafe"
+    )
+    ok = next(v for v in verdicts if v.status == "ok" and v.decision == "safe")
+    stored = ok.model_copy(update={"matches": [match]})
+    again = reaggregate(stored, policy("p2"))
+    assert again.decision == "unsafe" and again.primary_category == "violence" and again.matches == [match]
+    assert again.categories["violence"].drivers[0] == "bank:takedowns"
+    bank_only = stored.model_copy(update={"detectors": {}})  # the models were skipped
+    replayed = reaggregate(bank_only, policy("p2"))
+    assert replayed.decision == "unsafe" and replayed.detectors == {} and replayed.policy_version == "p2"

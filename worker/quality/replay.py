@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from modgate.policy import CATEGORIES, CategoryPolicy, Policy, with_error_decision
 from modgate.verdict import Verdict, verdict_id
-from worker.judge.aggregator import assess
+from worker.judge.aggregator import apply_matches, assess
 from worker.quality.labels import LabelsError
 
 OUTCOMES = ("safe", "review", "unsafe", "error")
@@ -69,12 +69,18 @@ def check_policy(policy: Policy, verdicts: Iterable[Verdict]) -> None:
 
 
 def reaggregate(verdict: Verdict, policy: Policy) -> Verdict:
-    """The verdict ``policy`` gives for the same stored scores; an error verdict keeps its
-    error and takes the decision the policy's ``errors:`` rule gives its code (as the worker)."""
+    """The verdict ``policy`` gives for the same stored scores and bank matches; an error
+    verdict keeps its error and takes the decision the policy's ``errors:`` rule gives its
+    code (as the worker)."""
     if verdict.status != "ok":
         return with_error_decision(verdict, policy)
-    scores = {name: d.scores for name, d in verdict.detectors.items()}
-    result = assess(scores, policy, loaded=verdict.detectors.keys())
+    if verdict.matches and not verdict.detectors:
+        # The models were skipped on a bank match: nothing to re-judge but the matches.
+        result = apply_matches(None, verdict.matches)
+    else:
+        scores = {name: d.scores for name, d in verdict.detectors.items()}
+        # The stored matches apply as they are: the banks of that day, not re-matched.
+        result = apply_matches(assess(scores, policy, loaded=verdict.detectors.keys()), verdict.matches)
     return verdict.model_copy(
         update={
             "id": verdict_id(verdict.source, policy.version),
