@@ -96,3 +96,22 @@ SCORE_CACHE_INDEX = f"{PREFIX}:cache:index"
 def score_cache(digest: str) -> str:
     """One cached entry (JSON), expiring after ``cache.ttl_s``."""
     return f"{PREFIX}:cache:{digest}"
+
+
+# Hash banks (``modgate banks``; worker/judge/banks.py). The registry maps each bank's name
+# to its spec (JSON); per bank, its hashes (hex -> note/quality JSON, or "") and its meta
+# (``version``: the sequence number of its last change, ``count``: how many hashes it has),
+# kept together by one script per change, which also appends the change to the changes
+# stream that workers follow. Bounded by ``banks.max_banks``, ``banks.max_entries`` (per
+# bank) and ``banks.changes_maxlen`` (stream entries, each at most 1,000 hashes).
+BANKS = f"{PREFIX}:banks"
+BANK_CHANGES = f"{PREFIX}:banks:changes"
+BANK_SEQUENCE = f"{PREFIX}:banks:seq"
+
+
+def bank_entries(name: str) -> str:
+    return f"{PREFIX}:bank:{name}:entries"
+
+
+def bank_meta(name: str) -> str:
+    return f"{PREFIX}:bank:{name}:meta"

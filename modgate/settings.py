@@ -283,6 +283,29 @@ class HashingSettings(BaseModel):
     pdq: Literal["frame", "off"] = "frame"
 
 
+class BankSettings(BaseModel):
+    """Hash banks in Redis (``modgate banks``), shared by the fleet: each worker keeps a copy
+    in step by following the banks' changes stream (docs/banks.md)."""
+
+    # Whether a worker follows the banks in Redis at all.
+    sync: bool = True
+    # How often a worker reads new changes, jittered to 0.5-1.5 × so a fleet does not poll
+    # in step: a change applies in every worker within about 1.5 × this (plus its size).
+    poll_interval_s: float = Field(1.0, gt=0, le=60)
+    # A worker that must load a bank whole (it fell behind the stream's kept history, or a
+    # refused bank became valid again) first waits a random 0..reload_jitter_s, so a fleet
+    # does not read the same bank at the same moment.
+    reload_jitter_s: float = Field(1.0, ge=0, le=60)
+    # A worker whose copy of a bank is older than this (Redis unreachable, the bank refused
+    # as invalid, so its last good copy is kept) reports itself not ready.
+    max_stale_s: float = Field(120.0, gt=0)
+    # Bounds on what Redis holds: banks, hashes per bank, and changes-stream entries kept
+    # (each at most 1,000 hashes; a worker further behind than that loads its banks again).
+    max_banks: int = Field(64, ge=1)
+    max_entries: int = Field(20_000_000, ge=1)
+    changes_maxlen: int = Field(2_000, ge=100)
+
+
 class CacheSettings(BaseModel):
     """The score cache: the same bytes judged again under the same policy, detectors and
     decode settings reuse the first run's detector scores (never its bank matches)."""
@@ -466,6 +489,7 @@ class Settings(BaseSettings):
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     hashing: HashingSettings = Field(default_factory=HashingSettings)
+    banks: BankSettings = Field(default_factory=BankSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
