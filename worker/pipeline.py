@@ -147,6 +147,23 @@ class _Job:
     matches: list[BankMatch] = field(default_factory=list)
     cache_key: str | None = None
 
+    def ok_verdict(self, assessment: Any, **fields: Any) -> Verdict:
+        """This job's ok verdict: ``assessment``'s decision, the hashes and bank matches."""
+        return Verdict(
+            id=verdict_id(self.source, self.policy.version),
+            source=self.source,
+            status="ok",
+            decision=assessment.decision,
+            primary_category=assessment.primary_category,
+            categories=assessment.categories,
+            timings_ms=self.timings,
+            policy_version=self.policy.version,
+            request_id=self.request_id,
+            hashes=self.hashes_block(),
+            matches=self.matches,
+            **fields,
+        )
+
     def hashes_block(self) -> Hashes | None:
         if self.hashes is None:
             return None
@@ -358,32 +375,9 @@ class Pipeline:
 
     def _judge_by_banks(self, job: _Job, decoded: DecodedImage | None) -> None:
         """A verdict from the banks' matches alone: the models were skipped."""
-        assessment = apply_matches(None, job.matches)
-        image = None
-        if decoded is not None:
-            image = ImageInfo(
-                format=decoded.format,
-                width=decoded.width,
-                height=decoded.height,
-                frame_count=decoded.frame_count,
-            )
+        image = _image_info(decoded) if decoded is not None else None
         job.timings["total_ms"] = _ms(time.perf_counter() - job.started)
-        job.future.set_result(
-            Verdict(
-                id=verdict_id(job.source, job.policy.version),
-                source=job.source,
-                status="ok",
-                decision=assessment.decision,
-                primary_category=assessment.primary_category,
-                categories=assessment.categories,
-                image=image,
-                timings_ms=job.timings,
-                policy_version=job.policy.version,
-                request_id=job.request_id,
-                hashes=job.hashes_block(),
-                matches=job.matches,
-            )
-        )
+        job.future.set_result(job.ok_verdict(apply_matches(None, job.matches), image=image))
 
     def _submit_frames(self, job: _Job, decoded: DecodedImage, prepared: list[PreparedFrame]) -> None:
         futures = [self.engine.submit_frame(item) for item in prepared]
@@ -572,22 +566,8 @@ class Pipeline:
         job.timings["aggregate_ms"] = _ms(time.perf_counter() - t)
         job.timings["total_ms"] = _ms(time.perf_counter() - job.started)
         job.future.set_result(
-            Verdict(
-                id=verdict_id(job.source, job.policy.version),
-                source=job.source,
-                status="ok",
-                decision=assessment.decision,
-                primary_category=assessment.primary_category,
-                categories=assessment.categories,
-                detectors=detectors,
-                image=image,
-                frames=frames,
-                timings_ms=job.timings,
-                policy_version=job.policy.version,
-                request_id=job.request_id,
-                hashes=job.hashes_block(),
-                matches=job.matches,
-                cached_from=cached_from,
+            job.ok_verdict(
+                assessment, detectors=detectors, image=image, frames=frames, cached_from=cached_from
             )
         )
         return True
