@@ -404,6 +404,392 @@ def webhooks_replay(
     typer.echo(f"replayed {len(replayed)} dead letter(s)")
 
 
+banks_app = typer.Typer(
+    help="Hash banks in Redis (PDQ, MD5, SHA-256), shared by every worker: add, remove, list, "
+    "import, export, and add the hashes of a verdict (take-down feedback)."
+)
+app.add_typer(banks_app, name="banks")
+
+
+class BankKindChoice(StrEnum):
+    pdq = "pdq"
+    md5 = "md5"
+    sha256 = "sha256"
+
+
+class BankActionChoice(StrEnum):
+    unsafe = "unsafe"
+    review = "review"
+    safe = "safe"
+
+
+BankNameArg = Annotated[str, typer.Argument(help="Bank name (letters, digits, _ . -).", show_default=False)]
+BankKindOpt = Annotated[
+    BankKindChoice | None,
+    typer.Option("--kind", help="Hash kind; needed to create a bank (fixed once created)."),
+]
+BankCategoryOpt = Annotated[
+    str | None, typer.Option("--category", help="Category a match flags (default illegal_activity).")
+]
+BankActionOpt = Annotated[
+    BankActionChoice | None, typer.Option("--action", help="What a match does (default unsafe).")
+]
+BankDistanceOpt = Annotated[
+    int | None,
+    typer.Option("--max-distance", help="PDQ: match within this many bits (default and most: 31)."),
+]
+BankAllowPdqOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-pdq/--no-allow-pdq", help="A safe bank's PDQ matches allow-list too (default off)."
+    ),
+]
+
+
+class _BankUsage(Exception):
+    """A command-line mistake: exit 2 with the message."""
+
+
+def _bank_errors() -> Any:
+    """Turn bank problems into messages and exit codes: a malformed hash or file, an unknown
+    bank, a kind that cannot change → 2; Redis unreachable, a bank that does not validate,
+    a bound reached → 3. Never a traceback."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard() -> Any:
+        import redis
+
+        from modgate.banks import BankFormatError
+        from worker.judge.banks import BankStoreError
+
+        try:
+            yield
+        except (BankFormatError, _BankUsage) as exc:
+            typer.echo(f"modgate: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except BankStoreError as exc:
+            typer.echo(f"modgate: {exc}", err=True)
+            raise typer.Exit(2 if exc.usage else EXIT_INFRA) from None
+        except redis.exceptions.RedisError as exc:
+            typer.echo(f"modgate: Redis: {exc}", err=True)
+            raise typer.Exit(EXIT_INFRA) from None
+
+    return guard()
+
+
+def _bank_store(config: Path | None) -> Any:
+    import redis
+
+    from worker.judge.banks import BankStore
+
+    settings = _settings(config, {})
+    return settings, BankStore(redis.Redis.from_url(settings.redis.url), settings.banks)
+
+
+def _bank_spec(
+    store: Any,
+    name: str,
+    kind: BankKindChoice | None,
+    category: str | None,
+    action: BankActionChoice | None,
+    max_distance: int | None,
+    allow_pdq: bool | None,
+    rewrite: bool = False,
+) -> Any:
+    """The bank's spec, creating the bank or applying the options given. ``rewrite`` (import
+    --replace) also takes over a bank that does not validate, recounting its hashes."""
+    from pydantic import ValidationError
+
+    from modgate.banks import BankSpec
+    from worker.judge.banks import refusal
+
+    state = store.state(name)
+    given = {
+        "category": category,
+        "action": action.value if action else None,
+        "max_distance": max_distance,
+        "allow_pdq": allow_pdq,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    base: dict[str, Any] = {"name": name}
+    if state is not None and state.spec is not None:
+        base = state.spec.model_dump()
+        if kind is not None and kind.value != state.spec.kind:
+            raise _BankUsage(f"bank {name!r} holds {state.spec.kind} hashes; a bank's kind cannot change")
+    elif kind is None:
+        if state is None:
+            raise _BankUsage(f"no bank named {name!r}: give --kind pdq|md5|sha256 to create it")
+        from worker.judge.banks import BankStoreError
+
+        raise BankStoreError(refusal(name, state.problem))
+    if kind is not None:
+        base["kind"] = kind.value
+    if state is not None and state.problem is not None and not rewrite:
+        from worker.judge.banks import BankStoreError
+
+        raise BankStoreError(refusal(name, state.problem))
+    if state is not None and base.get("kind") != "pdq" and "max_distance" not in given:
+        base.pop("max_distance", None)
+    try:
+        spec = BankSpec.model_validate({**base, **given})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "bank"
+        raise _BankUsage(f"bank {name!r}: {where}: {first['msg']}") from None
+    repair = state is not None and state.problem is not None
+    if state is None or repair or spec != state.spec:
+        store.put_spec(spec, recount=repair)
+    return spec
+
+
+@banks_app.command("add")
+def banks_add(
+    name: BankNameArg,
+    hashes: Annotated[
+        list[str] | None,
+        typer.Argument(help="Hex hashes (none: create the bank or change its options)."),
+    ] = None,
+    kind: BankKindOpt = None,
+    category: BankCategoryOpt = None,
+    action: BankActionOpt = None,
+    max_distance: BankDistanceOpt = None,
+    allow_pdq: BankAllowPdqOpt = None,
+    note: Annotated[str, typer.Option("--note", help="A note kept with each hash (never an image).")] = "",
+    quality: Annotated[
+        int | None, typer.Option("--quality", help="PDQ quality of the hashes (below 50: refused).")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Add hashes to a bank (created with --kind if new); every worker matches them within
+    seconds. The options change the bank's category, action, distance."""
+    _, store = _bank_store(config)
+    with _bank_errors():
+        from worker.judge.banks import entries_from_hashes
+
+        if kind is not None and hashes:  # a malformed hash is refused before anything is written
+            entries_from_hashes(kind.value, hashes, note, quality)
+        spec = _bank_spec(store, name, kind, category, action, max_distance, allow_pdq)
+        entries = entries_from_hashes(spec.kind, hashes or [], note, quality)
+        added, _ = store.add(name, entries)
+        state = store.state(name)
+        typer.echo(
+            f"bank {name}: {added} added, {len(entries) - added} already there; "
+            f"{state.count} {spec.kind} hashes, version {state.version}"
+        )
+
+
+@banks_app.command("remove")
+def banks_remove(
+    name: BankNameArg,
+    hashes: Annotated[list[str] | None, typer.Argument(help="Hex hashes to remove.")] = None,
+    drop: Annotated[bool, typer.Option("--all", help="Remove the whole bank and its hashes.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Remove hashes from a bank (they stop matching in every worker within seconds), or the
+    bank itself with --all."""
+    if bool(hashes) == drop:
+        raise typer.BadParameter("give hashes to remove, or --all to remove the bank")
+    _, store = _bank_store(config)
+    with _bank_errors():
+        from worker.judge.banks import entries_from_hashes
+
+        if drop:
+            if not store.drop(name):
+                raise _BankUsage(f"no bank named {name!r}")
+            typer.echo(f"bank {name}: removed")
+            return
+        spec = store.spec(name)
+        wanted = [e.hash for e in entries_from_hashes(spec.kind, hashes or [])]
+        removed, _ = store.remove(name, wanted)
+        state = store.state(name)
+        typer.echo(
+            f"bank {name}: {removed} removed, {len(wanted) - removed} were not in it; "
+            f"{state.count} {spec.kind} hashes, version {state.version}"
+        )
+
+
+@banks_app.command("list")
+def banks_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per bank.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """The banks in Redis: kind, what a match does, size, version, and whether each
+    validates (a bank that does not is refused by workers, which keep their last copy)."""
+    _, store = _bank_store(config)
+    with _bank_errors():
+        states = store.states()
+    rows = []
+    for name, state in sorted(states.items()):
+        spec = state.spec
+        rows.append(
+            {
+                "name": name,
+                "kind": spec.kind if spec else None,
+                "category": spec.category if spec else None,
+                "action": spec.action if spec else None,
+                "max_distance": spec.max_distance if spec else None,
+                "allow_pdq": spec.allow_pdq if spec else None,
+                "hashes": state.stored,
+                "version": state.version,
+                "valid": state.problem is None,
+                **({"problem": state.problem} if state.problem else {}),
+            }
+        )
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    if not rows:
+        typer.echo("no banks")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="hash banks")
+    for column in ("name", "kind", "category", "action", "max_distance", "hashes", "version", "state"):
+        table.add_column(
+            column, justify="right" if column in ("max_distance", "hashes", "version") else "left"
+        )
+    for row in rows:
+        table.add_row(
+            *(
+                "" if row[c] is None else str(row[c])
+                for c in ("name", "kind", "category", "action", "max_distance", "hashes", "version")
+            ),
+            "ok" if row["valid"] else f"REFUSED: {row['problem']}",
+        )
+    Console(width=160).print(table)
+
+
+@banks_app.command("import")
+def banks_import(
+    name: BankNameArg,
+    file: Annotated[Path, typer.Argument(help="Plain text, CSV (hash,note,quality) or ThreatExchange CSV.")],
+    kind: BankKindOpt = None,
+    category: BankCategoryOpt = None,
+    action: BankActionOpt = None,
+    max_distance: BankDistanceOpt = None,
+    allow_pdq: BankAllowPdqOpt = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Make the bank hold exactly the file (also rewrites a bank that does not validate).",
+        ),
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Add a bank file's hashes to a bank (created with --kind if new). The whole file is
+    checked first: a malformed line is reported with its number and nothing is written."""
+    _, store = _bank_store(config)
+    with _bank_errors():
+        from modgate.banks import parse_bank_file
+
+        state = store.state(name)
+        file_kind = kind.value if kind else (state.spec.kind if state and state.spec else None)
+        if file_kind is None:
+            raise _BankUsage(f"no bank named {name!r}: give --kind pdq|md5|sha256 to create it")
+        entries = parse_bank_file(file, file_kind)
+        spec = _bank_spec(store, name, kind, category, action, max_distance, allow_pdq, rewrite=replace)
+        if replace:
+            added, removed = store.replace(name, entries)
+        else:
+            (added, _), removed = store.add(name, entries), 0
+        state = store.state(name)
+        typer.echo(
+            f"bank {name}: {len(entries)} hashes read from {file}, {added} added, {removed} removed; "
+            f"{state.count} {spec.kind} hashes, version {state.version}"
+        )
+
+
+@banks_app.command("export")
+def banks_export(
+    name: BankNameArg,
+    out: Annotated[Path | None, typer.Option("--out", help="Write here (default: stdout).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A bank as CSV (hash,note,quality), which `modgate banks import` reads back."""
+    check_out_file(out, "--out")
+    _, store = _bank_store(config)
+    with _bank_errors():
+        from modgate.banks import format_bank
+        from worker.judge.banks import refusal
+
+        state = store.state(name)
+        if state is None:
+            raise _BankUsage(f"no bank named {name!r}")
+        if state.problem is not None:  # still exported: it may be the way to salvage it
+            typer.echo(f"modgate: warning: {refusal(name, state.problem)}", err=True)
+        text = format_bank(store.entries(name))
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"bank {name}: {text.count(chr(10)) - 1} hashes written to {out}", err=True)
+
+
+@banks_app.command("add-from-verdict")
+def banks_add_from_verdict(
+    name: BankNameArg,
+    verdict_ids: Annotated[
+        list[str] | None, typer.Argument(help="Verdict ids still on the results stream in Redis.")
+    ] = None,
+    from_file: Annotated[
+        Path | None,
+        typer.Option("--from-file", help="Verdicts (JSONL) instead: all of them, or those named."),
+    ] = None,
+    kind: BankKindOpt = None,
+    category: BankCategoryOpt = None,
+    action: BankActionOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Take-down feedback: add the hash of the bank's kind (PDQ, MD5 or SHA-256) of each
+    verdict to a bank, so re-uploads of a removed image match. Exit 1 if a verdict was not
+    found or had no such hash."""
+    import re
+
+    if not verdict_ids and from_file is None:
+        raise typer.BadParameter("give verdict ids, or --from-file VERDICTS.jsonl")
+    settings, store = _bank_store(config)
+    with _bank_errors():
+        from worker.judge.banks import find_verdict, read_verdict_lines, verdict_hash
+
+        for vid in verdict_ids or []:
+            if not re.fullmatch(r"[0-9a-f]{32}", vid):
+                raise _BankUsage(f"not a verdict id (32 lowercase hex digits): {vid[:40]!r}")
+        spec = _bank_spec(store, name, kind, category, action, None, None)
+        problems: list[str] = []
+        verdicts: list[dict[str, Any]] = []
+        if from_file is not None:
+            wanted = set(verdict_ids or [])
+            verdicts = [v for v in read_verdict_lines(from_file) if not wanted or v.get("id") in wanted]
+            missing = wanted - {v.get("id") for v in verdicts}
+            problems += [f"verdict {vid}: not in {from_file}" for vid in sorted(missing)]
+        else:
+            for vid in verdict_ids or []:
+                found = find_verdict(store.redis, settings.results.stream, vid)
+                if found is None:
+                    problems.append(f"verdict {vid}: not on the results stream (trimmed, or never published)")
+                else:
+                    verdicts.append(found)
+        entries = []
+        for verdict in verdicts:
+            entry, why = verdict_hash(verdict, spec.kind)
+            if entry is None:
+                problems.append(why)
+            else:
+                entries.append(entry)
+        added, _ = store.add(name, entries)
+        for problem in problems:
+            typer.echo(f"modgate: skipped {problem}", err=True)
+        typer.echo(
+            f"bank {name}: {added} added, {len(entries) - added} already there ({len(verdicts)} verdicts)"
+        )
+    if problems:
+        raise typer.Exit(1)
+
+
 @app.command()
 def health(
     hostname: Annotated[

@@ -1,0 +1,940 @@
+"""Hash banks in a worker: matching (:class:`BankSet`), the Redis copy every worker shares
+(:class:`BankStore`, what ``modgate banks`` writes) and keeping a worker's copy in step
+with it (:class:`BankSync`).
+
+Redis holds, per bank, its spec (in the registry ``keys.BANKS``), its hashes and a meta
+record (``version``, ``count``); one Lua script per change writes them together and appends
+the change (bank, op, version, hashes) to the changes stream ``keys.BANK_CHANGES``.
+Versions come from one counter, so they never repeat, not even for a bank dropped and
+created again. A worker loads every bank once, then applies the stream's entries as they
+come (read every ``poll_interval_s``, jittered): an added hash is matchable within about a
+poll interval, with no rebuild. Adding and removing a hash are idempotent, so replaying
+any suffix of the stream onto a copy that already holds some of it gives the same bank;
+that is what makes loading a bank (HSCAN, not atomic) safe while it changes.
+
+Each poll also reads every bank's spec, meta and size in one transaction and checks the
+copy against them. A bank that does not validate — a spec that does not parse, a meta
+missing (half-written), a size that differs from its meta's count (hashes written or
+deleted by hand), a stored hash that is not a hash — is refused: the worker keeps its last
+good copy, says why in ``health()``, and loads the bank again once it validates. A worker
+that fell behind the stream's kept history, or whose copy's version differs from the
+meta's, loads the bank again after a random delay (``reload_jitter_s``), so a fleet never
+reads a bank at the same moment. ``health()`` turns not ok when a copy is older than
+``max_stale_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from modgate import keys
+from modgate.banks import (
+    HEX_DIGITS,
+    PDQ_MIN_QUALITY,
+    BankEntry,
+    BankFormatError,
+    BankSpec,
+    check_note,
+    check_quality,
+    normalize_hash,
+    parse_bank_file,
+)
+from modgate.settings import BankSettings
+from worker.judge.bank_index import PdqIndex, hex_to_codes
+
+log = logging.getLogger("modgate.banks")
+
+# Hashes per script call and per stream entry.
+CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Match:
+    """A hash of an image found in a bank."""
+
+    bank: str
+    kind: str
+    hash: str  # the bank's hash
+    distance: int
+    category: str
+    action: str
+    allow_pdq: bool = False
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+class Bank:
+    """One bank's hashes in memory. Reads may run on any thread while the sync thread
+    changes it (the PDQ index publishes snapshots; set membership is atomic)."""
+
+    def __init__(self, spec: BankSpec) -> None:
+        self.spec = spec
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def add(self, hashes: Sequence[str]) -> int:
+        raise NotImplementedError
+
+    def remove(self, hashes: Sequence[str]) -> int:
+        raise NotImplementedError
+
+    def __contains__(self, hex_hash: object) -> bool:
+        raise NotImplementedError
+
+    def memory_bytes(self) -> int:
+        raise NotImplementedError
+
+    def _match(self, hex_hash: str, distance: int) -> Match:
+        s = self.spec
+        return Match(s.name, s.kind, hex_hash, distance, s.category, s.action, s.allow_pdq)
+
+
+class ExactBank(Bank):
+    """MD5 or SHA-256: a set of digests (as bytes: ~half the memory of hex strings)."""
+
+    def __init__(self, spec: BankSpec, hashes: Iterable[str] = ()) -> None:
+        super().__init__(spec)
+        self._digests: set[bytes] = {bytes.fromhex(h) for h in hashes}
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def add(self, hashes: Sequence[str]) -> int:
+        before = len(self._digests)
+        self._digests.update(bytes.fromhex(h) for h in hashes)
+        return len(self._digests) - before
+
+    def add_digests(self, digests: Iterable[bytes]) -> None:
+        self._digests.update(digests)
+
+    def remove(self, hashes: Sequence[str]) -> int:
+        before = len(self._digests)
+        self._digests.difference_update(bytes.fromhex(h) for h in hashes)
+        return before - len(self._digests)
+
+    def __contains__(self, hex_hash: object) -> bool:
+        return isinstance(hex_hash, str) and bytes.fromhex(hex_hash) in self._digests
+
+    def match(self, hex_hash: str) -> Match | None:
+        return self._match(hex_hash, 0) if bytes.fromhex(hex_hash) in self._digests else None
+
+    def memory_bytes(self) -> int:
+        # bytes object (33 + digest) and a set slot (~16 B at its load factor) per hash.
+        return len(self._digests) * (33 + HEX_DIGITS[self.spec.kind] // 2 + 16)
+
+
+class PdqBank(Bank):
+    def __init__(self, spec: BankSpec, hashes: Iterable[str] = ()) -> None:
+        super().__init__(spec)
+        self.index = PdqIndex()
+        self.index.add(list(hashes))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def add(self, hashes: Sequence[str]) -> int:
+        return self.index.add(list(hashes))
+
+    def add_codes(self, codes: np.ndarray) -> int:
+        return self.index.add_codes(codes)
+
+    def remove(self, hashes: Sequence[str]) -> int:
+        return self.index.remove(list(hashes))
+
+    def __contains__(self, hex_hash: object) -> bool:
+        return isinstance(hex_hash, str) and hex_hash in self.index
+
+    def match(self, hex_hash: str) -> list[Match]:
+        radius = self.spec.max_distance if self.spec.max_distance is not None else 31
+        return [self._match(h, d) for h, d in self.index.search(hex_hash, radius)]
+
+    def memory_bytes(self) -> int:
+        return self.index.memory_bytes()
+
+
+def new_bank(spec: BankSpec, hashes: Iterable[str] = ()) -> Bank:
+    return PdqBank(spec, hashes) if spec.kind == "pdq" else ExactBank(spec, hashes)
+
+
+class BankSet:
+    """The banks a worker matches against, by name. ``modgate scan --bank`` builds one from
+    files; a :class:`BankSync` keeps one in step with Redis."""
+
+    def __init__(self, banks: Mapping[str, Bank] | Iterable[Bank] = ()) -> None:
+        items = banks.values() if isinstance(banks, Mapping) else banks
+        self._banks: dict[str, Bank] = {b.spec.name: b for b in items}
+
+    @classmethod
+    def from_files(cls, specs_and_paths: Iterable[tuple[BankSpec, str | Path]]) -> BankSet:
+        """Banks from files (any format ``modgate.banks.parse_bank_file`` reads); a
+        :class:`BankFormatError` names the file and line of the first problem."""
+        banks = []
+        for spec, path in specs_and_paths:
+            entries = parse_bank_file(path, spec.kind)
+            banks.append(new_bank(spec, [e.hash for e in entries]))
+        names = [b.spec.name for b in banks]
+        if len(set(names)) != len(names):
+            raise BankFormatError(f"bank names repeat: {', '.join(sorted(names))}")
+        return cls(banks)
+
+    def __len__(self) -> int:
+        return len(self._banks)
+
+    def __iter__(self) -> Iterator[Bank]:
+        return iter(list(self._banks.values()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._banks
+
+    def get(self, name: str) -> Bank | None:
+        return self._banks.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._banks)
+
+    def with_bank(self, bank: Bank) -> BankSet:
+        return BankSet({**self._banks, bank.spec.name: bank})
+
+    def without(self, name: str) -> BankSet:
+        return BankSet({n: b for n, b in self._banks.items() if n != name})
+
+    def match(
+        self, md5: str | None, sha256: str | None, pdqs: Sequence[tuple[str, int | None]] = ()
+    ) -> list[Match]:
+        return [*self.match_exact(md5, sha256), *self.match_pdq(pdqs)]
+
+    def match_exact(self, md5: str | None, sha256: str | None) -> list[Match]:
+        """Banks of MD5 and SHA-256 hashes: exact matches of the bytes' digests."""
+        given = {"md5": md5, "sha256": sha256}
+        out: list[Match] = []
+        for bank in list(self._banks.values()):
+            digest = given.get(bank.spec.kind)
+            if digest and isinstance(bank, ExactBank):
+                found = bank.match(normalize_hash(bank.spec.kind, digest))
+                if found is not None:
+                    out.append(found)
+        return out
+
+    def match_pdq(self, pdqs: Sequence[tuple[str, int | None]]) -> list[Match]:
+        """PDQ banks against each frame's (hex, quality): the nearest hit per bank hash.
+        A frame of quality below 50 is never matched (flat images collide)."""
+        frames = [normalize_hash("pdq", h) for h, q in pdqs if q is None or q >= PDQ_MIN_QUALITY]
+        if not frames:
+            return []
+        best: dict[tuple[str, str], Match] = {}
+        for bank in list(self._banks.values()):
+            if not isinstance(bank, PdqBank):
+                continue
+            for frame in frames:
+                for m in bank.match(frame):
+                    key = (m.bank, m.hash)
+                    if key not in best or m.distance < best[key].distance:
+                        best[key] = m
+        return sorted(best.values(), key=lambda m: (m.bank, m.distance, m.hash))
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+class BankStoreError(Exception):
+    """A bank operation that cannot be done: no such bank or a kind that cannot change
+    (``usage``: the command was wrong), a bound reached or a bank that does not validate."""
+
+    def __init__(self, message: str, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+# KEYS: registry, entries, meta, stream, sequence.
+# ARGV: name, stream maxlen, max entries, then hash, value pairs.
+# Returns {version, added} ({0, 0} when nothing was new: no version, no stream entry).
+_ADD = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return redis.error_reply('NOBANK') end
+local new = {}
+for i = 4, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then new[#new + 1] = ARGV[i] end
+end
+local count = tonumber(redis.call('HGET', KEYS[3], 'count') or '0')
+if count + #new > tonumber(ARGV[3]) then return redis.error_reply('FULL ' .. count) end
+-- A hash already there keeps its note unless this one brings another.
+for i = 4, #ARGV, 2 do
+  if ARGV[i + 1] ~= '' or redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+end
+if #new == 0 then return {0, 0} end
+local version = redis.call('INCR', KEYS[5])
+redis.call('HSET', KEYS[3], 'version', version, 'count', count + #new)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'bank', ARGV[1], 'op', 'add',
+           'version', version, 'hashes', table.concat(new, ' '))
+return {version, #new}
+"""
+
+# KEYS: registry, entries, meta, stream, sequence. ARGV: name, stream maxlen, hashes...
+_REMOVE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return redis.error_reply('NOBANK') end
+local gone = {}
+for i = 3, #ARGV do
+  if redis.call('HDEL', KEYS[2], ARGV[i]) == 1 then gone[#gone + 1] = ARGV[i] end
+end
+if #gone == 0 then return {0, 0} end
+local count = tonumber(redis.call('HGET', KEYS[3], 'count') or '0')
+local version = redis.call('INCR', KEYS[5])
+redis.call('HSET', KEYS[3], 'version', version, 'count', math.max(0, count - #gone))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'bank', ARGV[1], 'op', 'remove',
+           'version', version, 'hashes', table.concat(gone, ' '))
+return {version, #gone}
+"""
+
+# KEYS: registry, entries, meta, stream, sequence.
+# ARGV: name, stream maxlen, max banks, spec json, recount (1: set count to the hash's size).
+_SPEC = """
+local exists = redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
+if not exists and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return redis.error_reply('TOOMANY')
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+local version = redis.call('INCR', KEYS[5])
+local count = redis.call('HGET', KEYS[3], 'count')
+if ARGV[5] == '1' or not count then count = redis.call('HLEN', KEYS[2]) end
+redis.call('HSET', KEYS[3], 'version', version, 'count', count)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'bank', ARGV[1], 'op', 'spec',
+           'version', version, 'hashes', '')
+return version
+"""
+
+# KEYS: registry, entries, meta, stream, sequence. ARGV: name, stream maxlen.
+_DROP = """
+local existed = redis.call('HDEL', KEYS[1], ARGV[1]) + redis.call('DEL', KEYS[2], KEYS[3])
+if existed == 0 then return 0 end
+local version = redis.call('INCR', KEYS[5])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'bank', ARGV[1], 'op', 'drop',
+           'version', version, 'hashes', '')
+return version
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry_value(entry: BankEntry) -> str:
+    if not entry.note and entry.quality is None:
+        return ""
+    body: dict[str, Any] = {}
+    if entry.note:
+        body["note"] = entry.note
+    if entry.quality is not None:
+        body["quality"] = entry.quality
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _entry_from(hash_hex: str, value: str) -> BankEntry:
+    if not value:
+        return BankEntry(hash_hex)
+    try:
+        body = json.loads(value)
+        return BankEntry(hash_hex, str(body.get("note", "")), body.get("quality"))
+    except (ValueError, AttributeError):
+        return BankEntry(hash_hex, value[:200])
+
+
+@dataclass(frozen=True)
+class BankState:
+    """What Redis says about one bank at one moment."""
+
+    name: str
+    spec: BankSpec | None
+    version: int | None
+    count: int | None
+    stored: int
+    problem: str | None
+
+
+def _check_state(name: str, raw_spec: Any, version: Any, count: Any, stored: int) -> BankState:
+    spec: BankSpec | None = None
+    problem: str | None = None
+    if raw_spec is None:
+        problem = (
+            "no spec in the registry, but hashes or a meta record remain (half-written or edited by hand)"
+        )
+    else:
+        try:
+            spec = BankSpec.model_validate_json(raw_spec)
+            if spec.name != name:
+                problem = f"its spec names another bank ({spec.name!r})"
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "spec"
+            problem = f"its spec does not validate ({where}: {first['msg']})"
+    v = c = None
+    if problem is None:
+        try:
+            v = int(_text(version)) if version is not None else None
+            c = int(_text(count)) if count is not None else None
+        except ValueError:
+            problem = "its meta record is not numeric"
+        else:
+            if v is None or c is None:
+                problem = "its meta record (version, count) is missing: half-written"
+            elif c != stored:
+                problem = (
+                    f"{stored} hashes stored but its meta counts {c} (written or deleted outside modgate)"
+                )
+    return BankState(name, spec, v, c, stored, problem)
+
+
+class BankStore:
+    """The banks in Redis: what ``modgate banks`` reads and writes."""
+
+    def __init__(self, redis: Any, settings: BankSettings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._add = redis.register_script(_ADD)
+        self._remove = redis.register_script(_REMOVE)
+        self._spec = redis.register_script(_SPEC)
+        self._drop = redis.register_script(_DROP)
+
+    def _keys(self, name: str) -> list[str]:
+        return [
+            keys.BANKS,
+            keys.bank_entries(name),
+            keys.bank_meta(name),
+            keys.BANK_CHANGES,
+            keys.BANK_SEQUENCE,
+        ]
+
+    def _call(self, script: Any, name: str, args: list[Any]) -> Any:
+        import redis as redis_lib
+
+        try:
+            return script(keys=self._keys(name), args=args)
+        except redis_lib.exceptions.ResponseError as exc:
+            message = str(exc)
+            if "NOBANK" in message:
+                raise BankStoreError(f"no bank named {name!r}", usage=True) from None
+            if "FULL" in message:
+                raise BankStoreError(
+                    f"bank {name!r} would exceed banks.max_entries ({self.settings.max_entries} hashes)"
+                ) from None
+            if "TOOMANY" in message:
+                raise BankStoreError(
+                    f"there are already banks.max_banks ({self.settings.max_banks}) banks"
+                ) from None
+            raise
+
+    # -- reading
+
+    def snapshot(self, names: Iterable[str] | None = None) -> tuple[dict[str, BankState], str]:
+        """Every bank's (or the named banks') spec, meta and size, and the changes stream's
+        last entry id, read in one transaction."""
+        wanted = sorted(set(names) if names is not None else {_text(n) for n in self.redis.hkeys(keys.BANKS)})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(keys.BANKS)
+        for name in wanted:
+            pipe.hmget(keys.bank_meta(name), "version", "count")
+            pipe.hlen(keys.bank_entries(name))
+        pipe.xrevrange(keys.BANK_CHANGES, count=1)
+        replies = pipe.execute()
+        registry = {_text(k): v for k, v in replies[0].items()}
+        out: dict[str, BankState] = {}
+        for i, name in enumerate(wanted):
+            (version, count), stored = replies[1 + 2 * i], int(replies[2 + 2 * i])
+            if name not in registry and version is None and count is None and stored == 0:
+                continue  # no such bank (or dropped)
+            out[name] = _check_state(name, registry.get(name), version, count, stored)
+        last_id = _text(replies[-1][0][0]) if replies[-1] else "0-0"
+        return out, last_id
+
+    def states(self, names: Iterable[str] | None = None) -> dict[str, BankState]:
+        return self.snapshot(names)[0]
+
+    def state(self, name: str) -> BankState | None:
+        return self.states([name]).get(name)
+
+    def spec(self, name: str) -> BankSpec:
+        """The spec of a bank that validates; BankStoreError otherwise."""
+        state = self.state(name)
+        if state is None:
+            raise BankStoreError(f"no bank named {name!r}", usage=True)
+        if state.problem is not None or state.spec is None:
+            raise BankStoreError(refusal(name, state.problem))
+        return state.spec
+
+    def entries(self, name: str) -> Iterator[BankEntry]:
+        for field_, value in self.redis.hscan_iter(keys.bank_entries(name), count=10_000):
+            yield _entry_from(_text(field_), _text(value))
+
+    # -- writing
+
+    def put_spec(self, spec: BankSpec, *, recount: bool = False) -> int:
+        """Create a bank or change its category, action, distance or allow_pdq (its kind is
+        fixed: a bank of another kind is another bank). ``recount`` sets the meta's count to
+        the hashes stored (repairs a bank counted wrong). Returns the version."""
+        existing = self.state(spec.name)
+        if existing is not None and existing.spec is not None and existing.spec.kind != spec.kind:
+            raise BankStoreError(
+                f"bank {spec.name!r} holds {existing.spec.kind} hashes; a bank's kind cannot change",
+                usage=True,
+            )
+        args = [
+            spec.name,
+            self.settings.changes_maxlen,
+            self.settings.max_banks,
+            spec.model_dump_json(),
+            int(recount),
+        ]
+        return int(self._call(self._spec, spec.name, args))
+
+    def add(self, name: str, entries: Sequence[BankEntry]) -> tuple[int, int]:
+        """Add (or re-note) hashes in chunks; returns (new hashes, the bank's version)."""
+        added, version = 0, 0
+        for start in range(0, len(entries), CHUNK):
+            args: list[Any] = [name, self.settings.changes_maxlen, self.settings.max_entries]
+            for entry in entries[start : start + CHUNK]:
+                args += [entry.hash, _entry_value(entry)]
+            v, n = self._call(self._add, name, args)
+            added += int(n)
+            version = int(v) or version
+        return added, version
+
+    def remove(self, name: str, hashes: Sequence[str]) -> tuple[int, int]:
+        """Remove hashes in chunks; returns (hashes removed, the bank's version)."""
+        removed, version = 0, 0
+        for start in range(0, len(hashes), CHUNK):
+            args = [name, self.settings.changes_maxlen, *hashes[start : start + CHUNK]]
+            v, n = self._call(self._remove, name, args)
+            removed += int(n)
+            version = int(v) or version
+        return removed, version
+
+    def replace(self, name: str, entries: Sequence[BankEntry]) -> tuple[int, int]:
+        """Make the bank hold exactly ``entries``: the difference is added, then removed,
+        as ordinary changes (workers apply them incrementally). Returns (added, removed)."""
+        wanted = {e.hash for e in entries}
+        stale = [_text(h) for h in self.redis.hkeys(keys.bank_entries(name)) if _text(h) not in wanted]
+        added, _ = self.add(name, list(entries))
+        removed, _ = self.remove(name, stale)
+        return added, removed
+
+    def drop(self, name: str) -> bool:
+        return bool(self._call(self._drop, name, [name, self.settings.changes_maxlen]))
+
+
+def refusal(name: str, problem: str | None) -> str:
+    return (
+        f"bank {name!r} in Redis does not validate: {problem}; workers keep their last good copy. "
+        f"Rewrite it with `modgate banks import {name} FILE --replace --kind KIND`, or drop it "
+        f"with `modgate banks remove {name} --all`"
+    )
+
+
+# --------------------------------------------------------------------------- sync
+
+
+@dataclass
+class _Copy:
+    """A worker's copy of one bank and how it stands against Redis."""
+
+    bank: Bank | None = None  # the last good copy (None before the first load)
+    version: int = 0
+    synced_at: float | None = None  # when the copy last equalled Redis
+    problem: str | None = None  # why Redis's bank is refused now
+    reload_at: float | None = None  # a load is due at this monotonic time
+    reloads: int = 0
+    failed_version: int | None = None  # a load found an invalid hash at this version
+
+
+class BankSync:
+    """Keeps a :class:`BankSet` in step with the banks in Redis (see the module docstring).
+
+    ``start()`` loads every bank (a worker should not judge before it has its banks) and
+    starts the polling thread; ``banks`` is the current set; ``health()`` its state."""
+
+    def __init__(self, redis: Any, settings: Any) -> None:
+        self.redis = redis
+        self.settings: BankSettings = settings.banks if hasattr(settings, "banks") else settings
+        self.store = BankStore(redis, self.settings)
+        self._banks = BankSet()
+        self._copies: dict[str, _Copy] = {}
+        self._cursor: str | None = None  # last stream entry applied; None: load everything
+        self._started = time.monotonic()
+        self._loaded = False
+        self._error: str | None = None
+        self._error_since: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll_lock = threading.Lock()
+        self._rng = random.Random()
+        self.polls = 0
+        self.full_loads = 0
+
+    @property
+    def banks(self) -> BankSet:
+        return self._banks
+
+    def __call__(self) -> BankSet:
+        return self._banks
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        try:
+            self.poll()
+        except Exception as exc:  # Redis down at start: the thread keeps trying
+            self._failed(exc)
+        self._thread = threading.Thread(target=self._run, name="modgate-banks", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.poll_interval_s * self._rng.uniform(0.5, 1.5)):
+            try:
+                self.poll()
+            except Exception as exc:  # never let the thread die
+                self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        if message != self._error:
+            log.warning("hash banks: cannot sync with Redis: %s (keeping the copies held)", message)
+            self._error_since = time.monotonic()
+        self._error = message
+
+    # -- one poll
+
+    def poll(self) -> None:
+        """Read the banks' state and new changes once; load what must be loaded."""
+        with self._poll_lock:
+            self._poll()
+            self.polls += 1
+            if self._error is not None:
+                log.info("hash banks: Redis reachable again")
+            self._error = self._error_since = None
+
+    def _poll(self) -> None:
+        now = time.monotonic()
+        names = set(self._copies) | {_text(n) for n in self.redis.hkeys(keys.BANKS)}
+        states, last_id = self.store.snapshot(names)
+        initial = self._cursor is None
+        if (
+            not initial
+            and self._cursor != "0-0"
+            and not self.redis.xrange(keys.BANK_CHANGES, self._cursor, self._cursor)
+        ):
+            # The entry we stopped at was trimmed: changes after it may be lost. Load
+            # every bank again (jittered: the whole fleet may be in the same spot).
+            log.warning("hash banks: fell behind the changes stream's kept history; loading every bank again")
+            self.full_loads += 1
+            for name in states:
+                self._schedule(name, now, jitter=True)
+            self._cursor = last_id
+        elif not initial:
+            self._apply_changes(self._cursor, last_id)
+            self._cursor = last_id
+        else:
+            self._cursor = last_id
+
+        banks = self._banks
+        for name in list(self._copies):
+            if name not in states:  # dropped cleanly (its keys are gone)
+                del self._copies[name]
+                banks = banks.without(name)
+        for name, state in states.items():
+            copy = self._copies.setdefault(name, _Copy())
+            if state.problem is not None:
+                if copy.problem != state.problem:
+                    log.error("%s", refusal(name, state.problem))
+                copy.problem = state.problem
+                copy.reload_at = None
+                continue
+            assert state.spec is not None and state.version is not None
+            if copy.problem is not None and copy.failed_version == state.version:
+                continue  # a load found an invalid hash; nothing has changed since
+            if copy.problem is not None or copy.bank is None or copy.version != state.version:
+                if copy.reload_at is None:
+                    # First sight, or a bank valid again: load it. Versions that differ
+                    # after the stream was applied mean changes the stream did not carry.
+                    self._schedule(name, now, jitter=not initial and copy.bank is not None)
+                    if copy.problem is not None:
+                        log.warning("hash banks: bank %r validates again; loading it", name)
+                    copy.problem = None
+            else:
+                copy.synced_at = now
+                if copy.bank.spec != state.spec:
+                    copy.bank.spec = state.spec  # category, action, distance: no reload
+            if copy.reload_at is not None and copy.reload_at <= now:
+                loaded = self._load(name, state)
+                if loaded is not None:
+                    banks = banks.with_bank(loaded)
+        self._banks = banks
+        self._loaded = True
+
+    def _schedule(self, name: str, now: float, jitter: bool) -> None:
+        copy = self._copies.setdefault(name, _Copy())
+        delay = self._rng.uniform(0, self.settings.reload_jitter_s) if jitter else 0.0
+        copy.reload_at = now + delay
+
+    def _load(self, name: str, state: BankState) -> Bank | None:
+        """The bank as HSCAN reads it now (changes during the scan are replayed by later
+        polls); None, keeping the last good copy, if a stored hash is not a hash."""
+        copy = self._copies[name]
+        spec = state.spec
+        assert spec is not None and state.version is not None
+        copy.reload_at = None
+        started = time.monotonic()
+        try:
+            bank = self._read_bank(spec)
+        except BankFormatError as exc:
+            copy.problem = f"a stored hash is not valid: {exc}"
+            copy.failed_version = state.version
+            log.error("%s", refusal(name, copy.problem))
+            return None
+        copy.bank = bank
+        copy.version = state.version
+        copy.synced_at = time.monotonic()
+        copy.reloads += 1
+        log.info(
+            "hash banks: loaded %r (%s, %d hashes, version %d) in %.2f s",
+            name,
+            spec.kind,
+            len(bank),
+            state.version,
+            time.monotonic() - started,
+        )
+        return bank
+
+    def _read_bank(self, spec: BankSpec) -> Bank:
+        digits = HEX_DIGITS[spec.kind]
+        pages: list[np.ndarray] = []
+        digests: list[bytes] = []
+        cursor = 0
+        while True:
+            cursor, page = self.redis.hscan(keys.bank_entries(spec.name), cursor, count=10_000)
+            fields = [_text(f) for f in page]
+            if fields:
+                _validate_page(spec.kind, fields, digits)
+                if spec.kind == "pdq":
+                    pages.append(hex_to_codes(fields))
+                else:
+                    digests.extend(bytes.fromhex(f) for f in fields)
+            if int(cursor) == 0:
+                break
+        if spec.kind == "pdq":
+            bank = PdqBank(spec)
+            if pages:
+                bank.add_codes(np.concatenate(pages))
+            return bank
+        exact = ExactBank(spec)
+        exact.add_digests(digests)
+        return exact
+
+    def _apply_changes(self, after: str, until: str) -> None:
+        """The stream's entries in (after, until], applied in order to the copies held."""
+        start = "(" + after if after != "0-0" else "-"
+        while True:
+            entries = self.redis.xrange(keys.BANK_CHANGES, start, until, count=200)
+            if not entries:
+                return
+            runs: list[tuple[str, str, list[str], int]] = []
+            for _entry_id, fields in entries:
+                f = {_text(k): _text(v) for k, v in fields.items()}
+                name, op, version = f.get("bank", ""), f.get("op", ""), int(f.get("version", "0") or 0)
+                hashes = f.get("hashes", "").split()
+                if runs and runs[-1][0] == name and runs[-1][1] == op and op in ("add", "remove"):
+                    runs[-1][2].extend(hashes)
+                    runs[-1] = (name, op, runs[-1][2], version)
+                else:
+                    runs.append((name, op, hashes, version))
+            for name, op, hashes, version in runs:
+                self._apply(name, op, hashes, version)
+            start = "(" + _text(entries[-1][0])
+
+    def _apply(self, name: str, op: str, hashes: list[str], version: int) -> None:
+        copy = self._copies.get(name)
+        if copy is None or copy.bank is None or copy.problem is not None or copy.reload_at is not None:
+            return  # not held, refused (frozen), or about to be loaded anyway
+        if op == "drop":
+            self._copies.pop(name, None)
+            self._banks = self._banks.without(name)
+            return
+        if op in ("add", "remove"):
+            kind = copy.bank.spec.kind
+            good = []
+            for h in hashes:
+                try:
+                    good.append(normalize_hash(kind, h))
+                except BankFormatError:
+                    # Not written by modgate: load the bank again (which validates it).
+                    copy.reload_at = time.monotonic()
+                    return
+            (copy.bank.add if op == "add" else copy.bank.remove)(good)
+        copy.version = max(copy.version, version)
+
+    # -- health
+
+    def health(self) -> dict[str, Any]:
+        """The banks' state for /readyz and ``modgate health``: ``ok`` is false before the
+        first load, and when any copy is older than ``banks.max_stale_s``."""
+        now = time.monotonic()
+        banks: dict[str, Any] = {}
+        refused, stale = [], []
+        for name, copy in sorted(dict(self._copies).items()):
+            since = copy.synced_at if copy.synced_at is not None else self._started
+            age = now - since
+            entry: dict[str, Any] = {
+                "kind": copy.bank.spec.kind if copy.bank else None,
+                "hashes": len(copy.bank) if copy.bank else 0,
+                "version": copy.version,
+                "age_s": round(age, 1),
+                "state": "refused" if copy.problem else ("loading" if copy.bank is None else "ok"),
+            }
+            if copy.problem:
+                entry["error"] = copy.problem
+                refused.append(name)
+            if age > self.settings.max_stale_s:
+                stale.append(name)
+            banks[name] = entry
+        out: dict[str, Any] = {
+            "ok": self._loaded and not stale,
+            "loaded": self._loaded,
+            "banks": banks,
+            "refused": refused,
+            "stale": stale,
+            "max_stale_s": self.settings.max_stale_s,
+        }
+        if self._error is not None:
+            out["error"] = self._error
+            if not self._loaded and now - self._started > self.settings.max_stale_s:
+                out["ok"] = False
+        return out
+
+
+def _validate_page(kind: str, fields: list[str], digits: int) -> None:
+    """Every field a lowercase hex hash of ``kind`` (one pass for the common case)."""
+    joined = "".join(fields)
+    try:
+        ok = (
+            len(joined) == digits * len(fields)
+            and joined == joined.lower()
+            and len(bytes.fromhex(joined)) * 2 == len(joined)
+        )
+    except ValueError:
+        ok = False
+    if not ok:
+        for f in fields:
+            normalize_hash(kind, f)
+            if f != f.lower():
+                raise BankFormatError(f"not lowercase: {f[:72]!r}")
+
+
+def entries_from_hashes(
+    kind: str, hashes: Iterable[str], note: str = "", quality: int | None = None
+) -> list[BankEntry]:
+    """Command-line hashes as entries (BankFormatError on the first malformed one)."""
+    check_quality(kind, quality)
+    note = check_note(note)
+    return [BankEntry(normalize_hash(kind, h), note, quality) for h in hashes]
+
+
+# --------------------------------------------------------------------------- take-down feedback
+
+# KEYS: stream. ARGV: start ('+' or an exclusive '(id'), page size, verdict id.
+# Returns {'found', verdict json}, {'more', last id read} or {'done'}: a server-side scan, so
+# only the verdict asked for crosses the wire.
+_FIND_VERDICT = """
+local page = redis.call('XREVRANGE', KEYS[1], ARGV[1], '-', 'COUNT', ARGV[2])
+for _, entry in ipairs(page) do
+  local f = entry[2]
+  local id, body = nil, nil
+  for i = 1, #f, 2 do
+    if f[i] == 'id' then id = f[i + 1] elseif f[i] == 'verdict' then body = f[i + 1] end
+  end
+  if id == ARGV[3] and body then return {'found', body} end
+end
+if #page < tonumber(ARGV[2]) then return {'done'} end
+return {'more', page[#page][1]}
+"""
+
+
+def find_verdict(redis: Any, stream: str, verdict_id: str, page: int = 5000) -> dict[str, Any] | None:
+    """A verdict still on the results stream, by id: through its published marker (which
+    holds its entry id) when that has not expired, else by a paged scan in Redis."""
+    entry = redis.get(keys.published_marker(verdict_id))
+    if entry is not None and _text(entry) not in ("", "1"):
+        for _id, fields in redis.xrange(stream, _text(entry), _text(entry)):
+            body = {_text(k): v for k, v in fields.items()}.get("verdict")
+            if body is not None:
+                return json.loads(_text(body))
+    script = redis.register_script(_FIND_VERDICT)
+    start = "+"
+    while True:
+        reply = script(keys=[stream], args=[start, page, verdict_id])
+        status = _text(reply[0])
+        if status == "found":
+            return json.loads(_text(reply[1]))
+        if status == "done":
+            return None
+        start = "(" + _text(reply[1])
+
+
+def verdict_hash(verdict: Mapping[str, Any], kind: str) -> tuple[BankEntry | None, str]:
+    """The hash of ``kind`` a verdict carries, as a bank entry noted with the verdict id;
+    (None, why not) when it has none that a bank may take."""
+    vid = str(verdict.get("id") or "?")
+    hashes = verdict.get("hashes") or {}
+    source = verdict.get("source") or {}
+    quality = None
+    if kind == "sha256":
+        value = source.get("sha256")
+    elif kind == "md5":
+        value = hashes.get("md5")
+    else:
+        value, quality = hashes.get("pdq"), hashes.get("pdq_quality")
+    if not value:
+        why = "an error verdict" if verdict.get("status") == "error" else "no hashes (an older verdict?)"
+        return None, f"verdict {vid}: no {kind} hash ({why})"
+    try:
+        if isinstance(quality, int):
+            check_quality(kind, quality)
+        return BankEntry(normalize_hash(kind, str(value)), f"verdict {vid}", quality), ""
+    except BankFormatError as exc:
+        return None, f"verdict {vid}: {exc}"
+
+
+def read_verdict_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """Verdicts of a JSONL file (``modgate scan --output``, or the stream exported);
+    BankFormatError names the line of one that is not JSON."""
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise BankFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                verdict = json.loads(line)
+            except ValueError:
+                raise BankFormatError(f"{path}:{number}: not a JSON verdict") from None
+            if not isinstance(verdict, dict):
+                raise BankFormatError(f"{path}:{number}: not a JSON verdict")
+            yield verdict
