@@ -18,7 +18,8 @@ hashes that is ~1.1 GB.
 
 Updates are incremental: new rows go to a small ``delta`` that lookups scan by brute force
 and that is merged into the sorted tables (one linear pass, no re-sort of the main part)
-when it outgrows ``delta_max``; removed rows are marked dead at once and dropped from the
+when it would outgrow ``delta_max`` (a batch that large is merged before it is published,
+so lookups never scan a large delta); removed rows are marked dead at once and dropped from the
 tables by the next merge; only when the bank doubles (``p`` changes) or half its rows are
 dead are the tables rebuilt. Writers (one thread: the bank sync) build new arrays and
 publish them as one snapshot; lookups from any thread read whichever snapshot was current
