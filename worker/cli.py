@@ -127,10 +127,25 @@ def scan(
         FailOn, typer.Option("--fail-on", help="Exit 1 if any verdict is at least this bad.")
     ] = FailOn.never,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    bank: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--bank",
+            help="A hash bank for this run: NAME=FILE[:ACTION[:CATEGORY[:KIND]]] (repeatable; action "
+            "unsafe, category illegal_activity, kind from the file: 32 hex digits md5, 64 pdq).",
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Moderate images in-process (no Redis): one JSON verdict per line, then a summary."""
     check_out_file(output, "--output")
+    from worker.tools.scan import scan_banks
+
+    try:
+        banks = scan_banks(bank or [])
+    except ValueError as exc:  # BankFormatError, or a spec pydantic refuses
+        typer.echo(f"modgate: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
     settings = _settings(config, _detector_overrides(detectors, model))
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
@@ -154,7 +169,7 @@ def scan(
             seen["worst"] = max(seen["worst"], worst[verdict.decision])
 
     try:
-        pipeline = scan_pipeline(settings)
+        pipeline = scan_pipeline(settings, banks)
     except ConfigError as exc:
         console.print(f"[red]modgate: {exc}[/red]")
         raise typer.Exit(EXIT_INFRA) from None

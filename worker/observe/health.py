@@ -45,6 +45,8 @@ class Health:
         self.devices: dict[str, str] = {}
         # Extra liveness checks (e.g. "the batcher thread is alive").
         self.live_checks: list[Callable[[], bool]] = []
+        # The hash banks' state (BankSync.health): a stale or unloaded copy is not ready.
+        self.banks: Callable[[], dict[str, Any]] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_beat: float = 0.0
@@ -60,11 +62,15 @@ class Health:
         except Exception:
             return False
 
+    def banks_ok(self, banks: dict[str, Any] | None) -> bool:
+        return banks is None or bool(banks.get("ok"))
+
     def state(self) -> dict[str, Any]:
-        return {
+        banks = self.banks() if self.banks is not None else None
+        out = {
             "hostname": self.hostname,
             "pid": os.getpid(),
-            "ready": self.ready and not self.draining,
+            "ready": self.ready and not self.draining and self.banks_ok(banks),
             "draining": self.draining,
             "live": self.live(),
             "queues": self.queues,
@@ -72,6 +78,9 @@ class Health:
             "devices": self.devices,
             "ts": time.time(),
         }
+        if banks is not None:
+            out["banks"] = banks
+        return out
 
     def beat(self) -> None:
         self.redis.set(
@@ -128,8 +137,9 @@ def serve(health: Health, host: str, port: int) -> ThreadingHTTPServer:
                 ok = health.live()
                 self._send(200 if ok else 503, b"ok\n" if ok else b"not live\n")
             elif path == "/readyz":
-                ok = health.ready and not health.draining and health.redis_ok()
-                self._send(200 if ok else 503, json.dumps(health.state()).encode(), "application/json")
+                state = health.state()
+                ok = state["ready"] and health.redis_ok()
+                self._send(200 if ok else 503, json.dumps(state).encode(), "application/json")
             else:
                 self._send(404, b"not found\n")
 

@@ -111,6 +111,7 @@ class Service:
         self._drain_deadline: float | None = None
         self._lock = threading.Lock()
         self._http: Any = None
+        self._banks: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -155,7 +156,15 @@ class Service:
         from worker.pipeline import Pipeline
 
         cache = RedisScoreCache(self.redis, self.settings.cache) if self.settings.cache.enabled else None
-        return Pipeline(self.settings, on_batch=metrics.BATCH_SIZE.observe, cache=cache)
+        banks = None
+        if self.settings.banks.sync:
+            from worker.judge.banks import BankSync
+
+            # Loaded before the first message: a worker does not judge without its banks.
+            self._banks = banks = BankSync(self.redis, self.settings)
+            banks.start()
+            self.health.banks = banks.health
+        return Pipeline(self.settings, on_batch=metrics.BATCH_SIZE.observe, cache=cache, banks=banks)
 
     def begin_drain(self) -> None:
         """SIGTERM: in-flight messages get ``drain_timeout_s`` to finish, then go back to the queue."""
@@ -170,6 +179,8 @@ class Service:
             self._http.shutdown()
         if self.pipeline is not None:
             self.pipeline.close()
+        if self._banks is not None:
+            self._banks.stop()
 
     # -- modgate.moderate ---------------------------------------------------------------
 

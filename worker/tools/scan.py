@@ -3,15 +3,19 @@ without Redis, writing one JSON verdict per line and returning a summary."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
+from modgate.banks import BankFormatError, BankSpec
 from modgate.settings import Settings
 from modgate.verdict import Source, Verdict
 from worker.ingest.fetch import Fetcher
+from worker.judge.banks import BankSet
 from worker.judge.score_cache import MemoryScoreCache
 from worker.pipeline import Pipeline
 
@@ -69,3 +73,46 @@ def scan_pipeline(settings: Settings, banks: Any = None) -> Pipeline:
     file met twice is scored once, and the banks given on the command line, if any."""
     cache = MemoryScoreCache(settings.cache) if settings.cache.enabled else None
     return Pipeline(settings, cache=cache, banks=(lambda: banks) if banks is not None else None)
+
+
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def _sniff_kind(path: Path) -> str:
+    """A bank file's kind from its first hash: 32 hex digits MD5, 64 PDQ (hash lists of
+    64 hex digits are PDQ far more often; say ``:sha256`` for SHA-256)."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            for field in re.split(r"[,\s]+", line.strip()):
+                if _HEX.fullmatch(field) and len(field) in (32, 64):
+                    return "md5" if len(field) == 32 else "pdq"
+    raise BankFormatError(f"{path}: no MD5 or PDQ hash found to tell the bank's kind; add :KIND")
+
+
+def parse_bank_option(text: str) -> tuple[BankSpec, Path]:
+    """``NAME=FILE[:ACTION[:CATEGORY[:KIND]]]`` (``modgate scan --bank``): action default
+    ``unsafe``, category ``illegal_activity``, kind from the file's hashes. ValueError
+    (BankFormatError or a pydantic error) names what is wrong."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise BankFormatError(f"--bank {text!r}: expected NAME=FILE[:ACTION[:CATEGORY[:KIND]]]")
+    file, *fields = rest.split(":")
+    if len(fields) > 3:
+        raise BankFormatError(f"--bank {text!r}: expected NAME=FILE[:ACTION[:CATEGORY[:KIND]]]")
+    action, category, kind = ([*fields, "", "", ""])[:3]
+    path = Path(file)
+    if not path.is_file():
+        raise BankFormatError(f"--bank {text!r}: {file} is not a file")
+    spec = BankSpec(
+        name=name,
+        kind=kind or _sniff_kind(path),
+        action=action or "unsafe",
+        category=category or "illegal_activity",
+    )
+    return spec, path
+
+
+def scan_banks(options: Iterable[str]) -> BankSet | None:
+    """The banks of a ``modgate scan`` run, from ``--bank`` options (None without any)."""
+    specs = [parse_bank_option(o) for o in options]
+    return BankSet.from_files(specs) if specs else None
