@@ -35,6 +35,8 @@ bench: install
 	$(PY) bench/bench_cpu.py
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_scan_bomb.py
+	$(PY) bench/bench_hashing.py
+	$(PY) bench/bench_banks.py
 
 lint: install
 	$(VENV)/bin/ruff check .
