@@ -41,9 +41,10 @@ def _send_steadily(url: str, bucket: str, keys_: list[str], hook: str, done: thr
 
 
 def test_the_shipped_redis_fsyncs_every_write():
-    # The choice behind the kill -9 case (docs/worker.md "Delivery guarantees"): with everysec the
-    # last second of acknowledged writes (queued messages, their outbox entries, stream
-    # entries) can vanish, and the outbox lives in that same Redis, so nothing re-sends them.
+    # docs/worker.md "Delivery guarantees": on a host crash or power loss (not a kill -9 of
+    # redis-server: the page cache keeps those writes) everysec can lose the last second of
+    # acknowledged writes (queued messages, their outbox entries, stream entries), and the
+    # outbox lives in that same Redis, so nothing would re-send them.
     assert shipped_redis_persistence() == {"appendonly": True, "appendfsync": "always"}
 
 
