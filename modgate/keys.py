@@ -115,3 +115,18 @@ def bank_entries(name: str) -> str:
 
 def bank_meta(name: str) -> str:
     return f"{PREFIX}:bank:{name}:meta"
+
+
+# What the review console needs about a verdict that the verdict itself does not carry,
+# written at publish time (``results.meta_ttl_s``): its tenant, the webhook URLs its
+# ``verdict.created`` events went to, and its stream entry (JSON).
+def verdict_meta(verdict_id: str) -> str:
+    return f"{PREFIX}:verdict:{verdict_id}:meta"
+
+
+# Per-minute counts of published verdicts (a hash per minute, fields ``total``,
+# ``decision:<d>``, ``status:<s>``, ``category:<c>`` for flagged categories), incremented by
+# the publish script with the stream entry, so duplicates never count twice and the console's
+# dashboard reads counters instead of scanning the stream. Expire after ``results.stats_ttl_s``.
+def stats_minute(minute: int) -> str:
+    return f"{PREFIX}:stats:{minute}"

@@ -272,6 +272,11 @@ class ResultsSettings(BaseModel):
     dedup_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     # Error verdicts that may pass (fetch_failed, timeout...) block a re-send only this long.
     transient_dedup_ttl_s: int = Field(600, ge=1)
+    # How long the console can find a verdict's tenant and webhook URLs (keys.verdict_meta):
+    # a review after this is recorded, but its verdict.reviewed webhook has nowhere to go.
+    meta_ttl_s: int = Field(14 * 24 * 3600, ge=60)
+    # How long the per-minute verdict counts (keys.stats_minute) stay for the dashboard.
+    stats_ttl_s: int = Field(8 * 24 * 3600, ge=3600)
 
 
 class HashingSettings(BaseModel):
