@@ -130,3 +130,19 @@ def verdict_meta(verdict_id: str) -> str:
 # dashboard reads counters instead of scanning the stream. Expire after ``results.stats_ttl_s``.
 def stats_minute(minute: int) -> str:
     return f"{PREFIX}:stats:{minute}"
+
+
+# The review console (console/queue.py): its consumer group on VERDICT_STREAM, the queue of
+# verdicts waiting for a person (verdict id -> max category score; bounded by
+# ``console.queue_maxlen``), each item's JSON (expires after ``console.queue_ttl_s``), and
+# the lease a reviewer holds on an open item (SET NX PX ``console.lease_s``).
+CONSOLE_GROUP = "console"
+REVIEW_QUEUE = f"{PREFIX}:review:queue"
+
+
+def review_item(verdict_id: str) -> str:
+    return f"{PREFIX}:review:item:{verdict_id}"
+
+
+def review_lease(verdict_id: str) -> str:
+    return f"{PREFIX}:review:lease:{verdict_id}"

@@ -474,6 +474,43 @@ class ReceiverSettings(BaseModel):
         return value
 
 
+class ConsoleSettings(BaseModel):
+    """``modgate console``: the review web app for moderators (docs/review.md)."""
+
+    # Reviewer name -> token (``MODGATE_CONSOLE__TOKENS='{"ana": "..."}'``), accepted as
+    # ``Authorization: Bearer`` and by the login form. Empty tokens are refused.
+    tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    # Take the reviewer from ``X-Forwarded-User`` (an auth proxy in front); only when the
+    # console is reachable through that proxy alone, since anyone else could set it.
+    trust_proxy_header: bool = False
+    # Signs session cookies and CSRF tokens. Unset = a random secret per process: sessions
+    # then end with the process and do not span replicas.
+    session_secret: SecretStr | None = None
+    session_max_age_s: int = Field(12 * 3600, ge=60)
+    # How long opening an item hides it from other reviewers.
+    lease_s: int = Field(120, ge=5)
+    # Review queue bound (the lowest-scored items leave first) and item lifetime.
+    queue_maxlen: int = Field(10_000, ge=1)
+    queue_ttl_s: int = Field(14 * 24 * 3600, ge=60)
+    # Unsafe verdicts also enter the queue, for a person to confirm.
+    queue_unsafe: bool = False
+    # Stream entries the console reads per round, and how often it reads.
+    read_batch: int = Field(200, ge=1, le=10_000)
+    poll_s: float = Field(2.0, gt=0)
+    # Session cookie only over HTTPS; false for plain-HTTP tests.
+    cookie_secure: bool = True
+    # Largest image the console proxies; a larger object is refused, not truncated.
+    image_max_bytes: int = Field(20 * MiB, ge=1024)
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_not_empty(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, token in value.items():
+            if not name or len(token.get_secret_value()) < 16:
+                raise ValueError("every console token needs a reviewer name and at least 16 characters")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MODGATE_",
@@ -499,6 +536,7 @@ class Settings(BaseSettings):
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     # A policy file replaces parts of the built-in policy; inline ``policy`` entries
     # (YAML config or env) are merged on top of that.
     policy_file: Path | None = None
