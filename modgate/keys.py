@@ -146,3 +146,8 @@ def review_item(verdict_id: str) -> str:
 
 def review_lease(verdict_id: str) -> str:
     return f"{PREFIX}:review:lease:{verdict_id}"
+
+
+def review_skipped(reviewer: str) -> str:
+    """Items one reviewer skipped (verdict id -> when), hidden from them for a while (zset)."""
+    return f"{PREFIX}:review:skipped:{reviewer}"
