@@ -1,4 +1,4 @@
-"""Webhook delivery: the event envelope and its signatures, the SSRF guard, one delivery
+"""Webhook delivery: signatures at send time, the SSRF guard, one delivery
 attempt with a wall-clock deadline, the per-host concurrency cap, retries with backoff,
 the dead-letter stream and its replay.
 
@@ -11,7 +11,9 @@ while POSTing, and a claim per scheduled retry so the retry chain cannot fork.
 One delivery is one published stream entry to one URL: the event id is
 ``<verdict id>:<stream entry id>``, so a later verdict for the same object (an ``ok``
 after a ``timeout``) is a new event, and every copy of one entry carries the same body,
-the entry as stored. Receivers verify with ``modgate.signing``.
+the entry as stored. Receivers verify with ``modgate.signing``. The envelope (``Delivery``,
+headers, event types) and ``queue_delivery`` live in ``modgate.envelope``, because the review
+console queues ``verdict.reviewed`` deliveries too; this module re-exports them.
 """
 
 from __future__ import annotations
@@ -33,52 +35,48 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
-
-from pydantic import BaseModel, Field, field_validator
+from urllib.parse import urlsplit
 
 from modgate import keys
+from modgate.envelope import (
+    DELIVERY_HEADER,
+    ENVELOPE,
+    EVENT_TYPE_HEADER,
+    EVENT_TYPES,
+    RESERVED_EVENT_TYPES,
+    VERDICT_CREATED,
+    VERDICT_HEADER,
+    VERDICT_REVIEWED,
+    Delivery,
+    event_id,
+    queue_delivery,
+    strip_userinfo,
+)
 from modgate.settings import WebhookSettings
-from modgate.signing import EVENT_HEADER, SIGNATURE_HEADER, sign, sign_standard, verify
+from modgate.signing import SIGNATURE_HEADER, sign, sign_standard, verify
 
-__all__ = ["SIGNATURE_HEADER", "sign", "sign_standard", "verify"]
+# The envelope moved to modgate.envelope (the console queues deliveries too); its names stay
+# importable from here for existing callers.
+__all__ = [
+    "DELIVERY_HEADER",
+    "ENVELOPE",
+    "EVENT_TYPES",
+    "EVENT_TYPE_HEADER",
+    "RESERVED_EVENT_TYPES",
+    "SIGNATURE_HEADER",
+    "VERDICT_CREATED",
+    "VERDICT_HEADER",
+    "VERDICT_REVIEWED",
+    "Delivery",
+    "event_id",
+    "queue_delivery",
+    "sign",
+    "sign_standard",
+    "strip_userinfo",
+    "verify",
+]
 
 log = logging.getLogger(__name__)
-
-# -- the envelope (docs/webhooks.md and `modgate schema` describe exactly this) ------------
-
-VERDICT_HEADER = "Modgate-Verdict-Id"
-EVENT_TYPE_HEADER = "Modgate-Event-Type"
-DELIVERY_HEADER = "Modgate-Delivery-Attempt"
-VERDICT_CREATED = "verdict.created"
-# Sent today; ``verdict.reviewed`` (a reviewer's decision) is reserved for the console.
-EVENT_TYPES = (VERDICT_CREATED,)
-RESERVED_EVENT_TYPES = ("verdict.reviewed",)
-
-ENVELOPE: dict[str, Any] = {
-    "method": "POST",
-    "content_type": "application/json",
-    "body": "the verdict JSON exactly as stored in the stream entry's `verdict` field "
-    "(this document is its JSON Schema)",
-    "event_types": {
-        VERDICT_CREATED: "a verdict was added to the results stream",
-        "verdict.reviewed": "reserved: a reviewer decided a verdict (not sent yet)",
-    },
-    "headers": {
-        EVENT_HEADER: "<verdict id>:<stream entry id>; one event per stream entry, the same on every "
-        "attempt and copy: deduplicate on it",
-        VERDICT_HEADER: "the verdict id (sha256 of object and policy version); several events may share it",
-        EVENT_TYPE_HEADER: "the event type, e.g. verdict.created",
-        DELIVERY_HEADER: "1, 2, ...: the attempt number",
-        SIGNATURE_HEADER: "t=<unix>,v1=<hex HMAC-SHA256(secret, '<t>.<body>')>, one v1 per active secret "
-        "(Stripe's scheme); absent when no secret is configured",
-        "webhook-id": "the event id (Standard Webhooks)",
-        "webhook-timestamp": "<unix> (Standard Webhooks)",
-        "webhook-signature": "v1,<base64 HMAC-SHA256(key, '<webhook-id>.<timestamp>.<body>')>, "
-        "space-separated, one per active secret (Standard Webhooks); "
-        "key = base64 after whsec_, or the secret's UTF-8 bytes",
-    },
-}
 
 # Waits longer than this are split into hops: a Celery countdown beyond the Redis
 # visibility timeout would be handed out twice by kombu. The service lowers it to half
@@ -86,85 +84,6 @@ ENVELOPE: dict[str, Any] = {
 MAX_HOP_S = 120.0
 
 Outcome = Literal["delivered", "retry", "dead", "duplicate", "busy", "waiting", "throttled"]
-
-
-def event_id(verdict_id: str, entry_id: str) -> str:
-    return f"{verdict_id}:{entry_id}"
-
-
-def strip_userinfo(url: str) -> str:
-    """``url`` without ``user:password@``: credentials are never stored, logged or sent."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-class Delivery(BaseModel):
-    """One stream entry on its way to one URL; travels as the webhook task's argument."""
-
-    delivery_id: str
-    event_id: str
-    # None only in deliveries queued before event ids named the stream entry.
-    verdict_id: str | None = None
-    event_type: str = VERDICT_CREATED
-    url: str
-    tenant: str | None = None
-    body: str
-    # Who started this retry chain: the event for first deliveries, the dead letter for replays.
-    chain: str
-    attempt: int = Field(1, ge=1)
-    hop: int = 0
-    first_at: float
-    not_before: float = 0.0
-    last_error: str | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _no_userinfo(cls, url: str) -> str:
-        return strip_userinfo(url)
-
-    @classmethod
-    def new(
-        cls,
-        event_id: str,
-        url: str,
-        body: str,
-        tenant: str | None,
-        *,
-        verdict_id: str | None = None,
-        event_type: str = VERDICT_CREATED,
-        chain: str | None = None,
-    ) -> Delivery:
-        url = strip_userinfo(url)
-        delivery_id = hashlib.sha256(f"{event_id}\x00{url}".encode()).hexdigest()[:32]
-        return cls(
-            delivery_id=delivery_id,
-            event_id=event_id,
-            verdict_id=verdict_id,
-            event_type=event_type,
-            url=url,
-            tenant=tenant,
-            body=body,
-            chain=chain or event_id,
-            first_at=time.time(),
-        )
-
-    def headers(self, settings: WebhookSettings, now: int) -> dict[str, str]:
-        body = self.body.encode()
-        headers = {
-            EVENT_HEADER: self.event_id,
-            VERDICT_HEADER: self.verdict_id or self.event_id.split(":", 1)[0],
-            EVENT_TYPE_HEADER: self.event_type,
-            DELIVERY_HEADER: str(self.attempt),
-            "webhook-id": self.event_id,
-            "webhook-timestamp": str(now),
-        }
-        secrets = [s.get_secret_value() for s in settings.secrets_for(self.tenant)]
-        if secrets:
-            headers[SIGNATURE_HEADER] = sign(secrets, body, now)
-            headers["webhook-signature"] = sign_standard(secrets, self.event_id, body, now)
-        return headers
 
 
 class WebhookRefused(Exception):
@@ -473,11 +392,7 @@ class Dispatcher:
         """Put ``delivery`` on the webhook queue, noting it as pending first (see
         ``keys.WEBHOOK_PENDING``), so that a task lost in transit is re-sent by
         ``resend_lost``. Copies are harmless: the done marker and the lease see to that."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zadd(keys.WEBHOOK_PENDING, {delivery.delivery_id: time.time() + countdown})
-        pipe.hset(keys.WEBHOOK_PENDING_PAYLOADS, delivery.delivery_id, delivery.model_dump_json())
-        pipe.execute()
-        self.schedule(delivery, countdown)
+        queue_delivery(self.redis, delivery, lambda d: self.schedule(d, countdown), countdown=countdown)
 
     def _settled(self, delivery_id: str) -> None:
         def forget() -> None:
