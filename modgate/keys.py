@@ -151,3 +151,14 @@ def review_lease(verdict_id: str) -> str:
 def review_skipped(reviewer: str) -> str:
     """Items one reviewer skipped (verdict id -> when), hidden from them for a while (zset)."""
     return f"{PREFIX}:review:skipped:{reviewer}"
+
+
+# Review decisions (modgate/review.py): every decision recorded, in order (fields ``verdict_id``,
+# ``decision`` (the ReviewDecision JSON), ``uri``; bounded by ``review.reviews_maxlen``), and per
+# verdict the decision that won (SET NX with the decision JSON, ``review.decided_ttl_s``),
+# written together by one script so the first decision wins and the second reviewer sees it.
+REVIEWS = f"{PREFIX}:reviews"
+
+
+def review_decided(verdict_id: str) -> str:
+    return f"{PREFIX}:review:decided:{verdict_id}"

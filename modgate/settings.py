@@ -511,6 +511,23 @@ class ConsoleSettings(BaseModel):
         return value
 
 
+class ReviewSettings(BaseModel):
+    """Review decisions taken in the console (modgate/review.py, docs/review.md)."""
+
+    # Approximate trim (XADD MAXLEN ~) of the reviews stream (keys.REVIEWS), which the labels
+    # export reads: Redis keeps at least this many decisions.
+    reviews_maxlen: int = Field(100_000, ge=1)
+    # How long a verdict's winning decision (keys.review_decided) refuses a second one; longer
+    # than the review queue keeps an item (console.queue_ttl_s).
+    decided_ttl_s: int = Field(30 * 24 * 3600, ge=60)
+    # Apply the decision to the S3 object (release from / move to quarantine, or tag) when the
+    # console has an S3 client.
+    apply_actions: bool = True
+    # The exact (sha256) allow-list bank an overturned object's SHA-256 goes to, so its
+    # release (a new upload event) is not quarantined again; created on first use.
+    allow_bank: str = Field("review-allow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MODGATE_",
@@ -537,6 +554,7 @@ class Settings(BaseSettings):
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
     # A policy file replaces parts of the built-in policy; inline ``policy`` entries
     # (YAML config or env) are merged on top of that.
     policy_file: Path | None = None
