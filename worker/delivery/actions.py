@@ -18,6 +18,9 @@ from typing import Any
 from modgate import keys
 from modgate.errors import ErrorCode
 from modgate.policy import PolicyActions, QuarantineAction, ResolvedErrorRule
+
+# In the light package since the review console releases from quarantine (its inverse).
+from modgate.quarantine import quarantine_key as quarantine_key
 from modgate.verdict import Verdict
 
 log = logging.getLogger(__name__)
@@ -61,14 +64,6 @@ NO_OBJECT = {
     ErrorCode.INVALID_MESSAGE: "the message names no valid object",
 }
 DEFAULT_ERROR_RULE = ResolvedErrorRule("tag", False)
-
-
-def quarantine_key(prefix: str, key: str) -> str:
-    """Where a quarantined object goes under ``prefix``. "." and ".." segments (S3 keeps
-    them literally; ``invalid_key`` verdicts have them) are escaped, so no store or proxy
-    that normalises paths can resolve the copy outside the prefix."""
-    parts = key.split("/")
-    return prefix + "/".join(p.replace(".", "%2E") if p in (".", "..") else p for p in parts)
 
 
 def _quarantine_to(q: QuarantineAction, source: Any) -> str | None:
