@@ -96,7 +96,7 @@ def move(
     if etag and not version_id:
         if src["ETag"].strip('"') != etag.strip('"'):
             raise MoveError(f"s3://{bucket}/{key} changed since it was judged: not moved")
-        kwargs["CopySourceIfMatch"] = f'"{etag.strip(chr(34))}"'
+        kwargs["CopySourceIfMatch"] = '"' + etag.strip('"') + '"'
     client.copy_object(**kwargs)
     dst = _head(client, target_bucket, target_key)
     if dst is None or dst["ContentLength"] != src["ContentLength"]:
