@@ -5,6 +5,7 @@ proxy; and the service's publish → webhook-queue path against real Redis and C
 import json
 import statistics
 import time
+from unittest.mock import ANY
 
 import pytest
 import redis
@@ -206,3 +207,32 @@ def test_one_dripping_endpoint_does_not_hold_up_the_others(env, r, workers):  # 
     drip.stop()
     for hook in (tarpit, *fast):
         hook.stop()
+
+
+def test_the_console_finds_each_verdicts_tenant_and_every_url_its_events_went_to(service, r):  # noqa: F811
+    """keys.verdict_meta: written at publish time for the review console's verdict.reviewed
+    events; a copy of the message with another callback adds its URL, a later copy keeps both."""
+    item = {"bucket": "bkt", "key": "photo.jpg"}
+    first = validate_message({"items": [item], "callback_url": "http://127.0.0.1:9/a", "tenant": "acme"})
+    service._publish([ok()], first, {"published": 0, "duplicates": 0})
+    (entry,) = [e.decode() for e, _ in r.xrange(keys.VERDICT_STREAM)]
+    record = json.loads(r.get(keys.verdict_meta(ok().id)))
+    assert record == {"tenant": "acme", "urls": ["http://127.0.0.1:9/a"], "entry_id": entry}
+    assert 0 < r.ttl(keys.verdict_meta(ok().id)) <= service.settings.results.meta_ttl_s
+    second = validate_message({"items": [item], "callback_url": "http://127.0.0.1:9/b"})
+    service._publish([ok()], second, {"published": 0, "duplicates": 0})
+    record = json.loads(r.get(keys.verdict_meta(ok().id)))
+    assert record["tenant"] == "acme" and sorted(record["urls"]) == [
+        "http://127.0.0.1:9/a",
+        "http://127.0.0.1:9/b",
+    ]
+    other = Source(kind="s3", uri="s3://bkt/x.jpg", bucket="bkt", key="x.jpg")
+    quiet = Verdict(
+        id=verdict_id(other, "p1"), source=other, status="ok", decision="safe", policy_version="p1"
+    )
+    service._publish(
+        [quiet],
+        validate_message({"items": [{"bucket": "bkt", "key": "x.jpg"}]}),
+        {"published": 0, "duplicates": 0},
+    )
+    assert json.loads(r.get(keys.verdict_meta(quiet.id))) == {"tenant": None, "urls": [], "entry_id": ANY}

@@ -98,3 +98,32 @@ def test_the_readme_example_reads_published_verdicts(redis_server, capsys):
     (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "xread" in s]
     exec(snippet.replace("redis://127.0.0.1:6379/0", redis_server.url), {})
     assert capsys.readouterr().out.split() == ["s3://b/k.jpg", "safe", "None"]
+
+
+def test_new_verdicts_are_counted_per_minute_and_duplicates_are_not(redis_server):
+    from modgate.verdict import CategoryResult
+
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    publisher = ResultPublisher(r, ResultsSettings(stats_ttl_s=7200))
+    flagged = ok_verdict(SOURCE.model_copy(update={"key": "nude.jpg"})).model_copy(
+        update={
+            "decision": "unsafe",
+            "categories": {
+                "sexual": CategoryResult(score=0.9, flagged=True, covered=True),
+                "violence": CategoryResult(score=0.1, flagged=False, covered=True),
+            },
+        }
+    )
+    broken = error_verdict(SOURCE.model_copy(update={"key": "bad"}), "p1", ErrorCode.CORRUPT_IMAGE, "x")
+    publisher.publish_many([ok_verdict(), flagged, broken])
+    publisher.publish_many([ok_verdict(), flagged])  # a redelivered message: counted once
+    counters = {}
+    for key in r.scan_iter(match=keys.stats_minute(0).replace(":0", ":*")):
+        assert 0 < r.ttl(key) <= 7200
+        for field, value in r.hgetall(key).items():
+            counters[field.decode()] = counters.get(field.decode(), 0) + int(value)
+    assert counters["total"] == 3
+    assert counters["status:ok"] == 2 and counters["status:error"] == 1
+    assert counters["decision:safe"] == 1 and counters["decision:unsafe"] == 1
+    assert counters["category:sexual"] == 1 and "category:violence" not in counters

@@ -5,10 +5,14 @@ entry in one atomic step, so a redelivered or duplicated message can never add a
 entry, and a crash can never leave a marker without its entry (or the reverse). The
 marker holds the entry id: a duplicate gets the entry it duplicates back (id and stored
 verdict JSON), so its webhooks carry what the stream says, not a fresh computation.
+
+The same script counts the new entry in its minute's counters (``keys.stats_minute``), so the
+console's dashboard reads counts that duplicates never inflate, without scanning the stream.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +21,8 @@ from modgate.errors import ErrorCode
 from modgate.settings import ResultsSettings
 from modgate.verdict import Verdict
 
-# KEYS: marker, stream. ARGV: ttl, maxlen, verdict json, verdict id, status, decision.
+# KEYS: marker, stream, minute counters. ARGV: ttl, maxlen, verdict json, verdict id, status,
+# decision, counters ttl, then the counter fields to increment.
 # Returns {entry id, 1} for a new entry; {entry id, 0, stored verdict json} for a duplicate
 # ({entry id, 0} if the stream has trimmed that entry since).
 _PUBLISH = """
@@ -25,6 +30,8 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   local entry = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
                            'verdict', ARGV[3], 'id', ARGV[4], 'status', ARGV[5], 'decision', ARGV[6])
   redis.call('SET', KEYS[1], entry, 'EX', ARGV[1])
+  for i = 8, #ARGV do redis.call('HINCRBY', KEYS[3], ARGV[i], 1) end
+  redis.call('EXPIRE', KEYS[3], ARGV[7])
   return {entry, 1}
 end
 local entry = redis.call('GET', KEYS[1])
@@ -62,6 +69,16 @@ class Published:
     body: str | None
 
 
+def counter_fields(verdict: Verdict) -> list[str]:
+    """The per-minute counters one new verdict increments: ``total``, its status, its
+    decision and each category it flagged."""
+    fields = ["total", f"status:{verdict.status}"]
+    if verdict.decision:
+        fields.append(f"decision:{verdict.decision}")
+    fields += [f"category:{name}" for name, result in sorted(verdict.categories.items()) if result.flagged]
+    return fields
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -78,13 +95,14 @@ class ResultPublisher:
     def publish_many(self, verdicts: list[Verdict]) -> list[Published]:
         """Publish in one round trip (a pipeline of script calls); each stays atomic on its own."""
         pipe = self.redis.pipeline(transaction=False)
+        minute = keys.stats_minute(int(time.time()) // 60)
         bodies = []
         for verdict in verdicts:
             transient = verdict.error is not None and verdict.error.code in TRANSIENT
             body = verdict.model_dump_json()
             bodies.append(body)
             self._script(
-                keys=[keys.published_marker(verdict.id), self.settings.stream],
+                keys=[keys.published_marker(verdict.id), self.settings.stream, minute],
                 args=[
                     self.settings.transient_dedup_ttl_s if transient else self.settings.dedup_ttl_s,
                     self.settings.stream_maxlen,
@@ -92,6 +110,8 @@ class ResultPublisher:
                     verdict.id,
                     verdict.status,
                     verdict.decision or "",
+                    self.settings.stats_ttl_s,
+                    *counter_fields(verdict),
                 ],
                 client=pipe,
             )

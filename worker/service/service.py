@@ -49,6 +49,29 @@ from worker.observe.health import Health
 log = logging.getLogger(__name__)
 
 
+# KEYS: the verdict's meta record. ARGV: the new record (JSON), ttl. Keeps the URLs an
+# earlier copy recorded (and its tenant, if this copy has none), so the record names every
+# endpoint the entry's events went to.
+_MERGE_META = """
+local new = cjson.decode(ARGV[1])
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, prev = pcall(cjson.decode, old)
+  if ok and type(prev) == 'table' and type(prev.urls) == 'table' then
+    local seen = {}
+    for _, url in ipairs(new.urls) do seen[url] = true end
+    for _, url in ipairs(prev.urls) do
+      if type(url) == 'string' and not seen[url] then table.insert(new.urls, url); seen[url] = true end
+    end
+    if new.tenant == cjson.null and type(prev.tenant) == 'string' then new.tenant = prev.tenant end
+  end
+end
+local out = cjson.encode(new)
+if #new.urls == 0 then out = string.gsub(out, '"urls":{}', '"urls":[]') end  -- cjson: {} for empty
+redis.call('SET', KEYS[1], out, 'EX', ARGV[2])
+"""
+
+
 class Requeue(Exception):
     """The message goes back to the queue: the worker is draining, it timed out (transient),
     or an S3 action failed transiently."""
@@ -94,6 +117,7 @@ class Service:
         self.queues = queues
         self.redis = redis if redis is not None else redis_lib.Redis.from_url(settings.redis.url)
         self.publisher = ResultPublisher(self.redis, settings.results)
+        self._meta_script = self.redis.register_script(_MERGE_META)
         self.dispatcher = Dispatcher(
             self.redis,
             settings.webhook,
@@ -604,6 +628,7 @@ class Service:
         the entry as stored, so every copy carries the same event id and body."""
         from kombu.exceptions import OperationalError
 
+        self._record_meta(results, urls, tenant)
         try:
             for published in results:
                 vid, body = published.verdict_id, published.body
@@ -618,6 +643,22 @@ class Service:
             # message goes back to the queue (its verdicts are published; a redelivery
             # only re-sends their stored entries).
             raise Requeue(f"could not queue webhooks: {exc}") from exc
+
+    def _record_meta(self, results: list[Published], urls: list[str], tenant: str | None) -> None:
+        """What the review console needs and the verdict does not carry (``keys.verdict_meta``):
+        the tenant, so a ``verdict.reviewed`` event is signed with the tenant's secrets, and the
+        URLs this entry's events went to. Written before the webhooks are queued and again by
+        every copy of the message, so a verdict with webhooks always has its record; a copy
+        with other URLs (the key re-sent with another callback) adds them."""
+        pipe = self.redis.pipeline(transaction=False)
+        for published in results:
+            record = json.dumps({"tenant": tenant, "urls": urls, "entry_id": published.entry_id})
+            self._meta_script(
+                keys=[keys.verdict_meta(published.verdict_id)],
+                args=[record, self.settings.results.meta_ttl_s],
+                client=pipe,
+            )
+        pipe.execute()
 
     def _webhook_urls(self, message: ModerateMessage | None) -> list[str]:
         """The message's callback and the global webhook URL, credentials stripped."""
