@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-EXTRAS ?= dev,nudenet,eval
+EXTRAS ?= dev,nudenet,eval,console
 
 .PHONY: install demo test lint bench clean
 
@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	@command -v redis-server >/dev/null || (echo "installing redis-server" && \
 		(apt-get install -y -q redis-server >/dev/null 2>&1 || sudo apt-get install -y -q redis-server))
+	@# The console's browser tests: Debian's chromium and its driver (Selenium Manager never runs).
+	@command -v chromedriver >/dev/null || (echo "installing chromium chromium-driver" && \
+		(apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		 sudo apt-get install -y -q chromium chromium-driver))
 	touch $@
 
 demo: install

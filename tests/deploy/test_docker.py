@@ -20,7 +20,10 @@ DOCKER = REPO / "docker"
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
 
 
-@pytest.mark.parametrize("dockerfile", ["worker.Dockerfile", "producer.Dockerfile"])
+DOCKERFILES = ["worker.Dockerfile", "producer.Dockerfile", "console.Dockerfile"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_dockerfiles_lint_clean(dockerfile):
     out = subprocess.run(
         [HADOLINT, "--no-color", str(DOCKER / dockerfile)], capture_output=True, text=True, cwd=REPO
@@ -28,7 +31,7 @@ def test_dockerfiles_lint_clean(dockerfile):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("dockerfile", ["worker.Dockerfile", "producer.Dockerfile"])
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_images_run_as_non_root_with_a_healthcheck(dockerfile):
     text = (DOCKER / dockerfile).read_text()
     assert "USER 10001:10001" in text and "HEALTHCHECK" in text
@@ -42,6 +45,26 @@ def test_worker_image_can_bake_models_and_producer_image_has_no_torch():
     requirements = " ".join(line for line in lines if not line.startswith("#"))
     assert "celery" in requirements and "fastapi" in requirements
     assert not any(heavy in requirements for heavy in ("torch", "transformers", "onnxruntime", "open_clip"))
+
+
+def test_console_image_is_small_and_runs_the_console():
+    text = (DOCKER / "console.Dockerfile").read_text()
+    assert text.count("FROM python:3.11-slim") == 2 and "nvidia" not in text
+    # Only the shared package and the console: no worker code, no project install (torch).
+    assert re.findall(r"^COPY (?!--from)(\S+)", text, re.MULTILINE) == [
+        "docker/console-requirements.txt",
+        "modgate",
+        "console",
+    ]
+    assert "pip install ." not in text and 'pip install ".' not in text
+    assert 'CMD ["python", "-m", "console", "--host", "0.0.0.0", "--port", "8080"]' in text
+    lines = (DOCKER / "console-requirements.txt").read_text().lower().splitlines()
+    wanted = {_distribution(line) for line in lines if line.strip() and not line.startswith("#")}
+    console_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {_distribution(r) for r in console_extra["console"]} <= wanted
+    assert {"celery", "redis", "boto3", "pydantic-settings", "pyyaml"} <= wanted
+    heavy = {"torch", "torchvision", "transformers", "onnxruntime", "open-clip-torch", "pillow", "numpy"}
+    assert wanted & heavy == set()
 
 
 def test_compose_stack():

@@ -1,9 +1,9 @@
 """The tree shows the architecture, and stays that way (ARCHITECTURE.md).
 
-Every module of ``modgate``, ``worker`` and ``producers`` belongs to one layer; a module
-imports only from layers below its own (or from its own package), there is no import
-circle, and the light packages (``modgate``, ``producers``) never load torch, Pillow or
-numpy. Imports are read from the source, every one of them: module level, inside
+Every module of ``modgate``, ``worker``, ``producers`` and ``console`` belongs to one layer; a
+module imports only from layers below its own (or from its own package), there is no import
+circle, and the light packages (``modgate``, ``producers``, ``console``) never load torch,
+Pillow or numpy. Imports are read from the source, every one of them: module level, inside
 functions (the lazy imports that keep processes light) and under ``TYPE_CHECKING``, since
 a circle through a lazy import is still a circle. The public entry points the move must
 not break are checked at the end.
@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("modgate", "worker", "producers")
+PACKAGES = ("modgate", "worker", "producers", "console")
 
 # Lowest first. A module may import from a strictly lower layer, or from its own package.
 # A new package or top-level module must be placed here: the test fails until it is.
 LAYERS: list[set[str]] = [
     {"modgate"},  # the light shared package: contract, keys, settings, policy, verdict, signing
     {"producers", "worker.runtime", "worker.observe", "worker.delivery"},
+    {"console"},  # the review web app: only the shared package below it, nothing of the worker's
     {"worker.ingest"},  # bytes → frames
     {"worker.detectors"},  # the ensemble: prepare frames, score batches
     {"worker.device", "worker.judge"},  # the engine and the tensor path; scores → decision
@@ -38,6 +39,8 @@ LAYERS: list[set[str]] = [
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 # The CLI is shared by both deployables; nothing else in the worker reaches into producers.
 MAY_IMPORT_PRODUCERS = {"worker.cli"}
+# The console is a deployable of its own; only the CLI starts it (``modgate console``).
+MAY_IMPORT_CONSOLE = {"worker.cli"}
 HEAVY = ("torch", "torchvision", "transformers", "onnxruntime", "open_clip", "numpy", "PIL", "cv2")
 
 
@@ -105,7 +108,12 @@ def test_imports_only_go_down_the_layers():
             here, there = _unit(module), _unit(target)
             if here == there:
                 continue
-            if RANK[there] >= RANK[here] or (there == "producers" and here not in MAY_IMPORT_PRODUCERS):
+            below = RANK[there] < RANK[here]
+            producers_ok = there != "producers" or here in MAY_IMPORT_PRODUCERS
+            console_ok = (here != "console" or there == "modgate") and (
+                there != "console" or module in MAY_IMPORT_CONSOLE
+            )
+            if not (below and producers_ok and console_ok):
                 wrong.append(f"{module} -> {target}")
     assert wrong == []
 
@@ -168,12 +176,17 @@ def _loaded_after(statement: str) -> set[str]:
     return set(out.stdout.strip().split(","))
 
 
-@pytest.mark.parametrize("package", ["modgate", "producers"])
+@pytest.mark.parametrize("package", ["modgate", "producers", "console"])
 def test_the_light_packages_import_nothing_heavy(package):
     names = sorted(m for m in MODULES if m.split(".")[0] == package)
     loaded = _loaded_after("import " + ", ".join(names))
     assert loaded & set(HEAVY) == set()
-    assert "worker" not in loaded  # producers and the shared package never import the worker
+    assert "worker" not in loaded  # producers, the console and the shared package never import the worker
+
+
+def test_the_console_app_loads_nothing_heavy_and_nothing_of_the_worker_or_producers():
+    loaded = _loaded_after("import console.app; console.app.create_app")
+    assert loaded & {*HEAVY, "worker", "producers"} == set()
 
 
 def test_import_worker_stays_light():
@@ -203,7 +216,7 @@ def test_the_modgate_commands_are_all_there():
     assert set(walk(typer.main.get_command(cli.app))) == COMMANDS
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"] == {"modgate": "worker.cli:main"}
-    assert set(project["optional-dependencies"]) >= {"nudenet", "heif", "eval", "dev"}
+    assert set(project["optional-dependencies"]) >= {"nudenet", "heif", "eval", "dev", "console"}
 
 
 def test_task_names_and_queues_are_unchanged():
@@ -213,12 +226,23 @@ def test_task_names_and_queues_are_unchanged():
     assert (contract.WEBHOOK_TASK, contract.WEBHOOK_QUEUE) == ("modgate.deliver_webhook", "modgate.webhooks")
 
 
-def test_every_package_ships_in_the_wheel_and_both_images():
+# The packages each image copies: the console image carries the shared package and itself only.
+IMAGES = {
+    "worker": ("modgate", "worker", "producers"),
+    "producer": ("modgate", "worker", "producers"),
+    "console": ("modgate", "console"),
+}
+
+
+def test_every_package_ships_in_the_wheel_and_its_images():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["packages"]["find"]["include"] == [f"{p}*" for p in PACKAGES]
-    assert setuptools["package-data"] == {"modgate": ["*.yaml"]}
+    assert setuptools["package-data"] == {"modgate": ["*.yaml"], "console": ["templates/*"]}
     assert (ROOT / "modgate" / "policy_default.yaml").is_file()
-    for image in ("worker", "producer"):
+    assert (ROOT / "console" / "templates" / "base.html").is_file()
+    assert {p for packages in IMAGES.values() for p in packages} == set(PACKAGES)
+    for image, packages in IMAGES.items():
         dockerfile = (ROOT / "docker" / f"{image}.Dockerfile").read_text()
         for package in PACKAGES:
-            assert f"COPY {package} ./{package}\n" in dockerfile, (image, package)
+            copied = f"COPY {package} ./{package}\n" in dockerfile
+            assert copied == (package in packages), (image, package)
