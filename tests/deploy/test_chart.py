@@ -12,18 +12,41 @@ from tests.conftest import REPO
 
 CHART = REPO / "helm" / "modgate"
 KUBE = kubernetes_validate.latest_version()
-CRDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}  # no upstream schema to check against
+# no upstream schema to check against: checked structurally (here and in test_chart_defaults.py)
+CRDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
+# A managed Redis (today's production shape); the no-values install is VALUE_SETS["no-values"].
 BASE = {
+    "redis": {"enabled": False},
     "secrets": {
         "redisUrl": "redis://redis-master.redis:6379/0",
         "webhookSecret": "whsec-xyz-0123456789",
         "receiverToken": "tok-abc",
         "awsSecretAccessKey": "aws-secret-123",
-    }
+    },
 }
 
 VALUE_SETS = {
+    "no-values": {},
     "default": BASE,
+    "cpu": {"worker": {"device": "cpu"}, "inference": {"enabled": True}},
+    "keda-embedded-redis": {"keda": {"enabled": True}},
+    "console": {
+        "console": {
+            "enabled": True,
+            "ingress": {
+                "enabled": True,
+                "className": "nginx",
+                "host": "review.acme.example",
+                "tls": [{"secretName": "review-tls", "hosts": ["review.acme.example"]}],
+            },
+        }
+    },
+    "console-managed-redis": {**BASE, "console": {"enabled": True, "existingSecret": "reviewers"}},
+    "monitoring": {
+        "serviceMonitor": {"enabled": True},
+        "grafanaDashboard": {"enabled": True},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    },
     "keda": {
         **BASE,
         "keda": {
@@ -49,6 +72,7 @@ VALUE_SETS = {
         "models": {"pvc": {"enabled": True, "size": "80Gi"}, "initPull": {"enabled": True}},
     },
     "existing-secret": {
+        "redis": {"enabled": False},
         "existingSecret": "modgate-prod-env",
         "sqsListener": {"enabled": True, "queueUrl": "https://sqs.eu-west-1.amazonaws.com/1/q"},
         "serviceMonitor": {"enabled": True},
@@ -87,7 +111,8 @@ def test_lint_clean_and_every_manifest_valid(name):
     assert docs
     for doc in docs:
         if doc["kind"] in CRDS:
-            assert doc["apiVersion"].split("/")[0] in ("keda.sh", "monitoring.coreos.com")
+            assert doc["apiVersion"] in ("keda.sh/v1alpha1", "monitoring.coreos.com/v1")
+            assert doc["metadata"]["name"] and doc["spec"]
             continue
         kubernetes_validate.validate(doc, KUBE, strict=True)
 
@@ -128,12 +153,32 @@ def test_worker_gpu_probes_grace_and_security():
     assert "nvidia.com/gpu" not in json.dumps(dispatcher)
 
 
+def secret_values(docs):
+    """Every value the rendered Secrets hold (generated ones included), and the password of
+    any URL among them."""
+    found = set()
+    for doc in docs:
+        if doc["kind"] == "Secret":
+            for key, value in doc.get("stringData", {}).items():
+                if key == "AWS_ACCESS_KEY_ID":  # an identifier, not a secret
+                    continue
+                found.add(value)
+                if "://" in value and "@" in value:
+                    found.add(value.split("://", 1)[1].rsplit("@", 1)[0].lstrip(":"))
+    return {v for v in found if len(v) >= 6}
+
+
 def test_no_secret_values_outside_secrets():
     for name, values in VALUE_SETS.items():
         docs = render(values)
         text = json.dumps([d for d in docs if d["kind"] != "Secret"])
         for secret in ("whsec-xyz-0123456789", "tok-abc", "aws-secret-123", "redis://"):
             assert secret not in text, (name, secret)
+        # generated ones too: the Redis password, receiver token, webhook secret, console tokens
+        generated = secret_values(docs)
+        assert generated or not by_kind(docs, "Secret"), name
+        for secret in generated:
+            assert secret not in text, (name, secret[:4])
     existing = render(VALUE_SETS["existing-secret"])
     assert not by_kind(existing, "Secret")
     worker = by_kind(existing, "Deployment")["mg-modgate-worker"]
@@ -219,7 +264,8 @@ def worker_pod(docs):
 
 
 def env_of(container):
-    return {e["name"]: e["value"] for e in container["env"]}
+    """Literal env values (entries from a Secret map to None)."""
+    return {e["name"]: e.get("value") for e in container["env"]}
 
 
 def port_number(container, name):

@@ -42,10 +42,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" $img.repository ($img.tag | default .ctx.Chart.AppVersion) -}}
 {{- end -}}
 
-{{/* Settings come from the ConfigMap file; secrets from the Secret's env. */}}
+{{/* Settings come from the ConfigMap file; secrets from the Secret's env. With the
+embedded Redis its URL (password inside) comes from the Redis Secret; an env entry wins
+over envFrom, so that Redis is the one used. */}}
 {{- define "modgate.env" -}}
 - name: MODGATE_CONFIG
   value: /etc/modgate/modgate.yaml
+{{- if .Values.redis.enabled }}
+- name: MODGATE_REDIS__URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "modgate.redisSecretName" . }}
+      key: redis-url
+{{- end }}
 {{- if .Values.s3.region }}
 - name: AWS_DEFAULT_REGION
   value: {{ .Values.s3.region | quote }}
@@ -87,9 +96,50 @@ imagePullSecrets:
 {{/* Indexes of the split worker pod's ingest containers (JSON list; empty unless
 inference.enabled): (dict "ctx" . "component" "worker") */}}
 {{- define "modgate.ingestIndexes" -}}
-{{- if and (eq .component "worker") .ctx.Values.inference.enabled -}}
+{{- if and (eq .component "worker") (include "modgate.split" .ctx) -}}
 {{- until (int .ctx.Values.inference.ingestProcesses) | toJson -}}
 {{- else -}}
 []
 {{- end -}}
+{{- end -}}
+
+{{- define "modgate.redisName" -}}
+{{- printf "%s-redis" (include "modgate.fullname" .) -}}
+{{- end -}}
+
+{{- define "modgate.redisSecretName" -}}
+{{- include "modgate.redisName" . -}}
+{{- end -}}
+
+{{/* Host of the embedded Redis as pods of any namespace resolve it (KEDA's operator). */}}
+{{- define "modgate.redisHost" -}}
+{{- printf "%s.%s.svc" (include "modgate.redisName" .) .Release.Namespace -}}
+{{- end -}}
+
+{{- define "modgate.consoleSecretName" -}}
+{{- .Values.console.existingSecret | default (printf "%s-console" (include "modgate.fullname" .)) -}}
+{{- end -}}
+
+{{/* A generated secret that survives upgrades: the value stored under `key` in the live
+Secret `name` when there is one (helm install/upgrade), else a fresh one from `fresh`.
+(dict "ctx" . "name" "..." "key" "..." "fresh" "...") */}}
+{{- define "modgate.keep" -}}
+{{- $live := lookup "v1" "Secret" .ctx.Release.Namespace .name -}}
+{{- $data := dig "data" (dict) ($live | default (dict)) -}}
+{{- if hasKey $data .key -}}
+{{- index $data .key | b64dec -}}
+{{- else -}}
+{{- .fresh -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The worker runs without a GPU (worker.device=cpu): no GPU request, small resources,
+no GPU node placement, no split shape. */}}
+{{- define "modgate.workerOnCpu" -}}
+{{- if eq (.Values.worker.device | default "gpu") "cpu" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The split shape runs (inference.enabled on a GPU worker): "true" or "". */}}
+{{- define "modgate.split" -}}
+{{- if and .Values.worker.enabled .Values.inference.enabled (not (include "modgate.workerOnCpu" .)) -}}true{{- end -}}
 {{- end -}}
