@@ -135,6 +135,9 @@ def scan(
             "unsafe, category illegal_activity, kind from the file: 32 hex digits md5, 64 pdq).",
         ),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Say why each skipped detector was skipped.")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Moderate images in-process (no Redis): one JSON verdict per line, then a summary."""
@@ -150,6 +153,8 @@ def scan(
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not verbose:
+        _quiet_skips()
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -173,8 +178,7 @@ def scan(
     except ConfigError as exc:
         console.print(f"[red]modgate: {exc}[/red]")
         raise typer.Exit(EXIT_INFRA) from None
-    for detector_id, why in pipeline.detectors.skipped.items():
-        console.print(f"[yellow]skipped detector {detector_id}: {why}[/yellow]")
+    _report_detectors(console, pipeline.detectors, verbose)
 
     out = output.open("w") if output else sys.stdout
     try:
@@ -208,9 +212,51 @@ def scan(
             out.close()
 
     _print_summary(console, summary)
+    _print_next_steps(console, output)
     threshold = {FailOn.unsafe: 2, FailOn.review: 1}.get(fail_on)
     if (threshold is not None and seen["worst"] >= threshold) or (fail_on is FailOn.error and seen["error"]):
         raise typer.Exit(EXIT_FAIL_ON)
+
+
+def _quiet_skips() -> None:
+    """Leave out the loader's warning per skipped detector: ``_report_detectors`` says it in
+    one line (``-v`` brings the reasons back)."""
+
+    class _NoSkips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("detector %s skipped")
+
+    logging.getLogger("worker.detectors").addFilter(_NoSkips())
+
+
+def _report_detectors(console: Any, loaded: Any, verbose: bool) -> None:
+    """One line on which detectors ran and how many were skipped (without weights, mostly:
+    a first run has only the ones whose weights ship in packages), and where to look."""
+    ran = ", ".join(d.id for d in loaded.detectors)
+    skipped = loaded.skipped
+    if not skipped:
+        console.print(f"detectors: {ran}")
+        return
+    console.print(
+        f"detectors: {ran} ran; {len(skipped)} skipped for lack of weights or config "
+        f"({', '.join(skipped)}): `modgate models list` shows where each one's weights come from "
+        "and `modgate models pull` fetches them" + ("" if verbose else "; -v says why"),
+        soft_wrap=True,
+    )
+    if verbose:
+        for detector_id, why in skipped.items():
+            console.print(f"[yellow]  {detector_id}: {why}[/yellow]", soft_wrap=True)
+
+
+def _print_next_steps(console: Any, output: Path | None) -> None:
+    where = str(output) if output else "VERDICTS.jsonl (stdout here; --output writes a file)"
+    if output:
+        console.print(f"verdicts written to {output}", soft_wrap=True)
+    console.print(
+        "next: `modgate eval LABELS.csv --verdicts " + where + " --out report/` measures them against "
+        "your labels; `modgate worker` moderates S3 uploads from the Redis queue (docs/worker.md)",
+        soft_wrap=True,
+    )
 
 
 def _print_summary(console: Any, summary: Any) -> None:
@@ -1107,8 +1153,7 @@ def _scan_labelled(settings: Any, label_set: Any, output: Path, progress: bool) 
     except ConfigError as exc:
         console.print(f"[red]modgate: {exc}[/red]")
         raise typer.Exit(EXIT_INFRA) from None
-    for detector_id, why in pipeline.detectors.skipped.items():
-        console.print(f"[yellow]skipped detector {detector_id}: {why}[/yellow]")
+    _report_detectors(console, pipeline.detectors, verbose=False)
     columns = (TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with pipeline, Progress(*columns, console=console, disable=not progress, transient=True) as bar:
         task = bar.add_task("scan", total=len(label_set.rows))

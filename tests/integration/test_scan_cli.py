@@ -235,3 +235,23 @@ def test_an_error_the_policy_counts_as_review_is_a_review_for_fail_on(hostile_di
     )
     plain = run(args)
     assert plain.returncode == 0 and json.loads(plain.stdout.strip())["decision"] is None
+
+
+def test_a_first_run_says_in_one_line_which_detectors_ran_and_what_to_do_next(tmp_path):
+    """No weights but the packaged ones: one line on the detectors (not one warning each),
+    the output file and the next commands; -v brings each skip's reason back."""
+    (tmp_path / "in").mkdir()
+    photo(320, 240, 1).save(tmp_path / "in" / "a.jpg")
+    out = tmp_path / "v.jsonl"
+    quiet = run(["scan", str(tmp_path / "in"), "--output", str(out), "--no-progress"])
+    assert quiet.returncode == 0, quiet.stderr
+    lines = quiet.stderr.splitlines()
+    (detectors,) = [line for line in lines if line.startswith("detectors:")]
+    assert "open_nsfw, nudenet ran" in detectors and "7 skipped" in detectors
+    assert "modgate models list" in detectors
+    assert not [line for line in lines if "skipped:" in line or "no checkpoint found" in line]
+    assert f"verdicts written to {out}" in lines
+    assert any(line.startswith("next: `modgate eval") and "modgate worker" in line for line in lines)
+    verbose = run(["scan", str(tmp_path / "in"), "--output", str(out), "--no-progress", "-v"])
+    assert verbose.returncode == 0, verbose.stderr
+    assert "no checkpoint found" in verbose.stderr and "falconsai_vit:" in verbose.stderr
