@@ -1337,15 +1337,32 @@ def calibrate_(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the verdict (v1), with the webhook envelope (headers, event
-    types, body) under ``x-modgate-webhook``."""
+    types, body) under ``x-modgate-webhook`` and the body of a ``verdict.reviewed`` event
+    (a reviewer's decision, from the review console) under ``x-modgate-reviewed-event``."""
+    from modgate.envelope import ENVELOPE
+    from modgate.review import ReviewedEvent
     from modgate.verdict import SCHEMA_REVISION, Verdict
-    from worker.delivery.webhooks import ENVELOPE
 
     document = Verdict.model_json_schema()
     revision = f"Schema v1, revision {SCHEMA_REVISION}."
     document["description"] = f"{document.get('description', '')} {revision}".strip()
     document["x-modgate-webhook"] = ENVELOPE
+    document["x-modgate-reviewed-event"] = ReviewedEvent.model_json_schema()
     typer.echo(json.dumps(document, indent=2))
+
+
+@app.command()
+def console(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    config: ConfigOpt = None,
+) -> None:
+    """The review console: a web app where moderators decide ``review`` verdicts
+    (docs/review.md). Reviewers log in with MODGATE_CONSOLE__TOKENS or an auth proxy."""
+    from console.__main__ import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(host, port, config=config)
 
 
 def main() -> None:
