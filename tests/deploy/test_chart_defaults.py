@@ -5,17 +5,22 @@ Helm library; lint and Kubernetes-schema validation of these value sets run in
 test_chart.py (VALUE_SETS)."""
 
 import json
+import os
 import re
+import socket
+import subprocess
 from urllib.parse import urlsplit
 
 import helm_python as helm
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 
 from modgate.settings import ConsoleSettings, Settings
 from tests.conftest import REPO
 from tests.deploy.test_chart import BASE, CHART, KUBE, VALUE_SETS, by_kind, containers, env_of, render
+from tests.servers import _wait, free_port
 
 MODGATE_COMPONENTS = ("worker", "dispatcher", "receiver", "sqs-listener", "console")
 
@@ -144,6 +149,61 @@ def test_embedded_redis_is_durable_bounded_non_root_probed_and_persistent():
     assert url.scheme == "redis" and url.hostname == "mg-modgate-redis"
     assert url.port == service["spec"]["ports"][0]["port"] == c["ports"][0]["containerPort"]
     assert url.password == secret["redis-password"] and len(url.password) >= 32
+
+
+def test_the_rendered_redis_config_runs_in_a_real_redis(tmp_path):
+    """The StatefulSet's command and redis.conf, run by redis-server 7 here (data in a tmp
+    dir, a free port): the settings hold, the password is required, the probes pass with
+    REDISCLI_AUTH only, and a full Redis refuses writes instead of evicting."""
+    docs = render({})
+    sts = by_kind(docs, "StatefulSet")["mg-modgate-redis"]
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    secret = by_kind(docs, "Secret")["mg-modgate-redis"]["stringData"]
+    port = free_port()
+    conf = by_kind(docs, "ConfigMap")["mg-modgate-redis"]["data"]["redis.conf"]
+    conf = conf.replace("port 6379", f"port {port}").replace("dir /data", f"dir {tmp_path}")
+    (tmp_path / "redis.conf").write_text(conf)
+    command = [
+        str(tmp_path / "redis.conf")
+        if a == "/etc/redis/redis.conf"
+        else a.replace("$(REDIS_PASSWORD)", secret["redis-password"])
+        for a in c["command"]
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = urlsplit(secret["redis-url"])
+        client = redis.Redis.from_url(
+            url._replace(netloc=f":{url.password}@127.0.0.1:{port}").geturl(), decode_responses=True
+        )
+        _wait(client.ping, "redis-server", timeout=15)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert int(client.config_get("maxmemory")["maxmemory"]) == 1536 * 1024 * 1024
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as anonymous:
+            anonymous.sendall(b"PING\r\n")
+            assert anonymous.recv(100).startswith(b"-NOAUTH")
+
+        def probe(name, auth):
+            script = c[name]["exec"]["command"][-1].replace("-p 6379", f"-p {port}")
+            env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+            if auth is not None:
+                env["REDISCLI_AUTH"] = auth
+            return subprocess.run(["sh", "-c", script], env=env, timeout=10).returncode
+
+        assert probe("readinessProbe", secret["redis-password"]) == 0
+        assert probe("livenessProbe", secret["redis-password"]) == 0
+        assert probe("readinessProbe", None) != 0 and probe("readinessProbe", "wrong") != 0
+
+        client.set("kept", "1")
+        client.config_set("maxmemory", 1)  # full
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.set("more", "x")
+        assert client.get("kept") == "1"  # nothing evicted
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert (tmp_path / "appendonlydir").is_dir()
 
 
 def test_without_persistence_redis_uses_an_emptydir():
