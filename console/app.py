@@ -29,6 +29,7 @@ from console import dashboard as dashboard_mod
 from console.auth import LOGIN_COOKIE, SESSION_COOKIE, Authenticator, AuthMiddleware, Identity, identity_of
 from console.images import IMAGE_HEADERS, ImageError, locate, open_image, s3_client
 from console.queue import Filters, ReviewQueue
+from modgate import review
 from modgate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,13 @@ def webhook_sender(redis_url: str) -> Callable[[Any], None]:
     return celery_sender(app)
 
 
-def _decision_record(decision: Any) -> dict[str, Any]:
+def _decision_record(decision: review.ReviewDecision) -> dict[str, Any]:
     """A ReviewDecision as the console shows and remembers it."""
-    data = decision.model_dump(mode="json") if hasattr(decision, "model_dump") else dict(decision)
     return {
-        "reviewer": data.get("reviewer"),
-        "decision": data.get("decision"),
-        "category": data.get("category"),
-        "at": data.get("at") or data.get("decided_at") or data.get("time"),
+        "reviewer": decision.reviewer,
+        "decision": decision.decision,
+        "category": decision.category,
+        "at": datetime.fromtimestamp(decision.at, UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -290,6 +290,11 @@ def create_app(
         item = queue.item(verdict_id)
         if item is None:
             return message(request, 404, "Not in the queue", "This verdict is not waiting for review.")
+        if (earlier := review.decided(client, verdict_id)) is not None:
+            # Decided before the console last queued it (its item had expired): out it goes.
+            record = _decision_record(earlier)
+            queue.mark_decided(verdict_id, record)
+            return decided_page(request, record)
         holder = queue.lease(verdict_id, identity.reviewer)
         if holder is not None:
             return message(
@@ -351,8 +356,6 @@ def create_app(
         holder = queue.lease(verdict_id, identity.reviewer)
         if holder is not None:
             return message(request, 423, "Being reviewed", f"{holder} has this item open.")
-        from modgate import review
-
         result = review.decide(
             client,
             settings,
@@ -388,14 +391,9 @@ def create_app(
         until: Annotated[datetime | None, Query()] = None,
     ) -> Response:
         identity_of(request)
-        from modgate import review
-
-        def lines() -> Any:
-            for line in review.export_labels(client, since=_utc(since), until=_utc(until)):
-                yield line if line.endswith("\n") else line + "\n"
-
+        lines = review.export_labels(client, since=_unix(since), until=_unix(until))
         return StreamingResponse(
-            lines(),
+            lines,
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": 'attachment; filename="review-labels.csv"'},
         )
@@ -411,7 +409,8 @@ def create_app(
     return app
 
 
-def _utc(value: datetime | None) -> datetime | None:
+def _unix(value: datetime | None) -> float | None:
+    """A query time as unix seconds (a time without a zone is UTC)."""
     if value is None:
         return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).timestamp()

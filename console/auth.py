@@ -51,6 +51,11 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _same(a: str, b: str) -> bool:
+    """Constant-time equality of two strings, whatever characters a client sent."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape"))
+
+
 def _valid_name(name: str) -> bool:
     return 0 < len(name) <= MAX_NAME and name.isprintable()
 
@@ -71,7 +76,7 @@ class Authenticator:
 
     def token_owner(self, token: str) -> str | None:
         """The reviewer whose token this is; every token is compared, so timing says nothing."""
-        given = token.encode()
+        given = token.encode("utf-8", "surrogateescape")
         owner = None
         for name, expected in self.tokens:
             if hmac.compare_digest(given, expected):
@@ -92,7 +97,7 @@ class Authenticator:
 
     def read_session(self, cookie: str) -> Identity | None:
         payload, _, mac = cookie.partition(".")
-        if not mac or not hmac.compare_digest(mac, self._mac("session", payload)):
+        if not mac or not _same(mac, self._mac("session", payload)):
             return None
         try:
             data = json.loads(_unb64(payload))
@@ -121,7 +126,7 @@ class Authenticator:
         return self._mac("csrf", identity.csrf_seed)
 
     def csrf_ok(self, identity: Identity, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(str(token), self.csrf_token(identity))
+        return bool(token) and _same(str(token), self.csrf_token(identity))
 
     # The login form has no session yet: its CSRF token is tied to a nonce in a short-lived
     # cookie (double submit, signed), so another site cannot post a login for its own token.
@@ -132,7 +137,7 @@ class Authenticator:
         return self._mac("login", nonce)
 
     def login_csrf_ok(self, nonce: str | None, token: str | None) -> bool:
-        return bool(nonce) and bool(token) and hmac.compare_digest(str(token), self.login_csrf(str(nonce)))
+        return bool(nonce) and bool(token) and _same(str(token), self.login_csrf(str(nonce)))
 
     def set_cookie(self, response: Response, name: str, value: str, max_age: int) -> None:
         response.set_cookie(
