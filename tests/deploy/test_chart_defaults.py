@@ -360,8 +360,8 @@ def test_console_deployment_service_ingress_with_tokens_from_a_secret():
     assert c["command"] == ["python", "-m", "console"]
     assert c["args"] == ["--host", "0.0.0.0", "--port", "8080"]
     assert c["ports"] == [{"name": "http", "containerPort": 8080}]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["livenessProbe"]["tcpSocket"] == {"port": "http"}  # Redis down: unready, not restarted
 
     # tokens and session key from the generated Secret, which the settings accept
     secret = by_kind(docs, "Secret")["mg-modgate-console"]["stringData"]
