@@ -38,7 +38,8 @@ ENVELOPE: dict[str, Any] = {
     "content_type": "application/json",
     "body": "verdict.created: the verdict JSON exactly as stored in the stream entry's `verdict` field "
     "(this document is its JSON Schema); verdict.reviewed: a ReviewedEvent "
-    '({"type": "verdict.reviewed", "review": {...}, "verdict": {...}}, modgate.review.ReviewedEvent)',
+    '({"type": "verdict.reviewed", "review": {...}, "verdict": {...}}; its JSON Schema is '
+    "x-modgate-reviewed-event)",
     "event_types": {
         VERDICT_CREATED: "a verdict was added to the results stream",
         VERDICT_REVIEWED: "a reviewer decided a verdict in the review console (safe, or unsafe with a "
