@@ -22,6 +22,7 @@ from urllib.parse import quote, urlencode
 from fastapi import FastAPI, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 from starlette.responses import StreamingResponse
 
@@ -160,6 +161,19 @@ def create_app(
         log.warning("redis error on %s: %s", request.url.path, exc)
         return PlainTextResponse("Redis is unavailable; try again shortly", status_code=503)
 
+    @app.exception_handler(KombuOperationalError)
+    async def broker_down(request: Request, exc: KombuOperationalError) -> Response:
+        # The decision is recorded but its webhooks could not be queued: the item stays in the
+        # queue, and the same reviewer deciding the same again finishes it (review.decide resumes).
+        log.warning("webhook queue unreachable on %s: %s", request.url.path, exc)
+        return message(
+            request,
+            503,
+            "Not finished",
+            "Your decision is recorded but its webhooks could not be queued. "
+            "Decide the same again in a moment to finish it.",
+        )
+
     def render(name: str, request: Request, status: int = 200, **context: Any) -> HTMLResponse:
         identity: Identity | None = request.scope.get("state", {}).get("identity")
         context.setdefault("reviewer", identity.reviewer if identity else None)
@@ -290,8 +304,11 @@ def create_app(
         item = queue.item(verdict_id)
         if item is None:
             return message(request, 404, "Not in the queue", "This verdict is not waiting for review.")
-        if (earlier := review.decided(client, verdict_id)) is not None:
+        earlier = review.decided(client, verdict_id)
+        if earlier is not None and earlier.reviewer != identity.reviewer:
             # Decided before the console last queued it (its item had expired): out it goes.
+            # (The reviewer's own decision shows the page: deciding the same again finishes
+            # one whose webhooks could not be queued.)
             record = _decision_record(earlier)
             queue.mark_decided(verdict_id, record)
             return decided_page(request, record)

@@ -449,3 +449,31 @@ def test_schemathesis_finds_no_server_error(console_process, r, bucket, tmp_path
     assert re.search(r"Tested: (\d+)", out.stdout).group(1) == str(len(console_routes())), out.stdout[-3000:]
     assert re.search(r"(\d+) generated, \1 passed", out.stdout), out.stdout[-3000:]
     assert "Server error" not in out.stdout
+
+
+def test_a_decision_whose_webhooks_cannot_be_queued_is_finished_by_deciding_again(
+    redis_server, moto_server, s3_env, r, bucket
+):
+    from console.app import webhook_sender
+    from tests.console.conftest import ConsoleServer, console_settings
+
+    settings = console_settings(redis_server.url, moto_server.url)
+    # The webhook queue's broker is down (nothing listens there); Redis itself is up.
+    down = ConsoleServer(settings, send_task=webhook_sender(f"redis://127.0.0.1:{free_port()}/0"))
+    verdict, _ = publish(r, bucket, "a.png", urls=["http://127.0.0.1:9/hook"])
+    ana = session(down, "ana")
+    csrf = form_value(ana.get(f"{down.base}/items/{verdict.id}", timeout=10).text, "csrf")
+    data = {"decision": "unsafe", "category": "sexual", "csrf": csrf}
+    failed = ana.post(f"{down.base}/items/{verdict.id}/decide", data=data, allow_redirects=False, timeout=30)
+    assert failed.status_code == 503 and "Decide the same again" in failed.text
+    assert queued(r) == [verdict.id]  # still there, for the reviewer to finish
+    down.stop()
+    up = ConsoleServer(settings)
+    ana = session(up, "ana")
+    csrf = form_value(ana.get(f"{up.base}/items/{verdict.id}", timeout=10).text, "csrf")
+    done = ana.post(
+        f"{up.base}/items/{verdict.id}/decide", data={**data, "csrf": csrf}, allow_redirects=False, timeout=30
+    )
+    assert done.status_code == 303 and queued(r) == []
+    assert r.xlen(keys.REVIEWS) == 1 and r.zcard(keys.WEBHOOK_PENDING) == 1  # its webhook is on its way
+    up.stop()
