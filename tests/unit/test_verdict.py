@@ -42,3 +42,37 @@ def test_schema_lists_the_error_codes():
         "detector_failed",
     ):
         assert code in codes
+
+
+def test_modgate_schema_documents_both_webhook_bodies():
+    """`modgate schema`: the verdict (verdict.created's body), the envelope, and the body of
+    verdict.reviewed; a reviewed event built by modgate.review validates against the latter."""
+    import json
+
+    import jsonschema
+    import pytest
+    from typer.testing import CliRunner
+
+    from modgate.review import ReviewDecision, ReviewedEvent
+    from worker.cli import app
+
+    result = CliRunner().invoke(app, ["schema"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert set(document["x-modgate-webhook"]["event_types"]) == {"verdict.created", "verdict.reviewed"}
+    reviewed = document["x-modgate-reviewed-event"]
+    source = Source(kind="s3", uri="s3://b/k.jpg", bucket="b", key="k.jpg")
+    verdict = Verdict(
+        id=verdict_id(source, "p1"), source=source, status="ok", decision="review", policy_version="p1"
+    )
+    event = ReviewedEvent(
+        review=ReviewDecision(
+            verdict_id=verdict.id, reviewer="ana", decision="unsafe", category="sexual", at=1.0
+        ),
+        verdict=verdict,
+    )
+    jsonschema.validate(json.loads(event.model_dump_json()), reviewed)
+    bad = json.loads(event.model_dump_json())
+    bad["review"]["decision"] = "maybe"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, reviewed)
