@@ -197,7 +197,8 @@ def test_import_worker_stays_light():
 COMMANDS = {
     "scan", "worker", "serve-inference", "health", "enqueue", "serve-events", "bench", "eval", "replay",
     "calibrate", "schema", "models list", "models pull", "webhooks dead", "webhooks replay", "listen sqs",
-    "banks add", "banks remove", "banks list", "banks import", "banks export", "banks add-from-verdict", "console",
+    "banks add", "banks remove", "banks list", "banks import", "banks export", "banks add-from-verdict",
+    "console",
 }  # fmt: skip
 
 
