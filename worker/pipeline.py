@@ -419,12 +419,18 @@ class Pipeline:
     def _tensor_frames(self, job: _Job, outcome: Any, data: bytes) -> None:
         if isinstance(outcome, ModerationError):
             raise outcome  # the shared decode budget refused it: its error verdict
-        # The frame stayed on the device: PDQ from a draft decode on the host (a JPEG's DCT
-        # scaling makes it a fraction of a full decode). The models have run already, so a
-        # match only joins the verdict.
+        # The frame stayed on the device (in the inference process, on the split shape) and
+        # was hashed there: PDQ's downsample on the device, the 64×64 buffer to the host
+        # (worker.device.pdq_tensor). The models have run already, so a match only joins
+        # the verdict.
         t = time.perf_counter()
         if self._pdq:
-            job.hashes = with_pdq(job.hashes or ImageHashes(*exact_hashes(data)), [_host_pdq_frame(data)])
+            if not outcome.pdqs:
+                # An engine whose hashing.pdq is off: no verdict without the hash it promises.
+                raise ModerationError(ErrorCode.DETECTOR_FAILED, "the engine sent no PDQ hash of the frame")
+            first, quality = outcome.pdqs[0]
+            hashes = job.hashes or ImageHashes(*exact_hashes(data))
+            job.hashes = replace(hashes, pdq=first, pdq_quality=quality, frame_pdqs=outcome.pdqs)
             self._match_pdq(job)
         job.timings["hash_ms"] = _ms(job.timings.get("hash_ms", 0.0) / 1000.0 + time.perf_counter() - t)
         job.timings["decode_ms"] = _ms(outcome.decode_s)
@@ -619,18 +625,6 @@ class Pipeline:
             **extra,
         )
         job.future.set_result(with_error_decision(verdict, job.policy))
-
-
-def _host_pdq_frame(data: bytes) -> Any:
-    """The first frame of a JPEG the tensor path decoded on the device, decoded again on
-    the host in draft mode (to about 512 px, EXIF-oriented) for its PDQ hash."""
-    import io
-
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.draft("RGB", (512, 512))
-        return ImageOps.exif_transpose(im.convert("RGB"))
 
 
 def _image_info(decoded: DecodedImage) -> ImageInfo:

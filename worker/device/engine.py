@@ -65,6 +65,9 @@ class InferredImage:
     decode_s: float
     prepare_s: float
     result: FrameResult
+    # (PDQ hex, quality) of each frame, hashed where it was decoded; None: not hashed (the
+    # engine's hashing.pdq is off).
+    pdqs: tuple[tuple[str, int], ...] | None = None
 
 
 class Engine(Protocol):
@@ -149,7 +152,13 @@ class LocalEngine:
             return None
         from worker.device.preprocess_tensor import TensorPath, TensorStage
 
-        path = TensorPath(settings.decode, device, self.detectors.backbone, self.detectors.detectors)
+        path = TensorPath(
+            settings.decode,
+            device,
+            self.detectors.backbone,
+            self.detectors.detectors,
+            pdq=settings.hashing.pdq != "off",
+        )
         return TensorStage(path, settings.batch.max_batch, settings.batch.max_wait_ms / 1000.0)
 
     def _decoded(self, future: Future[Any], cancel: Any, out: Future[Any]) -> None:
@@ -181,7 +190,7 @@ class LocalEngine:
             out.set_result(
                 InferredImage(
                     image.format, image.width, image.height, image.frame_count,
-                    outcome.decode_s, outcome.prepare_s, result,
+                    outcome.decode_s, outcome.prepare_s, result, outcome.pdqs,
                 )
             )  # fmt: skip
 

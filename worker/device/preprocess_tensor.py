@@ -221,7 +221,10 @@ class TensorResult:
     image: TensorImage
     inputs: dict[str, Any]
     decode_s: float  # this image's share of the batch's decode
-    prepare_s: float  # ... and of its preprocessing
+    prepare_s: float  # ... and of its preprocessing (and its PDQ)
+    # (PDQ hex, quality) of each frame, hashed where the frame is (worker.device.pdq_tensor);
+    # None when the path was made without hashing.
+    pdqs: tuple[tuple[str, int], ...] | None = None
 
 
 TensorOutcome = TensorResult | Fallback | Cancelled | ModerationError
@@ -229,8 +232,9 @@ TensorOutcome = TensorResult | Fallback | Cancelled | ModerationError
 
 class TensorPath:
     """The tensor path's batch function: ``decode_batch``, then every detector's
-    preprocessing on the decoded tensors. Whatever fails for one image (its decode, its
-    preprocessing) becomes a Fallback for that image; the others go on."""
+    preprocessing on the decoded tensors, and (``pdq``) each frame's PDQ. Whatever fails
+    for one image (its decode, its preprocessing, its hash) becomes a Fallback for that
+    image; the others go on."""
 
     def __init__(
         self,
@@ -238,10 +242,12 @@ class TensorPath:
         device: torch.device | str,
         backbone: Any | None,
         detectors: Sequence[Detector],
+        pdq: bool = False,
     ) -> None:
         self.settings = settings
         self.device = torch.device(device)
         self.preprocessor = TensorPreprocessor(backbone, detectors)
+        self.pdq = pdq
 
     def run(
         self, datas: Sequence[bytes], cancels: Sequence[Cancellable | None] | None = None
@@ -273,16 +279,30 @@ class TensorPath:
             )
         except Exception:
             prepared = [self._prepare_one(image) for image in images]
+        pdqs = [self._pdq(image) if self.pdq and not cancelled(k) else None for k, image in enumerate(images)]
         t2 = time.perf_counter()
         decode_s, prepare_s = (t1 - t0) / len(ready), (t2 - t1) / len(ready)
-        for k, (i, image, inputs) in enumerate(zip(ready, images, prepared, strict=True)):
+        for k, (i, image, inputs, pdq) in enumerate(zip(ready, images, prepared, pdqs, strict=True)):
             if cancelled(k):
                 results[i] = Cancelled()  # while its batch was being preprocessed
             elif isinstance(inputs, Fallback):
                 results[i] = inputs
+            elif isinstance(pdq, Fallback):
+                results[i] = pdq
             else:
-                results[i] = TensorResult(image, inputs, decode_s, prepare_s)
+                results[i] = TensorResult(image, inputs, decode_s, prepare_s, (pdq,) if pdq else None)
         return results
+
+    @staticmethod
+    def _pdq(image: TensorImage) -> tuple[str, int] | Fallback:
+        from worker.device.pdq_tensor import pdq_of_tensor
+
+        try:
+            return pdq_of_tensor(image.pixels)
+        except Exception as exc:
+            # The PIL path hashes what it decodes: never a verdict without its hash.
+            log.warning("PDQ on the device failed (%s: %s); this image goes to PIL", type(exc).__name__, exc)
+            return Fallback(f"pdq: {type(exc).__name__}")
 
     def _prepare_one(self, image: TensorImage) -> dict[str, Any] | Fallback:
         try:

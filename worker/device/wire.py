@@ -21,6 +21,7 @@ import json
 import math
 import mmap
 import os
+import re
 import socket
 import struct
 from collections.abc import Callable
@@ -46,6 +47,7 @@ _DTYPES = frozenset(
 )
 INLINE_MAX = 128 * 1024  # larger JPEGs cross as a memfd
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+_PDQ_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class ProtocolError(ValueError):
@@ -331,6 +333,7 @@ def outcome_to_json(value: Any) -> dict[str, Any]:
             "decode_s": value.decode_s,
             "prepare_s": value.prepare_s,
             "result": outcome_to_json(value.result),
+            **({"pdqs": [list(p) for p in value.pdqs]} if value.pdqs is not None else {}),
         }
     if isinstance(value, Fallback):
         return {"t": "fallback", "reason": value.reason}
@@ -357,6 +360,24 @@ def str_value(v: Any) -> str:
     if not isinstance(v, str):
         raise ValueError(f"not a string: {v!r:.50}")
     return v
+
+
+def pdqs_value(v: Any) -> tuple[tuple[str, int], ...]:
+    """An image's per-frame PDQs, ``[[hex, quality], ...]``: 64 lowercase hex digits (as
+    the hashing stage writes them) and an integer quality 0–100, at least one frame."""
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_ARRAYS:
+        raise ValueError(f"pdqs is not a list of 1..{MAX_ARRAYS} frames")
+    out = []
+    for item in v:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ValueError(f"a PDQ is not [hex, quality]: {item!r:.80}")
+        hex_, quality = item
+        if not isinstance(hex_, str) or not _PDQ_HEX.fullmatch(hex_):
+            raise ValueError(f"not a PDQ hash (64 lowercase hex digits): {hex_!r:.80}")
+        if type(quality) is not int or not 0 <= quality <= 100:
+            raise ValueError(f"not a PDQ quality (0-100): {quality!r:.50}")
+        out.append((hex_, quality))
+    return tuple(out)
 
 
 def outcome_from_json(v: Any, detector_ids: frozenset[str]) -> Any:
@@ -386,9 +407,15 @@ def outcome_from_json(v: Any, detector_ids: frozenset[str]) -> Any:
         if not isinstance(result, FrameResult):
             raise ValueError("an image's result is not a frame result")
         size = int_value(v["width"]), int_value(v["height"])
+        try:
+            pdqs = pdqs_value(v["pdqs"]) if "pdqs" in v else None
+        except ValueError as exc:
+            # The hashes feed the banks: a verdict must never go out with a wrong or missing
+            # one, so this image fails as a detector error rather than being re-sent.
+            return ModerationError(ErrorCode.DETECTOR_FAILED, f"inference process: {exc}")
         return InferredImage(
             str_value(v["format"]), *size, int_value(v["frame_count"]),
-            num_value(v["decode_s"]), num_value(v["prepare_s"]), result,
+            num_value(v["decode_s"]), num_value(v["prepare_s"]), result, pdqs,
         )  # fmt: skip
     if t == "fallback":
         return Fallback(str_value(v["reason"]))
