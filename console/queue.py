@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Entries read by a console that never acknowledged them are taken over after this long.
 CLAIM_IDLE_MS = 60_000
+# Each console process reads as its own consumer (host:pid); consumers of processes gone
+# for a day, with nothing pending, are removed when a console starts.
+STALE_CONSUMER_MS = 24 * 3600 * 1000
 # Queue members looked at per page build, whatever the filters: a page stays bounded work.
 SCAN_CAP = 2_000
 SKIP_HIDE_S = 3_600
@@ -219,6 +222,10 @@ class ReviewQueue:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        for consumer in self.redis.xinfo_consumers(self.stream, keys.CONSOLE_GROUP):
+            name = _text(consumer["name"])
+            if name != self.consumer and not consumer["pending"] and consumer["idle"] > STALE_CONSUMER_MS:
+                self.redis.xgroup_delconsumer(self.stream, keys.CONSOLE_GROUP, name)
         self._group_ready = True
 
     def pump(self, limit: int | None = None) -> int:

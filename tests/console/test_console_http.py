@@ -477,3 +477,28 @@ def test_a_decision_whose_webhooks_cannot_be_queued_is_finished_by_deciding_agai
     assert done.status_code == 303 and queued(r) == []
     assert r.xlen(keys.REVIEWS) == 1 and r.zcard(keys.WEBHOOK_PENDING) == 1  # its webhook is on its way
     up.stop()
+
+
+def test_consumers_of_gone_consoles_are_forgotten_and_their_unacked_entries_claimed(r, bucket, monkeypatch):
+    from console import queue as queue_module
+    from console.queue import ReviewQueue
+    from modgate.settings import ConsoleSettings
+
+    for key in ("a.png", "b.png"):
+        publish(r, bucket, key)
+    r.xgroup_create(keys.VERDICT_STREAM, keys.CONSOLE_GROUP, id="0")
+    ((_, [(done, _)]),) = r.xreadgroup(keys.CONSOLE_GROUP, "gone:1", {keys.VERDICT_STREAM: ">"}, count=1)
+    r.xack(keys.VERDICT_STREAM, keys.CONSOLE_GROUP, done)
+    r.xreadgroup(keys.CONSOLE_GROUP, "crashed:2", {keys.VERDICT_STREAM: ">"}, count=1)  # never acked
+    monkeypatch.setattr(queue_module, "STALE_CONSUMER_MS", -1)  # "a day ago" is now
+    queue = ReviewQueue(r, ConsoleSettings())
+    queue.pump()
+    names = {c["name"].decode() for c in r.xinfo_consumers(keys.VERDICT_STREAM, keys.CONSOLE_GROUP)}
+    assert "gone:1" not in names and "crashed:2" in names
+    # crashed:2's entry stays pending for it until a minute idle, then is claimed: not lost.
+    assert r.xpending(keys.VERDICT_STREAM, keys.CONSOLE_GROUP)["consumers"] == [
+        {"name": b"crashed:2", "pending": 1}
+    ]
+    monkeypatch.setattr(queue_module, "CLAIM_IDLE_MS", 0)  # "a minute idle" is now
+    queue.pump()
+    assert len(queued(r)) == 1 and r.xpending(keys.VERDICT_STREAM, keys.CONSOLE_GROUP)["pending"] == 0
