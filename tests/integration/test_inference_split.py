@@ -130,6 +130,7 @@ def reference_scores(objects: dict[str, bytes], tmp_path: Path) -> dict[str, dic
             out[key] = {
                 "status": v.status,
                 "scores": v.detectors["open_nsfw"].scores if v.detectors else None,
+                "pdq": (v.hashes.pdq, v.hashes.pdq_quality) if v.hashes else None,
             }
             out[key]["code"] = v.error.code if v.error else None
     return out
@@ -159,6 +160,9 @@ def test_ingest_processes_share_one_inference_process(
             scores = v["detectors"]["open_nsfw"]["scores"]
             assert scores == pytest.approx(ref[key]["scores"], abs=1e-4), key
             assert v["detectors"]["open_nsfw"]["model"]  # named by the inference process's metadata
+            # JPEGs hashed where the inference process decoded them, the rest in ingest: the
+            # one-process hashes either way.
+            assert (v["hashes"]["pdq"], v["hashes"]["pdq_quality"]) == ref[key]["pdq"], key
         else:
             assert v["error"]["code"] == ref[key]["code"], key
     assert got["other/anim.gif"]["frames"] > 1  # frames prepared in the ingest process
@@ -230,3 +234,39 @@ def test_sigterm_keeps_the_inference_process_serving_until_its_ingest_processes_
     assert verdicts(r)[0]["status"] == "ok"
     assert ingest.terminate() == 0
     assert server.proc.wait(30) == 0  # gone once its last client left
+
+
+def test_a_pdq_bank_matches_in_the_split_shape(inference, ingest_env, workers, r, send, s3_client, bucket):
+    """The frame is decoded (and hashed) by the inference process; the hash comes back with
+    the scores and the ingest process matches it against a PDQ bank in Redis: a re-encoded
+    copy (other bytes, so no exact match) of a banked image is flagged by its PDQ."""
+    import os
+    import subprocess
+
+    from threatexchange.signal_type.pdq.pdq_hasher import pdq_from_bytes
+
+    from worker.ingest.hashing import pdq_distance
+
+    original = jpeg(70, 2400, 1800)  # a memfd request, hashed on the device path
+    copy = io.BytesIO()
+    Image.open(io.BytesIO(original)).save(copy, "JPEG", quality=70)
+    banked, _ = pdq_from_bytes(original)
+    s3_client.put_object(Bucket=bucket, Key="copy.jpg", Body=copy.getvalue())
+    s3_client.put_object(Bucket=bucket, Key="other.jpg", Body=jpeg(71, 640, 480))
+    cli = {**os.environ, **ingest_env}
+    for args in (["add", "takedowns", "--kind", "pdq", "--action", "unsafe"], ["add", "takedowns", banked]):
+        done = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "banks", *args], env=cli, capture_output=True
+        )
+        assert done.returncode == 0, done.stderr
+    inference()
+    workers(ingest_env, name="ingest", queues="modgate")
+    send(bucket, ["copy.jpg", "other.jpg"])
+    wait_for(lambda: r.xlen(keys.VERDICT_STREAM) >= 2, what="verdicts")
+    got = {v["source"]["key"]: v for v in verdicts(r)}
+    hit, miss = got["copy.jpg"], got["other.jpg"]
+    assert hit["hashes"]["pdq"] == pdq_from_bytes(copy.getvalue())[0]
+    assert hit["decision"] == "unsafe" and [m["bank"] for m in hit["matches"]] == ["takedowns"]
+    assert copy.getvalue() != original  # matched by its PDQ, not by its bytes
+    assert hit["matches"][0]["distance"] == pdq_distance(banked, hit["hashes"]["pdq"]) <= 31
+    assert miss["matches"] == [] and miss["hashes"]["pdq"] == pdq_from_bytes(jpeg(71, 640, 480))[0]

@@ -42,8 +42,8 @@ def device_buffer64(pixels: torch.Tensor) -> np.ndarray:
     import torch
 
     _, h, w = pixels.shape
-    rows = torch.as_tensor(pdq_axis_weights(h), device=pixels.device)
-    cols = torch.as_tensor(pdq_axis_weights(w), device=pixels.device)
+    rows = torch.tensor(pdq_axis_weights(h), device=pixels.device)  # a copy: the cache is read-only
+    cols = torch.tensor(pdq_axis_weights(w), device=pixels.device)
     out = torch.zeros((64, 64), dtype=torch.float64, device=pixels.device)
     for channel, weight in enumerate(_LUMA):
         # One channel at a time: the float64 copy is H×W×8 bytes, not three of them.
