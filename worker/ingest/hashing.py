@@ -19,11 +19,22 @@ by bench/bench_hashing.py (results/hashing.json) on 48 photo-like JPEGs of 0.3�
   size for the hash; with NudeNet (in the default ensemble) draft decoding is off and
   the frame is already full size. A larger reduced decode is no way around it: a
   1/2-scale draft moved 0–14 bits.
-- Cost, core-ms per image (mean, one core): ``pdq_hash`` of the full frame ~5 ms at 0.3 MP,
-  ~15 at 1 MP, ~40 at 2 MP, ~130 at 5 MP, ~205 at 8 MP, ~350 at 12 MP, 4–10× the full
-  JPEG decode (1.3 to 37 ms); of a draft frame (≤ ~1.3 MP) 5–16 ms. ``exact_hashes``
-  ≤ 4 ms. About half of ``pdq_hash`` (pdqhash's float64 luma) releases the GIL; its C++
-  part holds it.
+- Cost of the full frame's hash, core-ms per image (mean, one core): ``pdqhash`` on the
+  whole frame ~4 ms at 0.3 MP, ~16 at 1 MP, ~38 at 2 MP, ~128 at 5 MP, ~260 at 8 MP, ~345
+  at 12 MP, 4–9× the full JPEG decode (1.7 to 40 ms). Nearly all of it is PDQ's filter
+  (two box passes per axis over every pixel) of which PDQ keeps 64×64 samples. Frames over
+  ``DIRECT_MAX_PX`` (1 MP) are therefore hashed by ``pdq_buffer64``: the filter is linear,
+  so its 64×64 samples are ``W(h) @ luma @ W(w).T`` with PDQ's exact per-axis weights,
+  computed from the ~H/64 rows each sample reaches: ~5 ms at 2 MP, ~10 at 5, ~16 at 8, ~20
+  at 12 MP (17× less), and the same hex and quality as ThreatExchange's on all 48 images
+  (and on odd shapes, tests/unit/test_hashing.py). Meta's reference C++ hasher resized to
+  512×512 first, and its paper recommends it, for the same reason; a box pre-reduction
+  (``Image.reduce(k)`` to ≥ 1024, 768, 512, 384, 256 px on the short side, then
+  ``pdqhash``) moved up to 4, 10, 10, 18, 16 bits (mean 0.4, 1.0, 1.9, 4.6, 4.6): the
+  sampled filter is both cheaper and exact, so no reduction is used. ``exact_hashes`` ≤ 4 ms.
+- The tensor path hashes the frame where it is decoded (worker/device/pdq_tensor.py): the
+  same two products on the device in float64, only the 64×64 buffer copied to the host;
+  0 bits from ThreatExchange's hash on the 48 images (measured with torch on the CPU).
 
 Where the worker's frame is not the file's pixel matrix, the hash is of what a viewer sees
 and differs from ThreatExchange's hash of the file (one image each, in bits): EXIF-rotated
