@@ -18,13 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	@# The console's browser tests: Debian's chromium and its driver (Selenium Manager never runs).
 	@command -v chromedriver >/dev/null || (echo "installing chromium chromium-driver" && \
 		(apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null) || \
 		 sudo apt-get install -y -q chromium chromium-driver))
 	touch $@
 
 demo: install
 	$(PY) -m worker.tools.samples demo --out .demo/images
 	$(VENV)/bin/modgate scan .demo/images --output .demo/verdicts.jsonl
-	@echo "verdicts written to .demo/verdicts.jsonl"
 
 test: install
 	$(VENV)/bin/ruff check .
