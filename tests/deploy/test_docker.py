@@ -1,6 +1,7 @@
 """Dockerfiles lint clean with hadolint; the compose stack wires what the README says."""
 
 import contextlib
+import json
 import importlib.metadata
 import re
 import shutil
@@ -78,8 +79,19 @@ def test_compose_stack():
         services["minio"]["environment"]["MINIO_NOTIFY_WEBHOOK_ENDPOINT_MODGATE"]
         == "http://receiver:8080/events"
     )
-    for name in ("receiver", "worker", "dispatcher", "inference", "ingest"):
+    for name in ("receiver", "worker", "dispatcher", "inference", "ingest", "console"):
         assert services[name]["read_only"] is True
+    # The review console: its own small image, behind a profile, settings it accepts.
+    console = services["console"]
+    assert (
+        console["profiles"] == ["console"] and console["build"]["dockerfile"] == "docker/console.Dockerfile"
+    )
+    env = {k: v for k, v in console["environment"].items() if k.startswith("MODGATE_CONSOLE__")}
+    settings = load_settings(
+        console={k.removeprefix("MODGATE_CONSOLE__").lower(): v for k, v in env.items()}
+        | {"tokens": json.loads(env["MODGATE_CONSOLE__TOKENS"])}
+    )
+    assert list(settings.console.tokens) == ["dev"] and settings.console.cookie_secure is False
 
 
 def test_compose_split_profile_feeds_one_inference_service_from_ingest_workers():
