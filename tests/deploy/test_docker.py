@@ -1,8 +1,8 @@
 """Dockerfiles lint clean with hadolint; the compose stack wires what the README says."""
 
 import contextlib
-import json
 import importlib.metadata
+import json
 import re
 import shutil
 import subprocess
