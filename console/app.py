@@ -57,18 +57,10 @@ Age = Annotated[float | None, Query(ge=0, le=24 * 366)]
 def webhook_sender(redis_url: str) -> Callable[[Any], None]:
     """``send_task`` for ``modgate.review.decide``: a Delivery onto the webhook queue, sent by
     name through a Celery app that knows nothing of the worker (as producers send tasks)."""
-    from celery import Celery
-
+    from modgate.contract import task_sender_app
     from modgate.envelope import celery_sender
 
-    app = Celery("modgate-console", broker=redis_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        # Fail within ~1 s when Redis is down: the reviewer sees an error, not a hung page.
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.3},
-        broker_connection_retry_on_startup=True,
-    )
+    app = task_sender_app(redis_url, "modgate-console")
     return celery_sender(app)
 
 

@@ -16,6 +16,23 @@ MODERATE_QUEUE = "modgate"
 WEBHOOK_TASK = "modgate.deliver_webhook"
 WEBHOOK_QUEUE = "modgate.webhooks"
 
+
+def task_sender_app(redis_url: str, name: str) -> Any:
+    """A Celery app that only sends tasks by name, as JSON (producers, the console): it knows
+    nothing of the worker's code. Publishing fails within ~1 s when Redis is down, so callers
+    can leave an event for redelivery or tell a reviewer, rather than hang."""
+    from celery import Celery
+
+    app = Celery(name, broker=redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.3},
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
 # Keys a message; producers batch up to this many, workers may be configured lower or higher.
 DEFAULT_MAX_ITEMS = 64
 

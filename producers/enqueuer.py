@@ -21,7 +21,14 @@ from typing import Any
 from prometheus_client import Counter
 
 from modgate import keys
-from modgate.contract import MODERATE_QUEUE, MODERATE_TASK, Item, ModerateMessage, chunk_items
+from modgate.contract import (
+    MODERATE_QUEUE,
+    MODERATE_TASK,
+    Item,
+    ModerateMessage,
+    chunk_items,
+    task_sender_app,
+)
 from modgate.settings import ProducerRoute, Settings
 from producers.events import InvalidRecord, ObjectEvent
 
@@ -53,17 +60,7 @@ class EnqueueResult:
 
 
 def celery_producer(redis_url: str) -> Any:
-    from celery import Celery
-
-    app = Celery("modgate-producer", broker=redis_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        # Fail within ~1 s when Redis is down, so callers can leave the event for redelivery.
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.3},
-        broker_connection_retry_on_startup=True,
-    )
-    return app
+    return task_sender_app(redis_url, "modgate-producer")
 
 
 class Enqueuer:
