@@ -26,6 +26,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 from starlette.responses import StreamingResponse
 
+from console import banks as banks_api
 from console import dashboard as dashboard_mod
 from console.auth import LOGIN_COOKIE, SESSION_COOKIE, Authenticator, AuthMiddleware, Identity, identity_of
 from console.images import IMAGE_HEADERS, ImageError, locate, open_image, s3_client
@@ -151,6 +152,8 @@ def create_app(
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError) -> Response:
         log.warning("redis error on %s: %s", request.url.path, exc)
+        if request.url.path.startswith("/api/"):
+            return banks_api.problem(503, "redis_unavailable", "Redis is unavailable; try again shortly")
         return PlainTextResponse("Redis is unavailable; try again shortly", status_code=503)
 
     @app.exception_handler(KombuOperationalError)
@@ -415,6 +418,7 @@ def create_app(
         board = dashboard_mod.build(client, hours)
         return render("dashboard.html", request, board=board, colours=dashboard_mod.COLOURS)
 
+    app.include_router(banks_api.bank_router(settings, client))
     return app
 
 

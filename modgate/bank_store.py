@@ -40,9 +40,11 @@ class BankStoreError(Exception):
 # Returns {version, added} ({0, 0} when nothing was new: no version, no stream entry).
 _ADD = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return redis.error_reply('NOBANK') end
-local new = {}
+local new, seen = {}, {}
 for i = 4, #ARGV, 2 do
-  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then new[#new + 1] = ARGV[i] end
+  -- A hash given twice in one call is one new hash: the meta's count must equal HLEN.
+  if not seen[ARGV[i]] and redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then new[#new + 1] = ARGV[i] end
+  seen[ARGV[i]] = true
 end
 local count = tonumber(redis.call('HGET', KEYS[3], 'count') or '0')
 if count + #new > tonumber(ARGV[3]) then return redis.error_reply('FULL ' .. count) end

@@ -131,6 +131,15 @@ def check_note(note: str) -> str:
     return note
 
 
+def entries_from_hashes(
+    kind: str, hashes: Iterable[str], note: str = "", quality: int | None = None
+) -> list[BankEntry]:
+    """Hashes given one by one (command line, API) as entries (BankFormatError on the first malformed one)."""
+    check_quality(kind, quality)
+    note = check_note(note)
+    return [BankEntry(normalize_hash(kind, h), note, quality) for h in hashes]
+
+
 def _entry(kind: str, hash_text: str, note: str, quality_text: str | None) -> BankEntry:
     quality: int | None = None
     if quality_text is not None and quality_text.strip():

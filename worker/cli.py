@@ -805,8 +805,9 @@ def banks_add_from_verdict(
     action: BankActionOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Take-down feedback: add the hash of the bank's kind (PDQ, MD5 or SHA-256) of each
-    verdict to a bank, so re-uploads of a removed image match. Exit 1 if a verdict was not
+    """Take-down feedback: add the hashes of the bank's kind (MD5, SHA-256, or PDQ: the
+    displayed frame's and, for an EXIF-rotated file, the file's) of each verdict to a bank,
+    so re-uploads of a removed image match. Exit 1 if a verdict was not
     found or had no such hash."""
     import re
 
@@ -814,12 +815,12 @@ def banks_add_from_verdict(
         raise typer.BadParameter("give verdict ids, or --from-file VERDICTS.jsonl")
     settings, store = _bank_store(config)
     with _bank_errors():
-        from worker.judge.banks import find_verdict, read_verdict_lines, verdict_hash
+        from modgate.takedown import add_verdicts, find_verdict, read_verdict_lines
 
         for vid in verdict_ids or []:
             if not re.fullmatch(r"[0-9a-f]{32}", vid):
                 raise _BankUsage(f"not a verdict id (32 lowercase hex digits): {vid[:40]!r}")
-        spec = _bank_spec(store, name, kind, category, action, None, None)
+        _bank_spec(store, name, kind, category, action, None, None)
         problems: list[str] = []
         verdicts: list[dict[str, Any]] = []
         if from_file is not None:
@@ -834,18 +835,12 @@ def banks_add_from_verdict(
                     problems.append(f"verdict {vid}: not on the results stream (trimmed, or never published)")
                 else:
                     verdicts.append(found)
-        entries = []
-        for verdict in verdicts:
-            entry, why = verdict_hash(verdict, spec.kind)
-            if entry is None:
-                problems.append(why)
-            else:
-                entries.append(entry)
-        added, _ = store.add(name, entries)
+        result = add_verdicts(store, name, verdicts)
+        problems += result.skipped
         for problem in problems:
             typer.echo(f"modgate: skipped {problem}", err=True)
         typer.echo(
-            f"bank {name}: {added} added, {len(entries) - added} already there ({len(verdicts)} verdicts)"
+            f"bank {name}: {result.added} added, {result.already} already there ({result.verdicts} verdicts)"
         )
     if problems:
         raise typer.Exit(1)

@@ -346,6 +346,15 @@ def test_cli_add_list_export_import_remove(client, env, tmp_path):
     assert [json.loads(line)["name"] for line in cli("list", "--json").output.splitlines()] == ["takedowns"]
 
 
+def test_a_hash_given_twice_in_one_add_keeps_the_bank_valid(client, env):
+    # The meta's count once grew by both copies, so every worker refused the bank as
+    # "written outside modgate" from then on.
+    result = cli("add", "twice", PDQ_A, PDQ_A.upper(), PDQ_B, "--kind", "pdq")
+    assert result.exit_code == 0 and "2 added" in result.output
+    state = BankStore(client, BankSettings()).state("twice")
+    assert state.problem is None and state.count == state.stored == 2
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

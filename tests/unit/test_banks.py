@@ -1,5 +1,5 @@
 """Matching against banks in memory (worker/judge/banks.py): exact kinds, PDQ within each
-bank's distance, PDQ's quality rule, banks from files, and a verdict's hashes as entries."""
+bank's distance, PDQ's quality rule, banks from files, hashes given one by one as entries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from modgate.banks import BankEntry, BankFormatError, BankSpec
-from worker.judge.banks import BankSet, ExactBank, PdqBank, entries_from_hashes, new_bank, verdict_hash
+from worker.judge.banks import BankSet, ExactBank, PdqBank, entries_from_hashes, new_bank
 
 PDQ = "f" * 32 + "0" * 32
 
@@ -121,21 +121,3 @@ def test_entries_from_command_line_hashes():
         entries_from_hashes("pdq", [PDQ], quality=10)
     with pytest.raises(BankFormatError, match="not a md5 hash"):
         entries_from_hashes("md5", [PDQ])
-
-
-def test_a_verdicts_hashes_as_bank_entries():
-    verdict = {
-        "id": "1" * 32,
-        "status": "ok",
-        "source": {"kind": "s3", "uri": "s3://b/k", "sha256": "ab" * 32},
-        "hashes": {"pdq": PDQ, "pdq_quality": 88, "md5": "cd" * 16},
-    }
-    assert verdict_hash(verdict, "pdq") == (BankEntry(PDQ, f"verdict {'1' * 32}", 88), "")
-    assert verdict_hash(verdict, "md5")[0] == BankEntry("cd" * 16, f"verdict {'1' * 32}")
-    assert verdict_hash(verdict, "sha256")[0].hash == "ab" * 32
-    flat = {**verdict, "hashes": {"pdq": PDQ, "pdq_quality": 12}}
-    entry, why = verdict_hash(flat, "pdq")
-    assert entry is None and "quality 12 is below 50" in why
-    error = {"id": "2" * 32, "status": "error", "source": {"kind": "s3", "uri": "s3://b/k"}}
-    entry, why = verdict_hash(error, "md5")
-    assert entry is None and "an error verdict" in why

@@ -25,7 +25,6 @@ reads a bank at the same moment. ``health()`` turns not ok when a copy is older 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -50,14 +49,12 @@ from modgate.bank_store import refusal as refusal
 from modgate.banks import (
     HEX_DIGITS,
     PDQ_MIN_QUALITY,
-    BankEntry,
     BankFormatError,
     BankSpec,
-    check_note,
-    check_quality,
     normalize_hash,
     parse_bank_file,
 )
+from modgate.banks import entries_from_hashes as entries_from_hashes
 from modgate.settings import BankSettings
 from worker.judge.bank_index import PdqIndex, hex_to_codes
 
@@ -553,97 +550,3 @@ def _validate_page(kind: str, fields: list[str], digits: int) -> None:
             normalize_hash(kind, f)
             if f != f.lower():
                 raise BankFormatError(f"not lowercase: {f[:72]!r}")
-
-
-def entries_from_hashes(
-    kind: str, hashes: Iterable[str], note: str = "", quality: int | None = None
-) -> list[BankEntry]:
-    """Command-line hashes as entries (BankFormatError on the first malformed one)."""
-    check_quality(kind, quality)
-    note = check_note(note)
-    return [BankEntry(normalize_hash(kind, h), note, quality) for h in hashes]
-
-
-# --------------------------------------------------------------------------- take-down feedback
-
-# KEYS: stream. ARGV: start ('+' or an exclusive '(id'), page size, verdict id.
-# Returns {'found', verdict json}, {'more', last id read} or {'done'}: a server-side scan, so
-# only the verdict asked for crosses the wire.
-_FIND_VERDICT = """
-local page = redis.call('XREVRANGE', KEYS[1], ARGV[1], '-', 'COUNT', ARGV[2])
-for _, entry in ipairs(page) do
-  local f = entry[2]
-  local id, body = nil, nil
-  for i = 1, #f, 2 do
-    if f[i] == 'id' then id = f[i + 1] elseif f[i] == 'verdict' then body = f[i + 1] end
-  end
-  if id == ARGV[3] and body then return {'found', body} end
-end
-if #page < tonumber(ARGV[2]) then return {'done'} end
-return {'more', page[#page][1]}
-"""
-
-
-def find_verdict(redis: Any, stream: str, verdict_id: str, page: int = 5000) -> dict[str, Any] | None:
-    """A verdict still on the results stream, by id: through its published marker (which
-    holds its entry id) when that has not expired, else by a paged scan in Redis."""
-    entry = redis.get(keys.published_marker(verdict_id))
-    if entry is not None and _text(entry) not in ("", "1"):
-        for _id, fields in redis.xrange(stream, _text(entry), _text(entry)):
-            body = {_text(k): v for k, v in fields.items()}.get("verdict")
-            if body is not None:
-                return json.loads(_text(body))
-    script = redis.register_script(_FIND_VERDICT)
-    start = "+"
-    while True:
-        reply = script(keys=[stream], args=[start, page, verdict_id])
-        status = _text(reply[0])
-        if status == "found":
-            return json.loads(_text(reply[1]))
-        if status == "done":
-            return None
-        start = "(" + _text(reply[1])
-
-
-def verdict_hash(verdict: Mapping[str, Any], kind: str) -> tuple[BankEntry | None, str]:
-    """The hash of ``kind`` a verdict carries, as a bank entry noted with the verdict id;
-    (None, why not) when it has none that a bank may take."""
-    vid = str(verdict.get("id") or "?")
-    hashes = verdict.get("hashes") or {}
-    source = verdict.get("source") or {}
-    quality = None
-    if kind == "sha256":
-        value = source.get("sha256")
-    elif kind == "md5":
-        value = hashes.get("md5")
-    else:
-        value, quality = hashes.get("pdq"), hashes.get("pdq_quality")
-    if not value:
-        why = "an error verdict" if verdict.get("status") == "error" else "no hashes (an older verdict?)"
-        return None, f"verdict {vid}: no {kind} hash ({why})"
-    try:
-        if isinstance(quality, int):
-            check_quality(kind, quality)
-        return BankEntry(normalize_hash(kind, str(value)), f"verdict {vid}", quality), ""
-    except BankFormatError as exc:
-        return None, f"verdict {vid}: {exc}"
-
-
-def read_verdict_lines(path: Path) -> Iterator[dict[str, Any]]:
-    """Verdicts of a JSONL file (``modgate scan --output``, or the stream exported);
-    BankFormatError names the line of one that is not JSON."""
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise BankFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    with handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                verdict = json.loads(line)
-            except ValueError:
-                raise BankFormatError(f"{path}:{number}: not a JSON verdict") from None
-            if not isinstance(verdict, dict):
-                raise BankFormatError(f"{path}:{number}: not a JSON verdict")
-            yield verdict
