@@ -540,6 +540,8 @@ def test_prometheus_rule_alerts_only_on_exported_metrics():
         "ModgateErrorVerdictRate",
         "ModgateWorkerDown",
         "ModgateWebhookFailureRate",
+        "ModgateReviewBacklog",
+        "ModgateReviewVerdictsTrimmed",
     } <= set(alerts)
     exported = exported_metrics() | PROMETHEUS_OWN
     outcomes = outcomes_in_code()

@@ -69,28 +69,90 @@ def record_published(verdicts: list[Any], duplicates: list[bool]) -> None:
 
 
 class QueueDepthCollector(Collector):
-    """Reads queue lengths from Redis at scrape time (kombu keeps each queue as a list)."""
+    """Reads queue lengths from Redis at scrape time (kombu keeps each queue as a list), and
+    how far the review console's consumer group is behind the results stream."""
 
-    def __init__(self, redis: Any, queues: list[str]) -> None:
+    def __init__(self, redis: Any, queues: list[str], stream: str | None = None) -> None:
         self.redis = redis
         self.queues = queues
+        self.stream = stream
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("modgate_queue_depth", "Messages waiting in a queue.", labels=["queue"])
         try:
             for queue in self.queues:
                 family.add_metric([queue], float(self.redis.llen(queue)))
+            review = review_backlog(self.redis, self.stream) if self.stream else None
         except Exception:  # Redis down: no sample rather than a failed scrape
             return
         yield family
+        if review is None:  # no console has ever read the stream (or Redis < 7: no counts)
+            return
+        unread, trimmed = review
+        yield GaugeMetricFamily(
+            "modgate_review_unread",
+            "Verdicts on the results stream the review console has not read yet.",
+            value=float(unread),
+        )
+        yield GaugeMetricFamily(
+            "modgate_review_trimmed_unread",
+            "Verdicts trimmed from the results stream before the review console read them "
+            "(those needing review never reach its queue).",
+            value=float(trimmed),
+        )
+
+
+def review_backlog(redis: Any, stream: str) -> tuple[int, int] | None:
+    """(entries the console's group has not read, entries trimmed before it read them), from
+    XINFO (Redis ≥ 7 counts entries added and read); None without the group or the counts."""
+    from redis.exceptions import ResponseError
+
+    from modgate import keys
+
+    try:
+        groups = redis.xinfo_groups(stream)
+        info = redis.xinfo_stream(stream)
+    except ResponseError:  # no stream yet
+        return None
+    group = next((g for g in groups if _text(g.get("name")) == keys.CONSOLE_GROUP), None)
+    added, length = info.get("entries-added"), info.get("length")
+    if group is None or added is None or length is None:
+        return None
+    read = group.get("entries-read")
+    if read is None:
+        # Never read: Redis counts nothing read only while the group sits at the start.
+        if _text(group.get("last-delivered-id")) not in ("0-0", "0"):
+            return None
+        read = 0
+    trimmed = max(0, int(added) - int(length) - int(read))
+    delivered = _stream_id(group.get("last-delivered-id"))
+    if int(length) == 0 or delivered >= _stream_id(info.get("last-generated-id")):
+        return 0, trimmed
+    if delivered < _stream_id((info.get("first-entry") or ["0-0"])[0]):
+        return int(length), trimmed
+    # Inside the stream: Redis's lag (entries added minus read). It also counts entries lost
+    # to trimming at an earlier time, which this gauge then overstates.
+    lag = group.get("lag")
+    return (int(lag) if lag is not None else max(0, int(added) - int(read))), trimmed
+
+
+def _stream_id(value: Any) -> tuple[int, int]:
+    ms, _, seq = _text(value).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 _collector: QueueDepthCollector | None = None
 
 
-def watch_queues(redis: Any, queues: list[str]) -> None:
+def watch_queues(redis: Any, queues: list[str], stream: str | None = None) -> None:
+    """Export the queues' depth (and, given the results stream, the review console's
+    backlog on it) at every scrape."""
     global _collector
     if _collector is not None:
         REGISTRY.unregister(_collector)
-    _collector = QueueDepthCollector(redis, queues)
+    _collector = QueueDepthCollector(redis, queues, stream)
     REGISTRY.register(_collector)

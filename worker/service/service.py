@@ -143,7 +143,7 @@ class Service:
         """Load the models (if this process moderates), then report ready."""
         from worker.observe import health
 
-        metrics.watch_queues(self.redis, self.queues)
+        metrics.watch_queues(self.redis, self.queues, self.settings.results.stream)
         if self.settings.worker.metrics_port:
             self._http = health.serve(
                 self.health, self.settings.worker.metrics_host, self.settings.worker.metrics_port
