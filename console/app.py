@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path as FilePath
@@ -31,7 +32,7 @@ from console import dashboard as dashboard_mod
 from console.auth import LOGIN_COOKIE, SESSION_COOKIE, Authenticator, AuthMiddleware, Identity, identity_of
 from console.images import IMAGE_HEADERS, ImageError, locate, open_image, s3_client
 from console.queue import Filters, ReviewQueue
-from modgate import review
+from modgate import review, takedown
 from modgate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ def create_app(
 
     async def _pump_forever() -> None:
         delay = console.poll_s
+        next_resume = 0.0
         while True:
             try:
                 read = await asyncio.to_thread(queue.pump)
@@ -130,7 +132,27 @@ def create_app(
             except RedisError as exc:
                 log.warning("review queue: cannot read the verdict stream: %s", exc)
                 delay = min(max(delay * 2, console.poll_s), 30.0)
+            if time.monotonic() >= next_resume:
+                # Decisions whose process died after recording them: finished here, so an
+                # unsafe decision never stays recorded but not carried out.
+                next_resume = time.monotonic() + min(10.0, settings.review.resume_after_s / 2)
+                try:
+                    await asyncio.to_thread(resume_decisions)
+                except Exception as exc:  # Redis, S3 or the broker down: the next round retries
+                    log.warning("review: cannot finish interrupted decisions yet: %s", exc)
             await asyncio.sleep(delay)
+
+    def find_verdict(verdict_id: str) -> dict[str, Any] | None:
+        item = queue.item(verdict_id)
+        if item is not None:
+            return item.verdict
+        return takedown.find_verdict(client, settings.results.stream, verdict_id)
+
+    def resume_decisions() -> None:
+        for result in review.resume_incomplete(
+            client, settings, find_verdict, s3=s3_for_images(), send_task=sender()
+        ):
+            queue.mark_decided(result.decision.verdict_id, _decision_record(result.decision))
 
     app = FastAPI(
         title="modgate console",

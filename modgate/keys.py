@@ -162,3 +162,8 @@ REVIEWS = f"{PREFIX}:reviews"
 
 def review_decided(verdict_id: str) -> str:
     return f"{PREFIX}:review:decided:{verdict_id}"
+
+
+# Decisions recorded but not yet carried out (verdict id -> when recorded; zset): the decide
+# script adds, completion removes, and the console finishes what a dead process left here.
+REVIEW_INCOMPLETE = f"{PREFIX}:review:incomplete"

@@ -24,7 +24,10 @@ the decisions as a labels file for ``modgate eval`` / ``modgate calibrate``.
 Steps 2-4 are idempotent (the same event id and delivery ids, a move that already happened
 is recognised, a bank add of a hash already there is no change), so a decision whose
 process died before step 5 is finished by the same reviewer deciding the same again
-(``resumed``).
+(``resumed``), or else by ``resume_incomplete``: step 1 also puts the verdict id in
+``keys.REVIEW_INCOMPLETE`` (step 5 takes it out), and the console's background loop finishes
+every decision left there longer than ``review.resume_after_s`` — an unsafe decision is
+never left recorded but not carried out because its process died.
 """
 
 from __future__ import annotations
@@ -124,9 +127,10 @@ def label_uri(verdict: Verdict) -> str:
     return source.uri
 
 
-# KEYS: decided key, reviews stream. ARGV: decision json, ttl, maxlen, verdict id, uri.
-# Returns {1, entry id} when recorded; {0, the stored record} when a decision was there first.
-# Atomic as a script: the check and the writes cannot interleave with another decision.
+# KEYS: decided key, reviews stream, incomplete zset. ARGV: decision json, ttl, maxlen,
+# verdict id, uri, now. Returns {1, entry id} when recorded; {0, the stored record} when a
+# decision was there first. Atomic as a script: the check and the writes cannot interleave
+# with another decision.
 _DECIDE = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing} end
@@ -134,16 +138,19 @@ local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
                       'verdict_id', ARGV[4], 'decision', ARGV[1], 'uri', ARGV[5])
 local record = '{"entry_id":"' .. id .. '","complete":false,"decision":' .. ARGV[1] .. '}'
 redis.call('SET', KEYS[1], record, 'NX', 'EX', ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[4])
 return {1, id}
 """
 
-# KEYS: decided key. ARGV: entry id, the completed record. Only the record of that decision.
+# KEYS: decided key, incomplete zset. ARGV: entry id, the completed record, verdict id.
+# Only the record of that decision.
 _COMPLETE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
 local ok, record = pcall(cjson.decode, current)
 if not ok or type(record) ~= 'table' or record.entry_id ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+redis.call('ZREM', KEYS[2], ARGV[3])
 return 1
 """
 
@@ -208,8 +215,8 @@ def decide(
     cfg = settings.review
     script = redis.register_script(_DECIDE)
     recorded, value = script(
-        keys=[keys.review_decided(reviewed.id), keys.REVIEWS],
-        args=[mine.model_dump_json(), cfg.decided_ttl_s, cfg.reviews_maxlen, reviewed.id, mine.uri],
+        keys=[keys.review_decided(reviewed.id), keys.REVIEWS, keys.REVIEW_INCOMPLETE],
+        args=[mine.model_dump_json(), cfg.decided_ttl_s, cfg.reviews_maxlen, reviewed.id, mine.uri, mine.at],
     )
     resumed = False
     if int(recorded):
@@ -259,7 +266,9 @@ def _carry_out(
             queue_delivery(redis, delivery, send_task)
             delivery_ids.append(delivery.delivery_id)
     record = json.dumps({"entry_id": entry_id, "complete": True, "decision": mine.model_dump(mode="json")})
-    redis.register_script(_COMPLETE)(keys=[keys.review_decided(verdict.id)], args=[entry_id, record])
+    redis.register_script(_COMPLETE)(
+        keys=[keys.review_decided(verdict.id), keys.REVIEW_INCOMPLETE], args=[entry_id, record, verdict.id]
+    )
     return DecideResult(
         accepted=True,
         decision=mine,
@@ -272,6 +281,54 @@ def _carry_out(
         resumed=resumed,
         notes=notes,
     )
+
+
+def resume_incomplete(
+    redis: Any,
+    settings: Settings,
+    find_verdict: Callable[[str], Verdict | Mapping[str, Any] | None],
+    *,
+    s3: Any = None,
+    send_task: Callable[[Delivery], None],
+    now: float | None = None,
+    limit: int = 100,
+) -> list[DecideResult]:
+    """Finish the decisions recorded more than ``review.resume_after_s`` ago whose process
+    died before completing them (``keys.REVIEW_INCOMPLETE``), as their reviewer deciding
+    again would. ``find_verdict`` gives a verdict by id (the console: its queue item, else
+    the results stream). A decision whose verdict can no longer be found is dropped from the
+    set with an error logged: nothing is left to act on. Returns what was finished."""
+    cutoff = (time.time() if now is None else now) - settings.review.resume_after_s
+    finished: list[DecideResult] = []
+    for raw_id in redis.zrangebyscore(keys.REVIEW_INCOMPLETE, "-inf", cutoff, start=0, num=limit):
+        verdict_id = _text(raw_id)
+        raw = redis.get(keys.review_decided(verdict_id))
+        try:
+            record = _parse_record(raw) if raw is not None else None
+        except (ValueError, KeyError, TypeError, ValidationError):
+            record = None
+        if record is None or record.complete:
+            redis.zrem(keys.REVIEW_INCOMPLETE, verdict_id)
+            continue
+        found = find_verdict(verdict_id)
+        try:
+            verdict = _as_verdict(found) if found is not None else None
+        except ValidationError:
+            verdict = None
+        if verdict is None or verdict.id != verdict_id:
+            log.error(
+                "review decision on %s (%s by %s) cannot be finished: the verdict is gone",
+                verdict_id,
+                record.decision.decision,
+                record.decision.reviewer,
+            )
+            redis.zrem(keys.REVIEW_INCOMPLETE, verdict_id)
+            continue
+        log.warning("finishing the review decision on %s cut short by its process", verdict_id)
+        finished.append(
+            _carry_out(redis, settings, verdict, record.decision, record.entry_id, s3, send_task, True)
+        )
+    return finished
 
 
 def read_meta(redis: Any, verdict_id: str) -> tuple[str | None, list[str], str | None]:

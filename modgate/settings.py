@@ -526,6 +526,9 @@ class ReviewSettings(BaseModel):
     # The exact (sha256) allow-list bank an overturned object's SHA-256 goes to, so its
     # release (a new upload event) is not quarantined again; created on first use.
     allow_bank: str = Field("review-allow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # A decision recorded this long ago and still not carried out (its process died between
+    # recording it and finishing its S3 action and webhooks) is finished by the console.
+    resume_after_s: float = Field(60.0, ge=1)
 
 
 class Settings(BaseSettings):

@@ -479,6 +479,31 @@ def test_a_decision_whose_webhooks_cannot_be_queued_is_finished_by_deciding_agai
     up.stop()
 
 
+def test_a_decision_whose_console_died_is_finished_by_a_running_console(
+    redis_server, moto_server, s3_env, r, bucket
+):
+    from console.app import webhook_sender
+    from tests.console.conftest import ConsoleServer, console_settings
+
+    settings = console_settings(redis_server.url, moto_server.url)
+    settings.review.resume_after_s = 1.0
+    down = ConsoleServer(settings, send_task=webhook_sender(f"redis://127.0.0.1:{free_port()}/0"))
+    verdict, _ = publish(r, bucket, "a.png", urls=["http://127.0.0.1:9/hook"])
+    ana = session(down, "ana")
+    csrf = form_value(ana.get(f"{down.base}/items/{verdict.id}", timeout=10).text, "csrf")
+    data = {"decision": "unsafe", "category": "sexual", "csrf": csrf}
+    assert ana.post(f"{down.base}/items/{verdict.id}/decide", data=data, timeout=30).status_code == 503
+    down.stop()
+    # Nobody decides again: the running console's sweeper carries the decision out.
+    up = ConsoleServer(settings)
+    deadline = time.monotonic() + 30
+    while (queued(r) or r.zcard(keys.WEBHOOK_PENDING) == 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert queued(r) == [] and r.zcard(keys.WEBHOOK_PENDING) == 1 and r.zcard(keys.REVIEW_INCOMPLETE) == 0
+    assert json.loads(r.get(keys.review_decided(verdict.id)))["complete"] is True
+    up.stop()
+
+
 def test_consumers_of_gone_consoles_are_forgotten_and_their_unacked_entries_claimed(r, bucket, monkeypatch):
     from console import queue as queue_module
     from console.queue import ReviewQueue

@@ -6,6 +6,7 @@ webhook, never the decision."""
 import hashlib
 import json
 import threading
+import time
 
 import pytest
 import redis
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from modgate import keys
 from modgate.bank_store import BankStore
 from modgate.envelope import EVENT_TYPE_HEADER, VERDICT_REVIEWED, Delivery
-from modgate.review import ReviewedEvent, decide, decided, export_labels, read_meta
+from modgate.review import ReviewedEvent, decide, decided, export_labels, read_meta, resume_incomplete
 from modgate.settings import load_settings
 from modgate.signing import verify_headers
 from modgate.verdict import Source, Verdict, verdict_id
@@ -191,6 +192,34 @@ def test_a_decision_cut_short_is_finished_by_the_same_reviewer_only(r, settings)
     assert again.event_id == f"{v.id}:review:{entry_id}" and len(sent) == 1
     # Complete now: a repeat is refused like any second decision.
     assert not decide(r, settings, v, "ana", "unsafe", "violence", send_task=Sent()).accepted
+
+
+def test_a_decision_whose_process_died_is_finished_by_the_sweeper(r, settings, caplog):
+    v = make_verdict(settings)
+    gone = make_verdict(settings, key="gone.jpg")
+    put_meta(r, v.id, ["http://a.example/h"])
+    put_meta(r, gone.id, ["http://a.example/h"])
+
+    def died(delivery):
+        raise SystemExit("the console process was killed here")
+
+    for verdict in (v, gone):
+        with pytest.raises(SystemExit):
+            decide(r, settings, verdict, "ana", "unsafe", "violence", send_task=died)
+    assert r.zcard(keys.REVIEW_INCOMPLETE) == 2
+    known = {v.id: v}
+    sent = Sent()
+    # Not before review.resume_after_s: the deciding process may still be at work.
+    assert resume_incomplete(r, settings, known.get, send_task=sent) == [] and sent == []
+    later = time.time() + settings.review.resume_after_s + 1
+    (result,) = resume_incomplete(r, settings, known.get, send_task=sent, now=later)
+    assert result.accepted and result.resumed and result.decision.reviewer == "ana"
+    assert [d.verdict_id for d in sent] == [v.id] and sent[0].event_type == VERDICT_REVIEWED
+    assert "cannot be finished: the verdict is gone" in caplog.text
+    assert r.zcard(keys.REVIEW_INCOMPLETE) == 0
+    # Finished: a second round and the reviewer deciding again change nothing.
+    assert resume_incomplete(r, settings, known.get, send_task=sent, now=later) == [] and len(sent) == 1
+    assert not decide(r, settings, v, "ana", "unsafe", "violence", send_task=sent).accepted
 
 
 def test_overturn_to_safe_allow_lists_the_sha256_once_a_confirmation_does_not(r, settings):
