@@ -440,7 +440,7 @@ def create_app(
         board = dashboard_mod.build(client, hours)
         return render("dashboard.html", request, board=board, colours=dashboard_mod.COLOURS)
 
-    app.include_router(banks_api.bank_router(settings, client))
+    banks_api.install(app, settings, client)
     return app
 
 

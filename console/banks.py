@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Request
+from fastapi import APIRouter, Body, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,10 +25,12 @@ from modgate.banks import (
     NAME_PATTERN,
     PDQ_MAX_DISTANCE,
     BankAction,
+    BankEntry,
     BankFormatError,
     BankKind,
     BankSpec,
     entries_from_hashes,
+    normalize_hash,
 )
 from modgate.detector_scores import Category
 from modgate.settings import Settings
@@ -114,6 +116,14 @@ class Problem(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": Problem} for status in (400, 404, 409, 415, 503)}
 
 
+class ApiProblem(Exception):
+    """An answer other than 2xx, raised from anywhere in a route."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
 def problem(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"code": code, "detail": detail}, status_code=status)
 
@@ -134,17 +144,23 @@ def _out(state: BankState) -> BankOut:
     )
 
 
-def _json_body(request: Request) -> JSONResponse | None:
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":
-        return problem(415, "json_required", "send the body as Content-Type: application/json")
-    return None
-
-
-def _store_error(exc: BankStoreError) -> JSONResponse:
+def _store_problem(exc: BankStoreError) -> ApiProblem:
     if "no bank named" in str(exc):
-        return problem(404, "no_such_bank", str(exc))
-    return problem(409, "bank_refused", str(exc))
+        return ApiProblem(404, "no_such_bank", str(exc))
+    return ApiProblem(409, "bank_refused", str(exc))
+
+
+def install(app: FastAPI, settings: Settings, client: Any) -> None:
+    """Add the /api/banks routes to the console, and the handlers that turn their refusals
+    (and a BankStoreError from the store) into JSON problems."""
+    app.include_router(bank_router(settings, client))
+
+    async def refused(_: Request, exc: Exception) -> JSONResponse:
+        found = exc if isinstance(exc, ApiProblem) else _store_problem(exc)  # type: ignore[arg-type]
+        return problem(found.status, found.code, found.detail)
+
+    app.add_exception_handler(ApiProblem, refused)
+    app.add_exception_handler(BankStoreError, refused)
 
 
 def bank_router(settings: Settings, client: Any) -> APIRouter:
@@ -152,9 +168,18 @@ def bank_router(settings: Settings, client: Any) -> APIRouter:
     store = BankStore(client, settings.banks)
     router = APIRouter(prefix="/api/banks", tags=["banks"], responses=ERRORS)
 
-    @router.get(
-        "", response_model=list[BankOut], summary="Every bank: kind, action, size, whether it validates"
-    )
+    def writable(request: Request, name: str) -> BankSpec:
+        """The spec of the bank a write names, after the checks every write makes."""
+        _json_only(request)
+        return store.spec(name)
+
+    def changed(name: str, version: int, **counts: int) -> Changed:
+        state = store.state(name)
+        return Changed(
+            bank=name, version=version or None, hashes=state.stored if state is not None else None, **counts
+        )
+
+    @router.get("", response_model=list[BankOut], summary="Every bank: kind, action, size, validity")
     def list_banks(request: Request) -> Any:
         identity_of(request)
         return [_out(state) for _, state in sorted(store.states().items())]
@@ -164,72 +189,39 @@ def bank_router(settings: Settings, client: Any) -> APIRouter:
         identity_of(request)
         state = store.state(name)
         if state is None:
-            return problem(404, "no_such_bank", f"no bank named {name!r}")
+            raise ApiProblem(404, "no_such_bank", f"no bank named {name!r}")
         return _out(state)
 
     @router.put("/{name}", response_model=BankOut, summary="Create a bank, or change what a match in it does")
     def put_bank(request: Request, name: BankName, body: Annotated[BankIn, Body()]) -> Any:
-        identity_of(request)
-        if (refused := _json_body(request)) is not None:
-            return refused
+        _json_only(request)
         try:
             spec = BankSpec(name=name, **body.model_dump())
         except ValueError as exc:  # max_distance on an exact kind
-            return problem(400, "bad_bank", str(exc).splitlines()[-1].strip())
+            raise ApiProblem(400, "bad_bank", str(exc).splitlines()[-1].strip()) from None
         try:
             store.put_spec(spec)
-        except BankStoreError as exc:
-            return problem(409, "bank_refused", str(exc))
+        except BankStoreError as exc:  # a kind change is a conflict, not a missing bank
+            raise ApiProblem(409, "bank_refused", str(exc)) from None
         state = store.state(name)
-        return _out(state) if state is not None else problem(409, "bank_refused", "the bank vanished")
+        if state is None:
+            raise ApiProblem(409, "bank_refused", "the bank was dropped meanwhile")
+        return _out(state)
 
     @router.post("/{name}/hashes", response_model=Changed, summary="Add hashes to a bank")
     def add_hashes(request: Request, name: BankName, body: Annotated[HashesIn, Body()]) -> Any:
-        identity = identity_of(request)
-        if (refused := _json_body(request)) is not None:
-            return refused
-        try:
-            spec = store.spec(name)
-        except BankStoreError as exc:
-            return _store_error(exc)
-        note = body.note or f"added by {identity.reviewer} (console API)"
-        try:
-            entries = entries_from_hashes(spec.kind, body.hashes, note, body.quality)
-        except BankFormatError as exc:
-            return _bad_hash(spec.kind, body.hashes, exc)
-        try:
-            added, version = store.add(name, entries)
-        except BankStoreError as exc:
-            return _store_error(exc)
-        unique = len({e.hash for e in entries})
-        return Changed(
-            bank=name, added=added, already=unique - added, version=version or None, hashes=_count(name)
-        )
+        spec = writable(request, name)
+        note = body.note or f"added by {identity_of(request).reviewer} (console API)"
+        entries = _entries(spec.kind, body.hashes, note, body.quality)
+        added, version = store.add(name, entries)
+        return changed(name, version, added=added, already=len({e.hash for e in entries}) - added)
 
     @router.post("/{name}/remove", response_model=Changed, summary="Remove hashes from a bank")
     def remove_hashes(request: Request, name: BankName, body: Annotated[RemoveIn, Body()]) -> Any:
-        identity_of(request)
-        if (refused := _json_body(request)) is not None:
-            return refused
-        try:
-            spec = store.spec(name)
-        except BankStoreError as exc:
-            return _store_error(exc)
-        try:
-            wanted = sorted({e.hash for e in entries_from_hashes(spec.kind, body.hashes)})
-        except BankFormatError as exc:
-            return _bad_hash(spec.kind, body.hashes, exc)
-        try:
-            removed, version = store.remove(name, wanted)
-        except BankStoreError as exc:
-            return _store_error(exc)
-        return Changed(
-            bank=name,
-            removed=removed,
-            already=len(wanted) - removed,
-            version=version or None,
-            hashes=_count(name),
-        )
+        spec = writable(request, name)
+        wanted = sorted({e.hash for e in _entries(spec.kind, body.hashes)})
+        removed, version = store.remove(name, wanted)
+        return changed(name, version, removed=removed, already=len(wanted) - removed)
 
     @router.post(
         "/{name}/from-verdicts",
@@ -237,13 +229,7 @@ def bank_router(settings: Settings, client: Any) -> APIRouter:
         summary="Take-down feedback: add the hashes of verdicts still on the results stream",
     )
     def from_verdicts(request: Request, name: BankName, body: Annotated[VerdictsIn, Body()]) -> Any:
-        identity_of(request)
-        if (refused := _json_body(request)) is not None:
-            return refused
-        try:
-            store.spec(name)
-        except BankStoreError as exc:
-            return _store_error(exc)
+        writable(request, name)
         verdicts: list[dict[str, Any]] = []
         missing: list[str] = []
         for vid in dict.fromkeys(body.verdict_ids):
@@ -252,34 +238,28 @@ def bank_router(settings: Settings, client: Any) -> APIRouter:
                 missing.append(f"verdict {vid}: not on the results stream (trimmed, or never published)")
             else:
                 verdicts.append(found)
-        try:
-            result = takedown.add_verdicts(store, name, verdicts)
-        except BankStoreError as exc:
-            return _store_error(exc)
-        return TakedownOut(
-            bank=name,
-            verdicts=result.verdicts,
-            added=result.added,
-            already=result.already,
-            version=result.version,
-            hashes=_count(name),
-            skipped=missing + result.skipped,
-        )
-
-    def _count(name: str) -> int | None:
-        state = store.state(name)
-        return state.stored if state is not None else None
+        result = takedown.add_verdicts(store, name, verdicts)
+        out = changed(name, result.version or 0, added=result.added, already=result.already)
+        return TakedownOut(**out.model_dump(), verdicts=result.verdicts, skipped=missing + result.skipped)
 
     return router
 
 
-def _bad_hash(kind: str, given: list[str], exc: BankFormatError) -> JSONResponse:
-    """400 naming the first hash that is not one of ``kind`` (or the quality/note that is wrong)."""
-    from modgate.banks import normalize_hash
+def _json_only(request: Request) -> None:
+    identity_of(request)
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise ApiProblem(415, "json_required", "send the body as Content-Type: application/json")
 
-    for i, text in enumerate(given):
-        try:
-            normalize_hash(kind, text)
-        except BankFormatError as each:
-            return problem(400, "bad_hash", f"hashes[{i}]: {each}")
-    return problem(400, "bad_hash", str(exc))
+
+def _entries(kind: str, given: list[str], note: str = "", quality: int | None = None) -> list[BankEntry]:
+    """The given hashes as entries of a bank of ``kind``; a 400 naming the first that is
+    not one (or the quality or note that is wrong)."""
+    try:
+        return entries_from_hashes(kind, given, note, quality)
+    except BankFormatError as exc:
+        for i, text in enumerate(given):
+            try:
+                normalize_hash(kind, text)
+            except BankFormatError as each:
+                raise ApiProblem(400, "bad_hash", f"hashes[{i}]: {each}") from None
+        raise ApiProblem(400, "bad_hash", str(exc)) from None
