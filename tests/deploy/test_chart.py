@@ -231,6 +231,22 @@ def test_models_pvc_and_init_pull():
     assert models["persistentVolumeClaim"]["claimName"] == "mg-modgate-models"
 
 
+def test_weights_baked_into_the_image_are_not_hidden_by_a_volume():
+    for split in (False, True):
+        values = {**BASE, "models": {"fromImage": True}}
+        if split:
+            values["inference"] = {"enabled": True}
+        pod = by_kind(render(values), "Deployment")["mg-modgate-worker"]["spec"]["template"]["spec"]
+        assert "initContainers" not in pod
+        for container in pod["containers"]:
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert "/models" not in mounts and "/models/cache" in mounts, container["name"]
+        assert next(v for v in pod["volumes"] if v["name"] == "models") == {"name": "models", "emptyDir": {}}
+    for conflicting in ({"pvc": {"enabled": True}}, {"initPull": {"enabled": True}}):
+        with pytest.raises(helm.HelmError, match="models.fromImage"):
+            render({**BASE, "models": {"fromImage": True, **conflicting}})
+
+
 def test_ingress_routes_events_to_the_receiver():
     docs = render(VALUE_SETS["ingress"])
     (ingress,) = by_kind(docs, "Ingress").values()
