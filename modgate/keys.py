@@ -98,6 +98,18 @@ def score_cache(digest: str) -> str:
     return f"{PREFIX}:cache:{digest}"
 
 
+# Near-duplicate reuse (worker/judge/near_duplicates.py, ``cache.near_duplicate_bits``): a
+# sorted set of "context pdq entry" by insertion time (bounded like the cache), and per
+# context and PDQ chunk a set of "pdq entry" (expiring after ``cache.ttl_s``, emptied as the
+# sorted set drops its members).
+NEAR_DUPLICATE_INDEX = f"{PREFIX}:cache:near-index"
+NEAR_DUPLICATE_PREFIX = f"{PREFIX}:cache:near:"
+
+
+def near_duplicate_bucket(context: str, bucket: str) -> str:
+    return f"{NEAR_DUPLICATE_PREFIX}{context}:{bucket}"
+
+
 # Hash banks (``modgate banks``; worker/judge/banks.py). The registry maps each bank's name
 # to its spec (JSON); per bank, its hashes (hex -> note/quality JSON, or "") and its meta
 # (``version``: the sequence number of its last change, ``count``: how many hashes it has),

@@ -320,6 +320,11 @@ class CacheSettings(BaseModel):
     # (in Redis for the worker, in memory for `modgate scan`).
     ttl_s: int = Field(24 * 3600, ge=1)
     max_entries: int = Field(200_000, ge=1)
+    # Also reuse the scores of a cached image whose PDQ is within this many bits (0-8), when
+    # the bytes differ (a re-encode, a resize). None: off, the default: a small overlay or a
+    # crafted PDQ collision stays within a few bits and changes what the detectors would see
+    # (worker/judge/near_duplicates.py). Not in the split shape, where PDQ comes with the scores.
+    near_duplicate_bits: int | None = Field(None, ge=0, le=8)
 
 
 class WebhookSettings(BaseModel):
