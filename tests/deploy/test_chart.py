@@ -243,7 +243,7 @@ def test_weights_baked_into_the_image_are_not_hidden_by_a_volume():
             assert "/models" not in mounts and "/models/cache" in mounts, container["name"]
         assert next(v for v in pod["volumes"] if v["name"] == "models") == {"name": "models", "emptyDir": {}}
     for conflicting in ({"pvc": {"enabled": True}}, {"initPull": {"enabled": True}}):
-        with pytest.raises(helm.HelmError, match="models.fromImage"):
+        with pytest.raises(helm.HelmError, match=r"models\.fromImage"):
             render({**BASE, "models": {"fromImage": True, **conflicting}})
 
 
