@@ -88,7 +88,13 @@ def main() -> None:
     settings = load_settings(
         detectors={"enabled": DETECTORS}, batch={"max_batch": args.max_batch, "max_wait_ms": 10}
     )
-    fast = settings.model_copy(update={"decode": settings.decode.model_copy(update={"draft_always": True})})
+    # Draft decoding hashes the reduced frame (hashing.pdq=frame): full-size hashing turns it off.
+    fast = settings.model_copy(
+        update={
+            "decode": settings.decode.model_copy(update={"draft_always": True}),
+            "hashing": settings.hashing.model_copy(update={"pdq": "frame"}),
+        }
+    )
     threads = settings.model_copy(update={"decode": settings.decode.model_copy(update={"processes": False})})
     detectors = load_detectors(settings)
     end_to_end(detectors, paths[:4], settings)  # warm-up: sessions, thread pools, caches

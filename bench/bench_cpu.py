@@ -93,7 +93,11 @@ def main() -> None:
 def run_variant(name: str, paths: list[Path], args: argparse.Namespace) -> dict:
     """One ``modgate bench`` run of a variant (the last round's run is what --out keeps)."""
     v = VARIANTS[name]
-    settings = load_settings(detectors={"enabled": DETECTORS}, decode=v["decode"], runtime=v["runtime"])
+    # Draft decoding hashes the reduced frame (hashing.pdq=frame): full-size hashing turns it off.
+    hashing = {"pdq": "frame"} if v["decode"] is DRAFT else {}
+    settings = load_settings(
+        detectors={"enabled": DETECTORS}, decode=v["decode"], runtime=v["runtime"], hashing=hashing
+    )
     r = bench.run_bench(settings, paths, args.seconds, str(args.images), load_detectors(settings))
     lim, e2e = r["limit"], r["end_to_end"]
     print(

@@ -280,12 +280,14 @@ class ResultsSettings(BaseModel):
 
 
 class HashingSettings(BaseModel):
-    """PDQ of every decoded frame (the verdict's ``hashes``, PDQ banks). ``frame`` hashes the
-    frame as decoded: equal to ThreatExchange's hash of a full decode, within 0-12 bits of it
-    when JPEG draft mode reduced the frame (docs/banks.md has the figures); ``off`` skips PDQ
-    (MD5 and SHA-256 stay) where its cost matters more than PDQ banks."""
+    """PDQ of every decoded frame (the verdict's ``hashes``, PDQ banks). ``full`` (default)
+    hashes full-size frames, equal to ThreatExchange's hash: JPEG draft decoding is off
+    while PDQ is on (with NudeNet in the ensemble it is off anyway). ``frame`` hashes the
+    frame as decoded, within 0-12 bits of ThreatExchange's hash when draft mode reduced it
+    (docs/banks.md has the figures): less of PDQ's 31-bit match budget left for re-encodes,
+    for faster decodes. ``off`` skips PDQ (MD5 and SHA-256 stay)."""
 
-    pdq: Literal["frame", "off"] = "frame"
+    pdq: Literal["full", "frame", "off"] = "full"
 
 
 class BankSettings(BaseModel):

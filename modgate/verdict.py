@@ -16,8 +16,9 @@ from modgate.errors import ErrorCode
 
 SCHEMA_VERSION = "1"
 # The additions within v1 (new optional fields only: every v1 reader still reads a verdict):
-# 1.1 added ``hashes``, ``matches`` and ``cached_from``.
-SCHEMA_REVISION = "1.1"
+# 1.1 added ``hashes``, ``matches`` and ``cached_from``; 1.2 ``hashes.pdq_file`` and
+# ``hashes.pdq_file_quality``.
+SCHEMA_REVISION = "1.2"
 
 Decision = Literal["safe", "review", "unsafe"]
 
@@ -97,6 +98,17 @@ class Hashes(BaseModel):
     )
     pdq_quality: int | None = Field(None, description="PDQ quality 0-100; below 50 the hash is not matched")
     md5: str | None = Field(None, description="MD5 of the original bytes, hex")
+    # Added in schema v1.2 (additive).
+    pdq_file: str | None = Field(
+        None,
+        description="Added in schema v1.2 (additive). PDQ of the first frame's pixels as stored in the "
+        "file, before its EXIF orientation: what ThreatExchange and HMA compute for the file (64 "
+        "lowercase hex digits). Present only when the EXIF orientation is not 1 (then `pdq` is of the "
+        "image as displayed); hash banks are matched on both.",
+    )
+    pdq_file_quality: int | None = Field(
+        None, description="Added in schema v1.2 (additive). Quality 0-100 of `pdq_file`; below 50 unmatched."
+    )
 
 
 class BankMatch(BaseModel):

@@ -47,7 +47,16 @@ from worker.device.engine import (
 from worker.ingest.decode import DecodedImage, Frame, decode_image
 from worker.ingest.decode_pool import DecodeProcesses, Preparers
 from worker.ingest.fetch import Fetched, Fetcher
-from worker.ingest.hashing import PDQ_KEY, ImageHashes, exact_hashes, frame_pdq, with_pdq
+from worker.ingest.hashing import (
+    HASHES_REVISION,
+    PDQ_FILE_KEY,
+    PDQ_KEY,
+    ImageHashes,
+    exact_hashes,
+    frame_pdq,
+    frame_pdq_file,
+    with_pdq,
+)
 from worker.ingest.probe import probe
 from worker.judge.aggregator import (
     MissingScoresError,
@@ -167,7 +176,14 @@ class _Job:
     def hashes_block(self) -> Hashes | None:
         if self.hashes is None:
             return None
-        return Hashes(pdq=self.hashes.pdq, pdq_quality=self.hashes.pdq_quality, md5=self.hashes.md5)
+        stored = self.hashes.pdq_file
+        return Hashes(
+            pdq=self.hashes.pdq,
+            pdq_quality=self.hashes.pdq_quality,
+            md5=self.hashes.md5,
+            pdq_file=stored[0] if stored is not None else None,
+            pdq_file_quality=stored[1] if stored is not None else None,
+        )
 
 
 def _ms(seconds: float) -> float:
@@ -213,9 +229,16 @@ class Pipeline:
         self._detector_sig = ";".join(
             sorted(f"{d.id}:{d.model}:{d.revision}" for d in self.detectors.detectors)
         )
-        self._draft_side = self.detectors.draft_side(settings.decode.draft_always)
+        self._draft_side = self.detectors.draft_side(
+            settings.decode.draft_always, full_frames=settings.hashing.pdq == "full"
+        )
         tensor = getattr(self.engine, "tensor", False)
-        self._decode_sig = f"{settings.decode.model_dump_json()}|tensor={tensor}|draft={self._draft_side}"
+        # The cached entry holds the hashes too: entries from before a change of what is
+        # hashed (HASHES_REVISION) would lack a hash the banks must be matched on.
+        self._decode_sig = (
+            f"{settings.decode.model_dump_json()}|tensor={tensor}|draft={self._draft_side}"
+            f"|pdq={settings.hashing.pdq}|hashes={HASHES_REVISION}"
+        )
         self._fetch_pool = ThreadPoolExecutor(settings.s3.max_concurrency, thread_name_prefix="modgate-fetch")
         self._decode_pool = ThreadPoolExecutor(settings.decode.workers, thread_name_prefix="modgate-decode")
         self._decode_procs: DecodeProcesses | None = None
@@ -366,11 +389,13 @@ class Pipeline:
         self._submit_frames(job, decoded, prepared)
 
     def _match_pdq(self, job: _Job) -> bool:
-        """The PDQ banks on this image's frames; True when a match makes the models moot."""
+        """The PDQ banks on this image's frames, and on the file's own PDQ where its EXIF
+        orientation turned the first frame (``pdq_file``: what ThreatExchange lists hold);
+        True when a match makes the models moot."""
         banks = self._banks() if self._banks is not None else None
-        if banks is None or job.hashes is None or not job.hashes.frame_pdqs:
+        if banks is None or job.hashes is None or not job.hashes.match_pdqs:
             return False
-        job.matches = [*job.matches, *resolve_matches(banks.match_pdq(job.hashes.frame_pdqs), job.policy)]
+        job.matches = [*job.matches, *resolve_matches(banks.match_pdq(job.hashes.match_pdqs), job.policy)]
         return decisive(job.matches, job.policy)
 
     def _judge_by_banks(self, job: _Job, decoded: DecodedImage | None) -> None:
@@ -430,7 +455,9 @@ class Pipeline:
                 raise ModerationError(ErrorCode.DETECTOR_FAILED, "the engine sent no PDQ hash of the frame")
             first, quality = outcome.pdqs[0]
             hashes = job.hashes or ImageHashes(*exact_hashes(data))
-            job.hashes = replace(hashes, pdq=first, pdq_quality=quality, frame_pdqs=outcome.pdqs)
+            job.hashes = replace(
+                hashes, pdq=first, pdq_quality=quality, frame_pdqs=outcome.pdqs, pdq_file=outcome.pdq_file
+            )
             self._match_pdq(job)
         job.timings["hash_ms"] = _ms(job.timings.get("hash_ms", 0.0) / 1000.0 + time.perf_counter() - t)
         job.timings["decode_ms"] = _ms(outcome.decode_s)
@@ -454,7 +481,8 @@ class Pipeline:
                 job.timings["decode_ms"] = _ms(time.perf_counter() - t)
             t = time.perf_counter()
             if job.hashes is not None and self._pdq:
-                job.hashes = with_pdq(job.hashes, [frame.image for frame in decoded.frames])
+                orientation = decoded.frames[0].orientation if decoded.frames else 1
+                job.hashes = with_pdq(job.hashes, [frame.image for frame in decoded.frames], orientation)
             job.timings["hash_ms"] = job.timings.get("hash_ms", 0.0) + _ms(time.perf_counter() - t)
             t = time.perf_counter()
             prepared = [PreparedFrame(None, self._prepare(frame)) for frame in decoded.frames]
@@ -473,9 +501,12 @@ class Pipeline:
         t = time.perf_counter()
         prepared = []
         pdqs = tuple(item.inputs.pop(PDQ_KEY) for item in out.frames if PDQ_KEY in item.inputs)
+        stored = [item.inputs.pop(PDQ_FILE_KEY, None) for item in out.frames]
         if job.hashes is not None and pdqs:
             first, quality = pdqs[0]
-            job.hashes = replace(job.hashes, pdq=first, pdq_quality=quality, frame_pdqs=pdqs)
+            job.hashes = replace(
+                job.hashes, pdq=first, pdq_quality=quality, frame_pdqs=pdqs, pdq_file=stored[0]
+            )
         for item in out.frames:
             inputs = item.inputs
             if self._parent_keys and item.frame is not None:
@@ -509,6 +540,7 @@ class Pipeline:
                 preparers[key] = fn
         if self._pdq:
             preparers[PDQ_KEY] = frame_pdq  # hashed where the frame is: in the decode process
+            preparers[PDQ_FILE_KEY] = frame_pdq_file
         return preparers, parent
 
     def _prepare(self, frame: Frame, keys: Sequence[str] | None = None) -> dict[str, Any]:
@@ -592,7 +624,9 @@ class Pipeline:
         t = time.perf_counter()
         if hit.frame_pdqs:
             first, quality = hit.frame_pdqs[0]
-            job.hashes = replace(job.hashes, pdq=first, pdq_quality=quality, frame_pdqs=hit.frame_pdqs)
+            job.hashes = replace(
+                job.hashes, pdq=first, pdq_quality=quality, frame_pdqs=hit.frame_pdqs, pdq_file=hit.pdq_file
+            )
             self._match_pdq(job)  # banks as they stand now: matches are never cached
         scored = {k: v.scores for k, v in hit.detectors.items()}
         self._judge(job, dict(hit.detectors), scored, hit.image, hit.frames, t, cached_from=hit.verdict_id)
@@ -604,7 +638,12 @@ class Pipeline:
         if self._cache is None or job.cache_key is None or job.hashes is None:
             return
         entry = CachedScores(
-            verdict_id(job.source, job.policy.version), detectors, image, frames, job.hashes.frame_pdqs
+            verdict_id(job.source, job.policy.version),
+            detectors,
+            image,
+            frames,
+            job.hashes.frame_pdqs,
+            job.hashes.pdq_file,
         )
         self._cache.put(job.cache_key, entry)
         metrics.SCORE_CACHE.labels("stored").inc()

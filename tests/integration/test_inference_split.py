@@ -96,6 +96,11 @@ def mixed_objects() -> dict[str, bytes]:
     # Above wire.INLINE_MAX: its bytes cross in a memfd, mapped by the server.
     objects["photo/large.jpg"] = large = jpeg(60, 2400, 1800)
     assert len(large) > 128 * 1024
+    # Turned by its EXIF orientation: also hashed as stored (pdq_file, ThreatExchange's).
+    rotated, exif = io.BytesIO(), Image.Exif()
+    exif[0x0112] = 6
+    Image.open(io.BytesIO(jpeg(61, 640, 480))).save(rotated, "JPEG", exif=exif.tobytes())
+    objects["photo/rotated.jpg"] = rotated.getvalue()
     png = io.BytesIO()
     Image.open(io.BytesIO(jpeg(20))).save(png, "PNG")
     objects["other/image.png"] = png.getvalue()
@@ -131,6 +136,7 @@ def reference_scores(objects: dict[str, bytes], tmp_path: Path) -> dict[str, dic
                 "status": v.status,
                 "scores": v.detectors["open_nsfw"].scores if v.detectors else None,
                 "pdq": (v.hashes.pdq, v.hashes.pdq_quality) if v.hashes else None,
+                "pdq_file": (v.hashes.pdq_file, v.hashes.pdq_file_quality) if v.hashes else None,
             }
             out[key]["code"] = v.error.code if v.error else None
     return out
@@ -163,9 +169,15 @@ def test_ingest_processes_share_one_inference_process(
             # JPEGs hashed where the inference process decoded them, the rest in ingest: the
             # one-process hashes either way.
             assert (v["hashes"]["pdq"], v["hashes"]["pdq_quality"]) == ref[key]["pdq"], key
+            assert (v["hashes"]["pdq_file"], v["hashes"]["pdq_file_quality"]) == ref[key]["pdq_file"], key
         else:
             assert v["error"]["code"] == ref[key]["code"], key
     assert got["other/anim.gif"]["frames"] > 1  # frames prepared in the ingest process
+    from threatexchange.signal_type.pdq.pdq_hasher import pdq_from_bytes
+
+    stored = got["photo/rotated.jpg"]["hashes"]
+    assert (stored["pdq_file"], stored["pdq_file_quality"]) == pdq_from_bytes(objects["photo/rotated.jpg"])
+    assert got["photo/00.jpg"]["hashes"]["pdq_file"] is None  # upright
     assert {k for k, v in got.items() if v["status"] == "error"} == {"bad/truncated.jpg", "bad/text.jpg"}
 
     # Both kinds of process say where the models run; the ingest ones learnt it on connect.

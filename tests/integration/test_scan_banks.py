@@ -5,9 +5,11 @@ import hashlib
 import json
 
 from PIL import Image
+from threatexchange.signal_type.pdq.pdq_hasher import pdq_from_file
 
 from tests.integration.test_scan_cli import jpeg_bytes, run
-from worker.ingest.hashing import pdq_hash
+from worker.ingest.hashing import pdq_distance, pdq_hash
+from worker.tools.samples import photo
 
 
 def _verdicts(stdout):
@@ -55,6 +57,29 @@ def test_exact_and_pdq_banks_flag_allow_and_skip_the_models(tmp_path):
         other["matches"] == []
         and other["hashes"]["md5"] == hashlib.md5((images / "other.jpg").read_bytes()).hexdigest()
     )
+
+
+def test_a_threatexchange_list_matches_an_exif_rotated_upload(tmp_path):
+    """ThreatExchange (and HMA) hash a file's pixels as stored, ignoring its EXIF
+    orientation: a list entry of a phone photo taken sideways is that hash. Scanning the
+    same file matches it, and the verdict carries that hash as ``hashes.pdq_file``."""
+    images = tmp_path / "images"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    # Halved it would be under the draft target (2× Open-NSFW's input): decoded full size.
+    photo(1000, 750, 90).save(images / "sideways.jpg", "JPEG", quality=90, exif=exif.tobytes())
+    listed, quality = pdq_from_file(images / "sideways.jpg")
+    bank = tmp_path / "te.pdq.csv"
+    bank.write_text(f"hash,quality\n{listed},{quality}\n")
+    result = run(["scan", str(images), "--detectors", "open_nsfw", "--no-progress", "--bank", f"te={bank}"])
+    assert result.returncode == 0, result.stderr
+    verdict = _verdicts(result.stdout)["sideways.jpg"]
+    assert verdict["hashes"]["pdq_file"] == listed and verdict["hashes"]["pdq_file_quality"] == quality
+    assert pdq_distance(verdict["hashes"]["pdq"], listed) > 31  # as displayed: not the list's
+    assert verdict["decision"] == "unsafe" and verdict["detectors"] == {}  # judged by the bank
+    (match,) = verdict["matches"]
+    assert (match["bank"], match["kind"], match["hash"], match["distance"]) == ("te", "pdq", listed, 0)
 
 
 def test_a_malformed_bank_file_is_a_usage_error_naming_the_line(tmp_path):

@@ -1,6 +1,7 @@
 """Image hashes (worker.ingest.hashing): exact hashes of the bytes; PDQ equal to
-ThreatExchange's own, hex and quality, on the same files; robust to re-encoding, resizing
-and brightness, distinct across unrelated images; crops and draft decoding measured."""
+ThreatExchange's own, hex and quality, on the same files (an EXIF-rotated file's too, as
+``pdq_file``); robust to re-encoding, resizing and brightness, distinct across unrelated
+images; crops and draft decoding measured."""
 
 from __future__ import annotations
 
@@ -19,8 +20,16 @@ from threatexchange.signal_type.pdq.signal import PdqSignal
 
 from modgate.settings import DecodeSettings
 from worker.ingest import hashing
-from worker.ingest.decode import decode_image
-from worker.ingest.hashing import ImageHashes, exact_hashes, pdq_distance, pdq_hash, with_pdq
+from worker.ingest.decode import Frame, decode_image
+from worker.ingest.hashing import (
+    ImageHashes,
+    exact_hashes,
+    frame_pdq_file,
+    pdq_distance,
+    pdq_file_hash,
+    pdq_hash,
+    with_pdq,
+)
 from worker.tools.samples import photo, skin_scene
 
 MATCH = 31  # Meta's recommended PDQ match distance
@@ -74,6 +83,68 @@ def test_pdq_equals_threatexchange_on_the_same_file(tmp_path: Path, make, w, h, 
     # The signal type HMA uses: the same hex (quality ≥ 50 here, else it returns "").
     assert te_quality >= 50
     assert PdqSignal.hash_from_file(path) == ours[0]
+
+
+def with_orientation(img: Image.Image, orientation: int) -> bytes:
+    """``img`` as the pixels a JPEG stores, tagged with EXIF ``orientation`` (a viewer turns
+    it; ThreatExchange hashes it as stored)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", quality=88, exif=exif.tobytes())
+
+
+# ~0.5 MP (pdq by pdqhash itself), an odd size, and > 1 MP (pdq by the sampled filter).
+ORIENTED = [(photo, 816, 612, 81), (skin_scene, 1001, 777, 82), (photo, 1500, 1000, 83)]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize(("make", "w", "h", "seed"), ORIENTED)
+def test_an_exif_rotated_jpeg_carries_threatexchanges_hash_of_the_file(
+    tmp_path: Path, make, w, h, seed, orientation
+):
+    """ThreatExchange and HMA hash the pixels as stored, ignoring the EXIF orientation:
+    ``pdq_file`` is that hash (hex and quality), ``pdq`` stays the hash of what a viewer sees."""
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(with_orientation(make(w, h, seed), orientation))
+    frame = decode_image(path.read_bytes(), DecodeSettings(draft=False), SIDE).frames[0]
+    assert frame.orientation == orientation
+    hashed = with_pdq(ImageHashes(*exact_hashes(path.read_bytes())), [frame.image], frame.orientation)
+    te_hex, te_quality = pdq_from_file(path)
+    assert te_quality >= 50
+    assert PdqSignal.hash_from_file(path) == te_hex
+    if orientation == 1:
+        assert hashed.pdq_file is None and (hashed.pdq, hashed.pdq_quality) == (te_hex, te_quality)
+        assert hashed.match_pdqs == hashed.frame_pdqs
+    else:
+        assert hashed.pdq_file == (te_hex, te_quality)
+        assert hashed.match_pdqs == (*hashed.frame_pdqs, hashed.pdq_file)
+        # Why: the displayed frame's hash is too far from the list's to ever match it.
+        assert pdq_distance(hashed.pdq, te_hex) > MATCH
+    # pdq: ThreatExchange's hash of the image as displayed, saved without the tag (losslessly).
+    shown = tmp_path / "shown.png"
+    frame.image.save(shown)
+    assert (hashed.pdq, hashed.pdq_quality) == pdq_from_file(shown)
+    # The decode processes' preparer: the same.
+    assert frame_pdq_file(frame) == hashed.pdq_file
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+@pytest.mark.parametrize("size", [(40, 30), (63, 90), (64, 65), (200, 64)])
+def test_small_rotated_frames_hash_as_threatexchange_hashes_the_file(tmp_path: Path, size, orientation):
+    path = tmp_path / "small.jpg"
+    path.write_bytes(with_orientation(photo(*size, 84), orientation))
+    frame = decode_image(path.read_bytes(), DecodeSettings(), SIDE).frames[0]
+    assert pdq_file_hash(frame.image, frame.orientation) == pdq_from_file(path)
+
+
+def test_only_exif_orientations_are_undone():
+    with pytest.raises(ValueError, match="EXIF orientation"):
+        pdq_file_hash(photo(100, 80, 1), 9)
+    # An animation's other frames and upright frames have none.
+    img = photo(100, 80, 1)
+    assert frame_pdq_file(Frame(img, 1.0, 0, 1)) is None
+    assert frame_pdq_file(Frame(img, 1.0, 3, 6)) is None
+    assert frame_pdq_file(Frame(img, 1.0, 0, 6)) == pdq_file_hash(img, 6)
 
 
 def test_pdq_equals_threatexchange_on_greyscale_and_flat_images(tmp_path: Path):
@@ -139,6 +210,10 @@ def test_with_pdq_hashes_every_frame_and_keeps_the_exact_hashes():
     with pytest.raises(dataclasses.FrozenInstanceError):
         hashed.pdq = None  # type: ignore[misc]
     assert with_pdq(hashed, []) == base
+    assert hashed.pdq_file is None  # upright (orientation 1): no second hash
+    turned = with_pdq(base, frames, orientation=6)
+    assert turned.frame_pdqs == expected and turned.pdq_file == pdq_file_hash(frames[0], 6)
+    assert with_pdq(turned, []) == base
 
 
 def test_non_rgb_frames_are_hashed_as_their_rgb_conversion():

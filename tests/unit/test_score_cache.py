@@ -2,11 +2,15 @@
 and the real Open-NSFW model, counted), in memory for scan and in a real Redis for the
 worker, bounded by count and time."""
 
+import json
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 import redis
+from PIL import Image
+from threatexchange.signal_type.pdq.pdq_hasher import pdq_from_file
 
 from modgate import keys
 from modgate.policy import Policy
@@ -75,6 +79,29 @@ def test_the_same_bytes_under_two_names_are_scored_once(tmp_path, settings, mode
     assert Counting.frames_scored == 2
 
 
+def test_a_repeat_of_a_rotated_file_keeps_its_pdq_file(tmp_path, settings, model):
+    """The file's own PDQ (ThreatExchange's, of an EXIF-rotated JPEG) is cached with the
+    frames' PDQs: a repeat's verdict carries it too."""
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    first = tmp_path / "a.jpg"
+    photo(320, 240, 9).save(first, "JPEG", exif=exif.tobytes())
+    second = shutil.copy(first, tmp_path / "b.jpg")
+    with Pipeline(settings, LoadedDetectors([model], {}), cache=MemoryScoreCache(settings.cache)) as pipe:
+        a, b = _run(pipe, [first, second])
+    assert b.cached_from == a.id
+    assert a.hashes.pdq_file == pdq_from_file(first)[0] and b.hashes == a.hashes
+
+
+def test_an_entry_written_before_pdq_file_still_loads():
+    entry = json.loads(_entry(1).to_json())
+    del entry["pdq_file"]
+    old = CachedScores.from_json(json.dumps(entry))
+    assert old.pdq_file is None and old.frame_pdqs == _entry(1).frame_pdqs
+    upright = CachedScores.from_json(replace(_entry(1), pdq_file=None).to_json())
+    assert upright.pdq_file is None
+
+
 def _entry(n: int) -> CachedScores:
     return CachedScores(
         verdict_id=f"v{n}",
@@ -82,6 +109,7 @@ def _entry(n: int) -> CachedScores:
         image=ImageInfo(format="JPEG", width=10, height=10, frame_count=1),
         frames=1,
         frame_pdqs=(("ab" * 32, 90),),
+        pdq_file=("cd" * 32, 88),
     )
 
 

@@ -76,3 +76,35 @@ def test_modgate_schema_documents_both_webhook_bodies():
     bad["review"]["decision"] = "maybe"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, reviewed)
+
+
+def test_modgate_schema_names_revision_1_2_and_the_file_pdq():
+    """Revision 1.2 (additive) added ``hashes.pdq_file`` and ``hashes.pdq_file_quality``: a
+    verdict carrying them validates against the printed schema, and so does one without."""
+    import json
+
+    import jsonschema
+    from typer.testing import CliRunner
+
+    from modgate.verdict import SCHEMA_REVISION, Hashes
+    from worker.cli import app
+
+    result = CliRunner().invoke(app, ["schema"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert SCHEMA_REVISION == "1.2" and "revision 1.2" in document["description"]
+    hashes = document["$defs"]["Hashes"]["properties"]
+    assert {"pdq", "pdq_quality", "md5", "pdq_file", "pdq_file_quality"} <= set(hashes)
+    assert "v1.2" in hashes["pdq_file"]["description"] and "EXIF" in hashes["pdq_file"]["description"]
+    source = Source(kind="file", uri="/a.jpg", path="/a.jpg", sha256="f" * 64)
+    for extra in ({"pdq_file": "ab" * 32, "pdq_file_quality": 90}, {}):
+        verdict = Verdict(
+            id=verdict_id(source, "p1"),
+            source=source,
+            status="ok",
+            decision="safe",
+            policy_version="p1",
+            hashes=Hashes(pdq="cd" * 32, pdq_quality=90, md5="ef" * 16, **extra),
+        )
+        jsonschema.validate(json.loads(verdict.model_dump_json()), document)
+        assert Verdict.model_validate_json(verdict.model_dump_json()) == verdict

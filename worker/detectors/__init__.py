@@ -200,8 +200,11 @@ class LoadedDetectors:
     def min_side(self) -> int:
         return max((d.min_side for d in self.detectors), default=0)
 
-    def draft_side(self, always: bool = False) -> int:
-        """Smallest side JPEG draft decoding may stop at; 0 = decode at full size."""
+    def draft_side(self, always: bool = False, full_frames: bool = False) -> int:
+        """Smallest side JPEG draft decoding may stop at; 0 = decode at full size (also when
+        ``full_frames``: PDQ as ThreatExchange computes it, ``hashing.pdq=full``)."""
+        if full_frames:
+            return 0
         return self.min_side if always or all(d.draft_ok for d in self.detectors) else 0
 
     def devices(self) -> dict[str, str]:

@@ -84,6 +84,9 @@ class TensorImage:
     height: int
     format: str = "JPEG"
     frame_count: int = 1
+    # The EXIF orientation ``pixels`` were turned by (1 = as stored): the file's own PDQ
+    # (``pdq_file``, ThreatExchange's) is derived from it (worker.device.pdq_tensor).
+    orientation: int = 1
 
 
 Outcome = TensorImage | Fallback | Cancelled | ModerationError
@@ -261,5 +264,6 @@ def decode_batch(
         if tuple(pixels.shape) != (3, stored[1], stored[0]):
             outcomes[i] = Fallback(f"decoded shape {tuple(pixels.shape)} is not the header's")
             continue
-        outcomes[i] = TensorImage(_channels_last(orient(pixels, acc.orientation)), acc.width, acc.height)
+        oriented = _channels_last(orient(pixels, acc.orientation))
+        outcomes[i] = TensorImage(oriented, acc.width, acc.height, orientation=acc.orientation)
     return outcomes

@@ -68,6 +68,9 @@ class InferredImage:
     # (PDQ hex, quality) of each frame, hashed where it was decoded; None: not hashed (the
     # engine's hashing.pdq is off).
     pdqs: tuple[tuple[str, int], ...] | None = None
+    # (PDQ hex, quality) of the pixels as the file stores them (ThreatExchange's hash of the
+    # file), where the EXIF orientation is not 1; else None.
+    pdq_file: tuple[str, int] | None = None
 
 
 class Engine(Protocol):
@@ -190,7 +193,7 @@ class LocalEngine:
             out.set_result(
                 InferredImage(
                     image.format, image.width, image.height, image.frame_count,
-                    outcome.decode_s, outcome.prepare_s, result, outcome.pdqs,
+                    outcome.decode_s, outcome.prepare_s, result, outcome.pdqs, outcome.pdq_file,
                 )
             )  # fmt: skip
 

@@ -211,7 +211,7 @@ def _host_frame(image: TensorImage) -> Any:
     from worker.ingest.decode import Frame
 
     array = image.pixels.permute(1, 2, 0).contiguous().cpu().numpy()
-    return Frame(Image.fromarray(array), 1.0)
+    return Frame(Image.fromarray(array), 1.0, 0, image.orientation)
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,9 @@ class TensorResult:
     # (PDQ hex, quality) of each frame, hashed where the frame is (worker.device.pdq_tensor);
     # None when the path was made without hashing.
     pdqs: tuple[tuple[str, int], ...] | None = None
+    # (PDQ hex, quality) of the pixels as the file stores them, where the image's EXIF
+    # orientation is not 1 (ThreatExchange's hash of the file); else None.
+    pdq_file: tuple[str, int] | None = None
 
 
 TensorOutcome = TensorResult | Fallback | Cancelled | ModerationError
@@ -232,7 +235,8 @@ TensorOutcome = TensorResult | Fallback | Cancelled | ModerationError
 
 class TensorPath:
     """The tensor path's batch function: ``decode_batch``, then every detector's
-    preprocessing on the decoded tensors, and (``pdq``) each frame's PDQ. Whatever fails
+    preprocessing on the decoded tensors, and (``pdq``) each frame's PDQ (and, for an image
+    turned by its EXIF orientation, the PDQ of the file as stored). Whatever fails
     for one image (its decode, its preprocessing, its hash) becomes a Fallback for that
     image; the others go on."""
 
@@ -289,16 +293,20 @@ class TensorPath:
                 results[i] = inputs
             elif isinstance(pdq, Fallback):
                 results[i] = pdq
+            elif pdq is None:
+                results[i] = TensorResult(image, inputs, decode_s, prepare_s)
             else:
-                results[i] = TensorResult(image, inputs, decode_s, prepare_s, (pdq,) if pdq else None)
+                results[i] = TensorResult(image, inputs, decode_s, prepare_s, (pdq[0],), pdq[1])
         return results
 
     @staticmethod
-    def _pdq(image: TensorImage) -> tuple[str, int] | Fallback:
+    def _pdq(image: TensorImage) -> tuple[tuple[str, int], tuple[str, int] | None] | Fallback:
+        """(the frame's PDQ, ``pdq_file`` or None), or a Fallback."""
         from worker.device.pdq_tensor import pdq_of_tensor
 
         try:
-            return pdq_of_tensor(image.pixels)
+            stored = pdq_of_tensor(image.pixels, image.orientation) if image.orientation != 1 else None
+            return pdq_of_tensor(image.pixels), stored
         except Exception as exc:
             # The PIL path hashes what it decodes: never a verdict without its hash.
             log.warning("PDQ on the device failed (%s: %s); this image goes to PIL", type(exc).__name__, exc)

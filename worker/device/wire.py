@@ -334,6 +334,7 @@ def outcome_to_json(value: Any) -> dict[str, Any]:
             "prepare_s": value.prepare_s,
             "result": outcome_to_json(value.result),
             **({"pdqs": [list(p) for p in value.pdqs]} if value.pdqs is not None else {}),
+            **({"pdq_file": list(value.pdq_file)} if value.pdq_file is not None else {}),
         }
     if isinstance(value, Fallback):
         return {"t": "fallback", "reason": value.reason}
@@ -367,17 +368,19 @@ def pdqs_value(v: Any) -> tuple[tuple[str, int], ...]:
     the hashing stage writes them) and an integer quality 0–100, at least one frame."""
     if not isinstance(v, list) or not 1 <= len(v) <= MAX_ARRAYS:
         raise ValueError(f"pdqs is not a list of 1..{MAX_ARRAYS} frames")
-    out = []
-    for item in v:
-        if not isinstance(item, list) or len(item) != 2:
-            raise ValueError(f"a PDQ is not [hex, quality]: {item!r:.80}")
-        hex_, quality = item
-        if not isinstance(hex_, str) or not _PDQ_HEX.fullmatch(hex_):
-            raise ValueError(f"not a PDQ hash (64 lowercase hex digits): {hex_!r:.80}")
-        if type(quality) is not int or not 0 <= quality <= 100:
-            raise ValueError(f"not a PDQ quality (0-100): {quality!r:.50}")
-        out.append((hex_, quality))
-    return tuple(out)
+    return tuple(pdq_value(item) for item in v)
+
+
+def pdq_value(v: Any) -> tuple[str, int]:
+    """One PDQ, ``[hex, quality]``, as in ``pdqs`` (and ``pdq_file``)."""
+    if not isinstance(v, list) or len(v) != 2:
+        raise ValueError(f"a PDQ is not [hex, quality]: {v!r:.80}")
+    hex_, quality = v
+    if not isinstance(hex_, str) or not _PDQ_HEX.fullmatch(hex_):
+        raise ValueError(f"not a PDQ hash (64 lowercase hex digits): {hex_!r:.80}")
+    if type(quality) is not int or not 0 <= quality <= 100:
+        raise ValueError(f"not a PDQ quality (0-100): {quality!r:.50}")
+    return hex_, quality
 
 
 def outcome_from_json(v: Any, detector_ids: frozenset[str]) -> Any:
@@ -409,13 +412,14 @@ def outcome_from_json(v: Any, detector_ids: frozenset[str]) -> Any:
         size = int_value(v["width"]), int_value(v["height"])
         try:
             pdqs = pdqs_value(v["pdqs"]) if "pdqs" in v else None
+            pdq_file = pdq_value(v["pdq_file"]) if "pdq_file" in v else None
         except ValueError as exc:
             # The hashes feed the banks: a verdict must never go out with a wrong or missing
             # one, so this image fails as a detector error rather than being re-sent.
             return ModerationError(ErrorCode.DETECTOR_FAILED, f"inference process: {exc}")
         return InferredImage(
             str_value(v["format"]), *size, int_value(v["frame_count"]),
-            num_value(v["decode_s"]), num_value(v["prepare_s"]), result, pdqs,
+            num_value(v["decode_s"]), num_value(v["prepare_s"]), result, pdqs, pdq_file,
         )  # fmt: skip
     if t == "fallback":
         return Fallback(str_value(v["reason"]))

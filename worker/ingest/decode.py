@@ -3,9 +3,10 @@
 The decode budget (``check_budget``: canvas pixels, JPEG scans, frames, frames × canvas)
 is checked from the container's blocks (``worker.ingest.probe``) before any decoder runs; JPEGs are
 decoded with DCT scaling ("draft" mode) down to just above the largest input any enabled
-detector needs; EXIF orientation is applied; every mode becomes RGB with transparency
-composited on white; animations are sampled to at most ``max_frames`` frames, within a
-wall-clock budget checked between frames.
+detector needs; EXIF orientation is applied (and kept on the frame, for the PDQ of the
+file as stored); every mode becomes RGB with transparency composited on white; animations
+are sampled to at most ``max_frames`` frames, within a wall-clock budget checked between
+frames.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class Frame:
     image: Image.Image  # RGB, EXIF-oriented, possibly reduced by draft mode
     scale: float  # decoded width / original width; 1.0 unless draft mode reduced it
     index: int = 0  # frame index in the source file
+    # The EXIF orientation ``image`` was turned by (1 = as stored): the hashing stage
+    # derives the file's own PDQ (ThreatExchange's) from it (``hashing.pdq_file_hash``).
+    orientation: int = 1
 
 
 @dataclass(frozen=True)
@@ -196,10 +200,22 @@ def _sample_indices(frame_count: int, max_frames: int) -> list[int]:
     return sorted({round(i * step) for i in range(max_frames)})
 
 
-def _oriented_size(im: Image.Image) -> tuple[int, int]:
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation Pillow's ``ImageOps.exif_transpose`` applies to ``im``: 1–8,
+    1 for none and for any value it ignores."""
     orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+    return int(orientation) if orientation in range(2, 9) else 1
+
+
+def _oriented(im: Image.Image) -> tuple[Image.Image, int]:
+    """``im`` as displayed, and the orientation that turned it."""
+    orientation = exif_orientation(im)
+    return ImageOps.exif_transpose(im), orientation
+
+
+def _oriented_size(im: Image.Image) -> tuple[int, int]:
     w, h = im.size
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return (h, w) if exif_orientation(im) in (5, 6, 7, 8) else (w, h)
 
 
 def decode_image(
@@ -267,9 +283,9 @@ def _decode(
             target = math.ceil(min_side * settings.draft_factor)
             im.draft("RGB", (target, target))
         im.load()
-        oriented = ImageOps.exif_transpose(im)
+        oriented, orientation = _oriented(im)
         rgb = to_rgb(oriented)
-        return DecodedImage([Frame(rgb, rgb.width / width)], fmt, width, height, frame_count)
+        return DecodedImage([Frame(rgb, rgb.width / width, 0, orientation)], fmt, width, height, frame_count)
 
     frames: list[Frame] = []
     keyed = fmt in _KEYED and info.format == fmt and len(info.spans) == frame_count
@@ -351,8 +367,9 @@ def _animation_frame(im: Image.Image, index: int, width: int, settings: DecodeSe
         raise ModerationError(ErrorCode.IMAGE_TOO_LARGE, f"frame {index} is {im.size[0]}x{im.size[1]}")
     # RGBA first: GIF/APNG frames are composited onto previous ones and may carry alpha.
     frame = im.convert("RGBA") if im.mode in ("P", "PA", "LA", "L", "RGBA") else im.copy()
-    frame = to_rgb(ImageOps.exif_transpose(frame))
-    return Frame(frame, frame.width / width, index)
+    oriented, orientation = _oriented(frame)
+    frame = to_rgb(oriented)
+    return Frame(frame, frame.width / width, index, orientation)
 
 
 def _check_clock(started: float, settings: DecodeSettings, index: int, frame_count: int) -> None:

@@ -15,10 +15,10 @@ by bench/bench_hashing.py (results/hashing.json) on 48 photo-like JPEGs of 0.3�
   with Open-NSFW) reduced the 24 images over ~1 MP; their hashes moved 0–12 bits from the
   full decode's (mean 3.7; the unreduced ones match exactly). Decision: 12 bits of the
   31-bit match budget is too much to spend on a decoding shortcut, so the hash comes from
-  a full decode: where draft decoding is on, the pipeline must decode the JPEG at full
-  size for the hash; with NudeNet (in the default ensemble) draft decoding is off and
-  the frame is already full size. A larger reduced decode is no way around it: a
-  1/2-scale draft moved 0–14 bits.
+  a full decode: with ``hashing.pdq=full`` (the default) the pipeline turns draft
+  decoding off while PDQ is on (with NudeNet in the ensemble it is off anyway);
+  ``hashing.pdq=frame`` trades the bits for draft speed. A larger reduced decode is no way
+  around it: a 1/2-scale draft moved 0–14 bits.
 - Cost of the full frame's hash, core-ms per image (mean, one core): ``pdqhash`` on the
   whole frame ~4 ms at 0.3 MP, ~16 at 1 MP, ~38 at 2 MP, ~128 at 5 MP, ~260 at 8 MP, ~345
   at 12 MP, 4–9× the full JPEG decode (1.7 to 40 ms). Nearly all of it is PDQ's filter
@@ -36,11 +36,28 @@ by bench/bench_hashing.py (results/hashing.json) on 48 photo-like JPEGs of 0.3�
   same two products on the device in float64, only the 64×64 buffer copied to the host;
   0 bits from ThreatExchange's hash on the 48 images (measured with torch on the CPU).
 
-Where the worker's frame is not the file's pixel matrix, the hash is of what a viewer sees
-and differs from ThreatExchange's hash of the file (one image each, in bits): EXIF-rotated
-JPEGs (decode applies the orientation; ThreatExchange does not: 112), transparent images
-(composited on white; ThreatExchange ignores alpha: 66), palette PNGs (ThreatExchange
-hashes the palette indices as grey: 88).
+EXIF orientation: ``pdq`` is of the frame as displayed (decode applies the orientation);
+ThreatExchange and HMA hash the pixels as stored, ignoring it: 110–146 bits away on the
+images measured, so a list entry of a rotated JPEG never matched its upload. Where the
+orientation is not 1 the first frame also gets ``pdq_file``, the PDQ of the pixels as
+stored, and the banks are matched on both. It takes no second decode and no copy: the
+stored frame is a flip and/or transpose of the displayed one, so its 64×64 buffer is the
+same two products with PDQ's axis weights reversed and, for orientations 5–8, swapped and
+the result transposed (``pdq_stored_weights``; the tensor path's ``device_buffer64`` too).
+Measured on photo-like JPEGs, each of the 8 orientations: 0 bits and the same quality as
+``threatexchange``'s hash of the file at 816×612, 1001×777, 1500×1000 and 4000×3000 (torch
+on the CPU likewise), and at 63×90 and 40×30 (under 64 px a side: a reordered copy, a few
+KB, hashed by ``pdqhash``); 15–19 core-ms more at 12 MP, what ``pdq`` itself costs there.
+The golden tests (tests/unit/test_hashing.py, test_pipeline_hashes.py) hold it. Like
+``pdq``, it is of the frame decode gave (draft decoding: above). ``pdqhash``'s dihedral
+variants of the displayed frame's hash, free from its DCT, were 0–8 bits off: PDQ's
+sampling grid and box windows are not symmetric. Only the first frame: EXIF orientation on
+an animation is rare.
+
+Other frames that are not the file's pixel matrix keep a hash of what a viewer sees, apart
+from ThreatExchange's of the file (one image each, in bits): transparent images (composited
+on white; ThreatExchange ignores alpha: 66), palette PNGs (ThreatExchange hashes the
+palette indices as grey: 88).
 
 Robustness on generated photo-like images (tests/unit/test_hashing.py and the bench, 800×600):
 JPEG re-encoded at quality 60 moved ≤ 6 bits, resized to 50 % ≤ 10, brightness +15 % ≤ 20
@@ -65,6 +82,9 @@ import pdqhash
 from PIL import Image
 
 _PDQ_HEX = re.compile(r"[0-9a-fA-F]{64}")
+# What the score cache's entries hold of the hashes; part of its key, so a change (2:
+# ``pdq_file`` of EXIF-rotated files) never reuses entries that lack a hash.
+HASHES_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,14 @@ class ImageHashes:
     # (hex, quality) of every hashed frame, the first included: an animation matches a bank
     # on any sampled frame.
     frame_pdqs: tuple[tuple[str, int], ...] = ()
+    # (hex, quality) of the first frame's pixels as stored in the file, before its EXIF
+    # orientation: ThreatExchange's hash of the file. Only when the orientation is not 1.
+    pdq_file: tuple[str, int] | None = None
+
+    @property
+    def match_pdqs(self) -> tuple[tuple[str, int], ...]:
+        """Every PDQ the banks are matched against: each frame's, and ``pdq_file``."""
+        return self.frame_pdqs if self.pdq_file is None else (*self.frame_pdqs, self.pdq_file)
 
 
 def exact_hashes(data: bytes) -> tuple[str, str]:
@@ -97,18 +125,79 @@ _DCT = np.sqrt(2.0 / _GRID) * np.cos(
 )
 
 
-def pdq_hash(image: Image.Image) -> tuple[str, int]:
-    """(PDQ hex, quality) of an RGB image, as ThreatExchange computes and writes it. Other
-    modes are converted by Pillow (decode's frames are RGB already)."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    rgb = np.asarray(image)
-    if rgb.shape[0] * rgb.shape[1] > DIRECT_MAX_PX and min(rgb.shape[:2]) >= _GRID:
-        return pdq_from_buffer64(pdq_buffer64(rgb))
+# EXIF orientation → how the pixels as stored in the file are read from the displayed
+# (oriented) frame D: (transposed, rows reversed, columns reversed), the stored matrix being
+# D, or D.T when transposed, with those axes reversed. The inverse of Pillow's
+# ``ImageOps.exif_transpose`` (2: FLIP_LEFT_RIGHT ... 6: ROTATE_270, 8: ROTATE_90).
+_STORED = {
+    1: (False, False, False),
+    2: (False, False, True),
+    3: (False, True, True),
+    4: (False, True, False),
+    5: (True, False, False),
+    6: (True, True, False),
+    7: (True, True, True),
+    8: (True, False, True),
+}
+
+
+def _rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return image
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def _pdqhash(rgb: np.ndarray) -> tuple[str, int]:
     bits, quality = pdqhash.compute(rgb)
     # packbits reads bits[0] as the most significant bit of byte 0: the big-endian number
     # ThreatExchange builds from the joined bit string.
     return np.packbits(bits.astype(np.uint8)).tobytes().hex(), int(quality)
+
+
+def pdq_hash(image: Image.Image | np.ndarray) -> tuple[str, int]:
+    """(PDQ hex, quality) of an RGB image (or (H, W, 3) uint8 array), as ThreatExchange
+    computes and writes it. Other modes are converted by Pillow (decode's frames are RGB
+    already)."""
+    rgb = _rgb(image)
+    if rgb.shape[0] * rgb.shape[1] > DIRECT_MAX_PX and min(rgb.shape[:2]) >= _GRID:
+        return pdq_from_buffer64(pdq_buffer64(rgb))
+    return _pdqhash(rgb)
+
+
+def pdq_file_hash(image: Image.Image | np.ndarray, orientation: int) -> tuple[str, int]:
+    """(PDQ hex, quality) of the pixels as the file stores them, from the frame as displayed
+    after EXIF ``orientation`` (1–8) was applied: ThreatExchange's hash of the file, without
+    undoing the orientation. PDQ's sampled filter runs on the displayed frame with its
+    weights reordered (``pdq_buffer64``), at the cost of one more hash and no copy; a frame
+    under 64 px on a side goes to ``pdqhash`` as a reordered copy (a few KB)."""
+    rgb = _rgb(image)
+    if min(rgb.shape[:2]) >= _GRID:
+        return pdq_from_buffer64(pdq_buffer64(rgb, orientation))
+    transposed, flip_rows, flip_cols = _stored(orientation)
+    stored = rgb.transpose(1, 0, 2) if transposed else rgb
+    stored = stored[:: -1 if flip_rows else 1, :: -1 if flip_cols else 1]
+    return _pdqhash(np.ascontiguousarray(stored))
+
+
+def _stored(orientation: int) -> tuple[bool, bool, bool]:
+    try:
+        return _STORED[orientation]
+    except KeyError:
+        raise ValueError(f"not an EXIF orientation (1-8): {orientation!r}") from None
+
+
+def pdq_stored_weights(h: int, w: int, orientation: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(R, C, transposed) for a displayed frame D of ``h``×``w`` pixels and its EXIF
+    ``orientation``: PDQ's 64×64 buffer of the pixels as stored is ``R @ D @ C.T``, transposed
+    when ``transposed``. A reversed stored axis reverses the weights' columns (the same
+    rows of D, weighted end to end); for orientations 5–8 the stored height is D's width,
+    so D's rows take the stored width's weights and the product comes out transposed.
+    Read-only views of ``pdq_axis_weights``."""
+    transposed, flip_rows, flip_cols = _stored(orientation)
+    rows, cols = pdq_axis_weights(h), pdq_axis_weights(w)
+    if transposed:
+        flip_rows, flip_cols = flip_cols, flip_rows  # D's rows are the stored columns
+    return rows[:, ::-1] if flip_rows else rows, cols[:, ::-1] if flip_cols else cols, transposed
 
 
 @lru_cache(maxsize=256)
@@ -139,13 +228,15 @@ def pdq_axis_weights(n: int) -> np.ndarray:
     return weights
 
 
-def pdq_buffer64(rgb: np.ndarray) -> np.ndarray:
+def pdq_buffer64(rgb: np.ndarray, orientation: int = 1) -> np.ndarray:
     """PDQ's 64×64 luma buffer (blurred and decimated) of an (H, W, 3) uint8 image, from
     only the rows the vertical filter reaches for each of the 64 sampled rows (about the
     image once, in float32 slices of ~H/64 rows), then the luma and the horizontal filter
-    on 64 rows: ~20 core-ms at 12 MP where pdqhash's full-frame filter costs ~330."""
+    on 64 rows: ~20 core-ms at 12 MP where pdqhash's full-frame filter costs ~330. With an
+    EXIF ``orientation`` other than 1, ``rgb`` is the displayed frame and the buffer is that
+    of the pixels as stored (``pdq_stored_weights``), at the same cost."""
     h, w, _ = rgb.shape
-    rows = pdq_axis_weights(h)
+    rows, cols, transposed = pdq_stored_weights(h, w, orientation)
     flat = rgb.reshape(h, w * 3)
     filtered = np.empty((_GRID, w * 3))
     for i in range(_GRID):
@@ -153,7 +244,8 @@ def pdq_buffer64(rgb: np.ndarray) -> np.ndarray:
         a, b = nz[0], nz[-1] + 1
         filtered[i] = rows[i, a:b].astype(np.float32) @ flat[a:b].astype(np.float32)
     luma = filtered.reshape(_GRID, w, 3) @ _LUMA
-    return luma @ pdq_axis_weights(w).T
+    buffer = luma @ cols.T
+    return buffer.T if transposed else buffer
 
 
 def pdq_from_buffer64(buffer: np.ndarray) -> tuple[str, int]:
@@ -189,19 +281,32 @@ def _pdq_int(value: str) -> int:
     return int(value, 16)
 
 
-def with_pdq(hashes: ImageHashes, frames: Sequence[Image.Image]) -> ImageHashes:
-    """``hashes`` with the PDQ of each frame; the first frame's is ``pdq``. No frames: no PDQ."""
+def with_pdq(hashes: ImageHashes, frames: Sequence[Image.Image], orientation: int = 1) -> ImageHashes:
+    """``hashes`` with the PDQ of each frame; the first frame's is ``pdq``, and, where its
+    EXIF ``orientation`` (as decode applied it) is not 1, ``pdq_file`` (the first frame's
+    only: an animation with an EXIF orientation is rare). No frames: no PDQ."""
     pdqs = tuple(pdq_hash(frame) for frame in frames)
     if not pdqs:
-        return replace(hashes, pdq=None, pdq_quality=None, frame_pdqs=())
-    return replace(hashes, pdq=pdqs[0][0], pdq_quality=pdqs[0][1], frame_pdqs=pdqs)
+        return replace(hashes, pdq=None, pdq_quality=None, frame_pdqs=(), pdq_file=None)
+    stored = pdq_file_hash(frames[0], orientation) if orientation != 1 else None
+    return replace(hashes, pdq=pdqs[0][0], pdq_quality=pdqs[0][1], frame_pdqs=pdqs, pdq_file=stored)
 
 
-# Key of a frame's PDQ among the inputs a decode process prepares (the frame stays there).
+# Keys of a frame's PDQ, and of its file's (``pdq_file``), among the inputs a decode process
+# prepares (the frame stays there).
 PDQ_KEY = "pdq"
+PDQ_FILE_KEY = "pdq_file"
 
 
 def frame_pdq(frame: Any) -> tuple[str, int]:
     """(PDQ hex, quality) of a decoded ``Frame``: a preparer the decode processes run beside
     the detectors' (picklable: a module-level function)."""
     return pdq_hash(frame.image)
+
+
+def frame_pdq_file(frame: Any) -> tuple[str, int] | None:
+    """``pdq_file`` of a decoded ``Frame``: the first frame's, where its EXIF orientation is
+    not 1; else None. A preparer, as ``frame_pdq``."""
+    if frame.index != 0 or frame.orientation == 1:
+        return None
+    return pdq_file_hash(frame.image, frame.orientation)

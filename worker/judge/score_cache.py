@@ -41,6 +41,8 @@ class CachedScores:
     image: ImageInfo
     frames: int
     frame_pdqs: tuple[tuple[str, int], ...] = ()
+    # The PDQ of the file as stored, where its EXIF orientation is not 1 (``ImageHashes``).
+    pdq_file: tuple[str, int] | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -50,6 +52,7 @@ class CachedScores:
                 "image": self.image.model_dump(mode="json"),
                 "frames": self.frames,
                 "frame_pdqs": [list(p) for p in self.frame_pdqs],
+                **({"pdq_file": list(self.pdq_file)} if self.pdq_file is not None else {}),
             },
             separators=(",", ":"),
         )
@@ -63,6 +66,8 @@ class CachedScores:
             image=ImageInfo.model_validate(data["image"]),
             frames=int(data["frames"]),
             frame_pdqs=tuple((str(h), int(q)) for h, q in data.get("frame_pdqs", [])),
+            # Absent from entries written before it existed (and for upright images).
+            pdq_file=(str(stored[0]), int(stored[1])) if (stored := data.get("pdq_file")) else None,
         )
 
 
