@@ -386,6 +386,8 @@ class Pipeline:
         if self._match_pdq(job):
             self._judge_by_banks(job, decoded)
             return
+        if self._near_cached(job, decoded):
+            return
         self._submit_frames(job, decoded, prepared)
 
     def _match_pdq(self, job: _Job) -> bool:
@@ -632,6 +634,38 @@ class Pipeline:
         self._judge(job, dict(hit.detectors), scored, hit.image, hit.frames, t, cached_from=hit.verdict_id)
         return True
 
+    def _near_context(self, job: _Job) -> str:
+        # What a near duplicate must share with the cached image: all of the key but the bytes.
+        return cache_key("", job.policy.version, self._detector_sig, self._decode_sig)
+
+    def _single_pdq(self, job: _Job) -> tuple[str, int] | None:
+        """The one PDQ of a still image: only those are reused across near duplicates (an
+        animation could differ in any frame)."""
+        if job.hashes is None or len(job.hashes.frame_pdqs) != 1:
+            return None
+        return job.hashes.frame_pdqs[0]
+
+    def _near_cached(self, job: _Job, decoded: DecodedImage) -> bool:
+        """With ``cache.near_duplicate_bits``: an image within that many PDQ bits of a
+        cached still image reuses its scores (its own hashes and bank matches stay). True if so."""
+        bits = self.settings.cache.near_duplicate_bits
+        near = self._cache.near if self._cache is not None else None
+        single = self._single_pdq(job)
+        if near is None or bits is None or single is None or decoded.frame_count != 1:
+            return False
+        t = time.perf_counter()
+        found = near.find(self._near_context(job), single[0], single[1], bits)
+        hit = self._cache.get(found[0]) if found is not None and self._cache is not None else None
+        if hit is None or hit.frames != 1:
+            metrics.SCORE_CACHE.labels("near_miss").inc()
+            return False
+        metrics.SCORE_CACHE.labels("near_hit").inc()
+        log.info("%s: scores reused from %s (PDQ %d bits away)", job.source.uri, hit.verdict_id, found[1])
+        scored = {k: v.scores for k, v in hit.detectors.items()}
+        image = _image_info(decoded)
+        self._judge(job, dict(hit.detectors), scored, image, 1, t, cached_from=hit.verdict_id)
+        return True
+
     def _remember(
         self, job: _Job, detectors: dict[str, DetectorResult], image: ImageInfo, frames: int
     ) -> None:
@@ -647,6 +681,9 @@ class Pipeline:
         )
         self._cache.put(job.cache_key, entry)
         metrics.SCORE_CACHE.labels("stored").inc()
+        single = self._single_pdq(job)
+        if self._cache.near is not None and single is not None and frames == 1:
+            self._cache.near.add(self._near_context(job), single[0], single[1], job.cache_key)
 
     def _fail(self, job: _Job, code: ErrorCode, message: str, **extra: object) -> None:
         if job.future.done():

@@ -139,3 +139,36 @@ def test_the_memory_cache_expires_and_evicts():
     assert cache.get("b") is None and cache.get("a") is not None
     time.sleep(1.1)
     assert cache.get("a") is None
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_near_duplicates_reuse_scores_only_when_turned_on(tmp_path, model, redis_server, backend):
+    original = tmp_path / "a.png"
+    photo(480, 360, 11).save(original, "PNG")
+    with Image.open(original) as im:
+        im.save(tmp_path / "b.jpg", "JPEG", quality=80)  # a re-encode: other bytes, PDQ a few bits off
+    unrelated = tmp_path / "c.png"
+    photo(480, 360, 12).save(unrelated, "PNG")
+    paths = [original, tmp_path / "b.jpg", unrelated]
+
+    def cache_for(settings):
+        if backend == "memory":
+            return MemoryScoreCache(settings.cache)
+        client = redis.Redis.from_url(redis_server.url)
+        client.flushall()
+        return RedisScoreCache(client, settings.cache)
+
+    on = load_settings(batch={"max_batch": 4, "max_wait_ms": 5}, cache={"near_duplicate_bits": 8})
+    Counting.frames_scored = 0
+    with Pipeline(on, LoadedDetectors([model], {}), cache=cache_for(on)) as pipe:
+        a, b, c = _run(pipe, paths)
+    assert Counting.frames_scored == 2  # a and c; b reused a's scores
+    assert b.cached_from == a.id and c.cached_from is None
+    assert b.detectors == a.detectors and b.hashes.md5 != a.hashes.md5 and b.hashes.pdq != a.hashes.pdq
+    assert b.image.format == "JPEG"  # its own image, its own hashes
+
+    off = load_settings(batch={"max_batch": 4, "max_wait_ms": 5})  # the default
+    Counting.frames_scored = 0
+    with Pipeline(off, LoadedDetectors([model], {}), cache=cache_for(off)) as pipe:
+        _, b_off, _ = _run(pipe, paths)
+    assert Counting.frames_scored == 3 and b_off.cached_from is None

@@ -6,8 +6,9 @@ first verdict in ``cached_from``, and still gets its own stream entry and webhoo
 
 Only scores are cached, never bank matches or decisions: banks change without a policy
 version, so every verdict matches the banks as they stand. Near duplicates (PDQ within a
-few bits) are not reused: a small overlay or a crafted collision keeps the PDQ and changes
-what the detectors would see, so only identical bytes are taken as the same image.
+few bits) are reused only with ``cache.near_duplicate_bits`` set (off by default: a small
+overlay or a crafted collision keeps the PDQ and changes what the detectors would see;
+worker/judge/near_duplicates.py).
 
 In the worker the cache lives in Redis (``modgate:cache:*``, shared by the fleet, each
 entry expiring after ``cache.ttl_s``, the oldest dropped beyond ``cache.max_entries``); for
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 from modgate import keys
 from modgate.settings import CacheSettings
 from modgate.verdict import DetectorResult, ImageInfo
+from worker.judge.near_duplicates import MemoryNearIndex, NearIndex, RedisNearIndex
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,9 @@ def cache_key(sha256: str, policy_version: str, detectors: str, decode: str) -> 
 
 
 class ScoreCache(Protocol):
+    # The near-duplicate index beside it (``cache.near_duplicate_bits``), or None: off.
+    near: NearIndex | None
+
     def get(self, key: str) -> CachedScores | None: ...
 
     def put(self, key: str, value: CachedScores) -> None: ...
@@ -91,6 +96,9 @@ class MemoryScoreCache:
         self.settings = settings
         self._entries: collections.OrderedDict[str, tuple[float, CachedScores]] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self.near: NearIndex | None = (
+            MemoryNearIndex(settings) if settings.near_duplicate_bits is not None else None
+        )
 
     def get(self, key: str) -> CachedScores | None:
         with self._lock:
@@ -136,6 +144,9 @@ class RedisScoreCache:
         self.redis = redis
         self.settings = settings
         self._put = redis.register_script(_PUT)
+        self.near: NearIndex | None = (
+            RedisNearIndex(redis, settings) if settings.near_duplicate_bits is not None else None
+        )
 
     def get(self, key: str) -> CachedScores | None:
         try:
