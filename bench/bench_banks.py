@@ -1,20 +1,30 @@
-"""PDQ bank index (worker/judge/bank_index.py): lookups per second on one core, index
-memory, and add/remove rates at 10⁴, 10⁵ and 10⁶ random hashes (10⁷ with ``--full``:
-~1.1 GB of index, ~2 min to build; not run in CI).
+"""PDQ bank index (worker/judge/bank_index.py): lookups per second on one core, and the
+index's memory — steady and at its peak during every kind of change — at 10⁴, 10⁵ and 10⁶
+random hashes (10⁷ with ``--full``: ~1.2 GB of index, ~3 min; not run in CI).
 
-Per size, one process state, in this order:
+Per size, one index, in this order:
 
-- ``build``: all hashes added in one call (a worker's start-up load); ``memory``: bytes the
-  index's arrays hold (``memory_bytes``), and what ``tracemalloc`` sees allocated (current
-  after the build, peak during it) and the RSS growth;
+- ``build``: all hashes added in one call (a worker's start-up load);
 - ``lookup``: single-hash searches at radius 31 on one thread, half of them near-duplicates
-  of stored hashes at distance 0..31 (each must be found: checked), half random (no match);
-- ``add_single`` / ``remove_single``: one hash per call (``modgate banks add``, take-down
-  feedback); ``add_batch``: 1,000 per call (a chunk of the changes stream or of an import);
-  merges of the delta into the tables happen inside these calls and are part of the rate;
-- ``merge``: one merge of the delta into the tables on its own: how long the sync thread
-  spends in it (lookups go on meanwhile), and the memory it adds while it runs;
-- ``exact``: a sample of searches compared with a brute-force popcount scan.
+  of stored hashes at distance 0..31 (each must be found: checked), half random (no match),
+  and a sample compared with a brute-force popcount scan (``exact``);
+- ``grow``: 1 % more hashes, in batches of 0.1 % (through the delta, merged every few
+  batches): the bank outgrows what it was built for;
+- ``add_single`` / ``add_batch`` / ``remove_single``: one hash per call (``modgate banks
+  add``, take-down feedback), 1,000 per call (a chunk of the changes stream); merges of the
+  delta happen inside these calls and are part of the rate;
+- ``merge``: one merge of a 1,000-row delta into the tables, on its own (lookups go on
+  meanwhile on other threads);
+- ``remove_half``: 52 % of the hashes removed, in batches of 1 % (dead rows leave the tables);
+- ``refill``: as many new hashes added back, in batches of 5 % (each merged at once).
+
+Memory of each phase (``phases``): ``peak_total_mib`` is the index's memory at its highest
+during the phase, every transient included: the process's peak RSS during the phase (VmHWM,
+reset before it through /proc/self/clear_refs) less what the process held outside the index
+when it began (RSS less ``memory_bytes()``). What the bench itself allocates during a phase
+(the batches, their hex strings) counts too, so it errs high. ``heap_peak_mib`` is the
+tracemalloc peak of what was allocated during the phase (numpy temporaries and new arrays;
+not pages of address space the index reserved beforehand and writes into).
 
     python bench/bench_banks.py [--full] [--lookups 5000] [--out bench/results/banks.json]
 """
@@ -22,6 +32,9 @@ Per size, one process state, in this order:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
 import gc
 import json
 import os
@@ -29,6 +42,7 @@ import platform
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +53,62 @@ sys.path.insert(0, str(ROOT))
 from worker.judge.bank_index import PdqIndex, codes_to_hex, hex_to_codes  # noqa: E402
 
 RADIUS = 31
+MIB = 2**20
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def release_freed_memory() -> None:
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)  # glibc: hand freed heap back, so RSS is what is used
+
+
+def measure(index: PdqIndex, work: Callable[[], object]) -> dict:
+    """Run ``work``; its seconds and the index's memory peak (see the module docstring)."""
+    release_freed_memory()
+    rss0 = status_bytes("VmRSS")
+    outside = rss0 - index.memory_bytes()
+    peak_resets = reset_peak_rss()
+    tracemalloc.start()
+    t = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - t
+    _, heap_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    hwm = status_bytes("VmHWM")
+    out = {
+        "seconds": round(seconds, 2),
+        "peak_total_mib": round((hwm - outside) / MIB, 1) if peak_resets else None,
+        "heap_peak_mib": round(heap_peak / MIB, 1),
+        "index_mib_after": round(index.memory_bytes() / MIB, 1),
+        "rss_peak_growth_mib": round((hwm - rss0) / MIB, 1) if peak_resets else None,
+    }
+    print("   ", json.dumps(out), flush=True)
+    return out
+
+
+def force_merge(index: PdqIndex) -> None:
+    """The delta into the tables now (what an add does once the delta is full)."""
+    with index._lock:
+        index._merge(np.empty((0, 4), np.uint64))
 
 
 def random_codes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -66,19 +131,18 @@ def rate(count: int, seconds: float) -> float:
     return round(count / seconds, 1) if seconds > 0 else float("inf")
 
 
+def add_in_batches(index: PdqIndex, codes: np.ndarray, batch: int) -> None:
+    for i in range(0, len(codes), batch):
+        index.add_codes(codes[i : i + batch])
+
+
 def bench_size(n: int, lookups: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     codes = random_codes(rng, n)
-    gc.collect()
     index = PdqIndex()
-    rss0 = rss_bytes()
-    tracemalloc.start()
-    t = time.perf_counter()
-    index.add_codes(codes)
-    build_s = time.perf_counter() - t
-    current, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    rss1 = rss_bytes()
+    phases: dict[str, dict] = {}
+    print(f"{n} hashes", flush=True)
+    phases["build"] = measure(index, lambda: index.add_codes(codes))
     built_bytes = index.memory_bytes()
 
     # Lookups: near-duplicates of stored hashes at distance 0..31, and random hashes.
@@ -94,16 +158,16 @@ def bench_size(n: int, lookups: int, seed: int) -> dict:
     far_s = time.perf_counter() - t
     missed = sum(1 for want, got in zip(stored, near_hits, strict=True) if want not in {h for h, _ in got})
     far_found = sum(len(h) for h in far_hits)
-
-    # Exactness against a brute-force scan (a sample: each scan is O(n)).
     sample = min(100 if n <= 10**6 else 20, len(near))
     mismatches = 0
     for q in near[:sample] + far[:sample]:
-        query = hex_to_codes([q])[0]
-        if {h for h, _ in index.search(q, RADIUS)} != brute(codes, query, RADIUS):
+        if {h for h, _ in index.search(q, RADIUS)} != brute(codes, hex_to_codes([q])[0], RADIUS):
             mismatches += 1
 
-    # Updates.
+    grown = random_codes(rng, n // 100)
+    phases["grow"] = measure(index, lambda: add_in_batches(index, grown, max(1, n // 1000)))
+
+    # Updates, one at a time and in small batches.
     singles = codes_to_hex(random_codes(rng, 2000))
     t = time.perf_counter()
     for h in singles:
@@ -111,10 +175,10 @@ def bench_size(n: int, lookups: int, seed: int) -> dict:
     add_single_s = time.perf_counter() - t
     batch = random_codes(rng, 20 * 1000)
     t = time.perf_counter()
-    for i in range(0, len(batch), 1000):
-        index.add_codes(batch[i : i + 1000])
+    add_in_batches(index, batch, 1000)
     add_batch_s = time.perf_counter() - t
-    victims = singles[:500] + codes_to_hex(codes[rng.choice(n, 500, replace=False)])
+    victim_rows = rng.choice(n, 500, replace=False)
+    victims = singles[:500] + codes_to_hex(codes[victim_rows])
     t = time.perf_counter()
     for h in victims:
         index.remove([h])
@@ -124,30 +188,48 @@ def bench_size(n: int, lookups: int, seed: int) -> dict:
     after = [index.search(q, RADIUS) for q in near[:1000]]
     after_s = time.perf_counter() - t
     del after
-    # One merge of the delta into the tables, timed, with the memory it adds while running.
-    index.add_codes(random_codes(rng, 1000))
-    gc.collect()
-    tracemalloc.start()
-    t = time.perf_counter()
-    with index._lock:
-        index._merge(index._snap.delta_end)
-    merge_s = time.perf_counter() - t
-    _, merge_peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+
+    extra = random_codes(rng, 1000)
+    index.add_codes(extra)
+    phases["merge"] = measure(index, lambda: force_merge(index))
+
+    # Half the bank removed (rows the updates above removed are skipped), then refilled.
+    gone = np.zeros(n, bool)
+    gone[: n // 2 + n // 50] = True
+
+    def remove_half() -> None:
+        step = max(1, n // 100)
+        for i in range(0, int(gone.sum()), step):
+            index.remove(codes_to_hex(codes[i : min(i + step, n // 2 + n // 50)]))
+
+    phases["remove_half"] = measure(index, remove_half)
+    refill = random_codes(rng, int(gone.sum()))
+    phases["refill"] = measure(index, lambda: add_in_batches(index, refill, max(1, n // 20)))
+
+    # Exact after all of it: the stored set is known, compare with brute force.
+    gone[victim_rows] = True
+    now = np.concatenate([codes[~gone], grown, hex_to_codes(singles[500:]), batch, extra, refill])
+    end_mismatches = 0
+    end_sample = min(50 if n <= 10**6 else 10, len(now))
+    for k, i in enumerate(rng.integers(0, len(now), end_sample)):
+        q = flip(now[i], k % (RADIUS + 1), rng)
+        if {h for h, _ in index.search(codes_to_hex(q[None])[0], RADIUS)} != brute(now, q, RADIUS):
+            end_mismatches += 1
+    count_off_by = len(index) - len(now)
+    del now
 
     result = {
         "hashes": n,
         "p_bits": index._snap.p,
-        "build_s": round(build_s, 2),
-        "build_hashes_per_s": rate(n, build_s),
+        "build_s": phases["build"]["seconds"],
+        "build_hashes_per_s": rate(n, phases["build"]["seconds"]),
         "memory": {
-            "index_arrays_mib": round(built_bytes / 2**20, 1),
-            "index_arrays_after_updates_mib": round(index.memory_bytes() / 2**20, 1),
-            "tracemalloc_after_build_mib": round(current / 2**20, 1),
-            "tracemalloc_peak_during_build_mib": round(peak / 2**20, 1),
-            "rss_growth_mib": round((rss1 - rss0) / 2**20, 1),
-            "bytes_per_hash": round(built_bytes / n, 1),
+            "index_mib_after_build": round(built_bytes / MIB, 1),
+            "index_mib_at_end": round(index.memory_bytes() / MIB, 1),
+            "bytes_per_hash_after_build": round(built_bytes / n, 1),
+            "peak_total_mib": max(p["peak_total_mib"] or 0 for p in phases.values()),
         },
+        "phases": phases,
         "lookup": {
             "radius": RADIUS,
             "near_per_s": rate(len(near), near_s),
@@ -158,20 +240,24 @@ def bench_size(n: int, lookups: int, seed: int) -> dict:
             "random_queries_matched": far_found,
             "after_updates_per_s": rate(1000, after_s),
         },
-        "merge": {"seconds": round(merge_s, 3), "extra_peak_mib": round(merge_peak / 2**20, 1)},
+        "merge_s": phases["merge"]["seconds"],
         "add_single_per_s": rate(len(singles), add_single_s),
         "add_batch_1000_hashes_per_s": rate(len(batch), add_batch_s),
         "remove_single_per_s": rate(len(victims), remove_s),
         "removed_still_found": still,
-        "exact": {"queries": 2 * sample, "mismatches_vs_brute_force": mismatches},
+        "exact": {
+            "queries": 2 * sample + end_sample,
+            "mismatches_vs_brute_force": mismatches + end_mismatches,
+            "count_after_changes_off_by": count_off_by,
+        },
     }
-    print(json.dumps(result), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "phases"}), flush=True)
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--full", action="store_true", help="also 10⁷ hashes (~2 min, ~3 GB peak)")
+    ap.add_argument("--full", action="store_true", help="also 10⁷ hashes (~3 min, ~1.5 GB peak)")
     ap.add_argument("--sizes", type=int, nargs="*", help="override the sizes")
     ap.add_argument("--lookups", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
