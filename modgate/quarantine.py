@@ -1,7 +1,7 @@
 """Quarantine locations and the S3 moves in and out of them, for the review console.
 
-The worker quarantines an object after its verdict (worker/delivery/actions.py: copy to
-``quarantine_key(prefix, key)``, verify, delete the original). ``release`` is its inverse,
+The worker quarantines an object after its verdict (worker/delivery/actions.py calls
+``move``: copy to ``quarantine_key(prefix, key)``, verify, delete the original). ``release`` is its inverse,
 for a reviewer who overturns the verdict to safe: copy the quarantined object back to its
 original key, verify, delete the quarantined copy. ``quarantine`` moves an object a reviewer
 judged unsafe the same way the worker does. Both are idempotent in the same way as the
@@ -84,7 +84,7 @@ def move(
     if src is None:
         if _head(client, target_bucket, target_key) is not None:
             return uri  # moved by an earlier run
-        raise MoveError(f"neither s3://{bucket}/{key} nor {uri} exists: nothing to move")
+        raise MoveError(f"NoSuchKey: neither s3://{bucket}/{key} nor {uri} exists: nothing to move")
     if not overwrite:
         existing = _head(client, target_bucket, target_key)
         if existing is not None and existing.get("ETag") != src.get("ETag"):

@@ -20,6 +20,7 @@ from modgate.errors import ErrorCode
 from modgate.policy import PolicyActions, QuarantineAction, ResolvedErrorRule
 
 # In the light package since the review console releases from quarantine (its inverse).
+from modgate.quarantine import MoveError, move
 from modgate.quarantine import quarantine_key as quarantine_key
 from modgate.verdict import Verdict
 
@@ -195,43 +196,17 @@ class ObjectActions:
         target_bucket: str | None,
         target_key: str,
     ) -> str:
-        if (target_bucket, target_key) == (bucket, key):
-            raise ActionError("quarantine location equals the object's own location")
-        copy_source: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        if version_id:
-            copy_source["VersionId"] = version_id
-        kwargs: dict[str, Any] = {"Bucket": target_bucket, "Key": target_key, "CopySource": copy_source}
-        version = {"VersionId": version_id} if version_id else {}
+        """Copy, verify the copy's size, delete the original (``modgate.quarantine.move``,
+        the review console's move too). Never bytes we did not judge: with an ETag the move
+        is checked here and made atomic by S3 itself (CopySourceIfMatch)."""
+        if not bucket or key is None or not target_bucket:
+            raise ActionError("no object to quarantine (bucket and key are needed)")
         try:
-            src = self.client.head_object(Bucket=bucket, Key=key, **version)
-        except Exception as exc:
-            if _code(exc) not in ("NoSuchKey", "404") or not self._present(target_bucket, target_key):
-                raise
-            return f"s3://{target_bucket}/{target_key}"  # moved by an earlier run
-        if etag and not version_id:
-            # Never quarantine bytes we did not judge: checked here, and atomically by S3 itself.
-            if src["ETag"].strip('"') != etag:
-                raise ActionError(f"s3://{bucket}/{key} changed since it was judged: not quarantined")
-            kwargs["CopySourceIfMatch"] = f'"{etag}"'
-        self.client.copy_object(**kwargs)
-        dst = self.client.head_object(Bucket=target_bucket, Key=target_key)
-        if src["ContentLength"] != dst["ContentLength"]:
-            raise ActionError(
-                f"quarantine copy of s3://{bucket}/{key} has {dst['ContentLength']} bytes, "
-                f"the original {src['ContentLength']}: original kept"
+            return move(
+                self.client, (bucket, key), (target_bucket, target_key), version_id=version_id, etag=etag
             )
-        delete: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        if version_id:
-            delete["VersionId"] = version_id
-        self.client.delete_object(**delete)
-        return f"s3://{target_bucket}/{target_key}"
-
-    def _present(self, bucket: str | None, key: str) -> bool:
-        try:
-            self.client.head_object(Bucket=bucket, Key=key)
-            return True
-        except Exception:
-            return False
+        except MoveError as exc:
+            raise ActionError(str(exc)) from None
 
 
 def _transient(exc: Exception) -> bool:
