@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -284,6 +285,29 @@ def test_a_worker_behind_the_trimmed_stream_loads_its_banks_again(client):
     for s in (behind, current):
         assert len(s.banks.get("b")) == 600
         assert s.banks.match_exact(hashes[0], None) and s.banks.match_exact(hashes[-1], None)
+
+
+def test_a_pdq_bank_loaded_again_is_brought_up_to_date_in_place(client):
+    settings = BankSettings(changes_maxlen=100, reload_jitter_s=0)
+    store = BankStore(client, settings)
+    store.put_spec(BankSpec(name="p", kind="pdq"))
+    rng = random.Random(3)
+    first = [f"{rng.getrandbits(256):064x}" for _ in range(300)]
+    later = [f"{rng.getrandbits(256):064x}" for _ in range(150)]
+    store.add("p", [BankEntry(h) for h in first])
+    (sync,) = two_syncs(client, changes_maxlen=100)[:1]
+    sync.poll()
+    held = sync.banks.get("p")
+    for h in first[:150]:  # one stream entry each: more than the stream keeps
+        store.remove("p", [h])
+    for h in later:
+        store.add("p", [BankEntry(h)])
+    sync.poll()
+    assert sync.full_loads == 1
+    # The same bank object, its index brought to Redis's 300 hashes (no second copy held).
+    assert sync.banks.get("p") is held and len(held) == 300
+    assert set(held.index.hashes()) == {e.hash for e in store.entries("p")}
+    assert [m.hash for m in held.match(later[-1])] == [later[-1]] and not held.match(first[0])
 
 
 def test_a_copy_older_than_max_stale_s_turns_health_not_ok(tmp_path):

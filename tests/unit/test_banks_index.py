@@ -412,3 +412,36 @@ def test_repeats_in_a_batch_are_dropped_even_among_rows_sharing_a_first_word():
     index = PdqIndex()
     assert index.add_codes(codes) == 3
     assert sorted(index.hashes()) == sorted(codes_to_hex(np.array([a, b, c], dtype=np.uint64)))
+
+
+@pytest.mark.parametrize("delta_max", [None, 64])
+def test_reconcile_brings_the_index_to_the_given_hashes_in_place(delta_max):
+    """A bank loaded whole again: only the difference is written (rows in the tables, in
+    the delta, dead ones), the result is exact, and a page that raises changes nothing."""
+    rng = np.random.default_rng(5)
+    index = PdqIndex(delta_max=delta_max)
+    old = random_codes(rng, 3000)
+    index.add_codes(old[:2500])
+    index.add_codes(old[2500:])  # some still in the delta
+    index.remove(codes_to_hex(old[:100]))  # dead rows
+    new_rows = random_codes(rng, 700)
+    wanted = np.concatenate([old[50:2000], old[2900:], new_rows])  # some dead ones come back
+    pages = [wanted[i : i + 333] for i in range(0, len(wanted), 333)]
+    before = index.hashes()
+
+    def failing():
+        yield pages[0]
+        raise ValueError("a stored hash that is not one")
+
+    with pytest.raises(ValueError):
+        index.reconcile(failing())
+    assert index.hashes() == before
+    added, removed = index.reconcile(iter(pages))
+    assert sorted(index.hashes()) == sorted(codes_to_hex(wanted)) and len(index) == len(wanted)
+    assert added == 50 + 700  # old[50:100] were dead, new_rows are new
+    assert removed == 900  # old[2000:2900]: alive, and not wanted
+    for k in range(40):
+        src = wanted[rng.integers(len(wanted))]
+        query = codes_to_hex(flip(src, k % 33, rng)[None])[0]
+        assert sorted(index.search(query, 31)) == brute(wanted, query, 31)
+    assert index.reconcile(iter(pages)) == (0, 0)  # already equal: nothing written

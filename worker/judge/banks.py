@@ -408,7 +408,7 @@ class BankSync:
         copy.reload_at = None
         started = time.monotonic()
         try:
-            bank = self._read_bank(spec)
+            bank = self._read_bank(spec, copy.bank)
         except BankFormatError as exc:
             copy.problem = f"a stored hash is not valid: {exc}"
             copy.failed_version = state.version
@@ -428,29 +428,37 @@ class BankSync:
         )
         return bank
 
-    def _read_bank(self, spec: BankSpec) -> Bank:
+    def _pages(self, spec: BankSpec) -> Iterator[list[str]]:
+        """The bank's hashes as HSCAN reads them, a validated page at a time
+        (BankFormatError on the first page holding something that is not a hash)."""
         digits = HEX_DIGITS[spec.kind]
-        pages: list[np.ndarray] = []
-        digests: list[bytes] = []
         cursor = 0
         while True:
             cursor, page = self.redis.hscan(keys.bank_entries(spec.name), cursor, count=10_000)
             fields = [_text(f) for f in page]
             if fields:
                 _validate_page(spec.kind, fields, digits)
-                if spec.kind == "pdq":
-                    pages.append(hex_to_codes(fields))
-                else:
-                    digests.extend(bytes.fromhex(f) for f in fields)
+                yield fields
             if int(cursor) == 0:
-                break
+                return
+
+    def _read_bank(self, spec: BankSpec, held: Bank | None = None) -> Bank:
+        """The bank as Redis holds it. A PDQ copy already held is brought to it in place
+        (``PdqIndex.reconcile``: only the difference is written, and nothing at all if a page
+        does not validate), so a 10⁷-hash bank loaded again is never held twice."""
         if spec.kind == "pdq":
+            codes = (hex_to_codes(fields) for fields in self._pages(spec))
+            if isinstance(held, PdqBank):
+                held.index.reconcile(codes)
+                held.spec = spec
+                return held
             bank = PdqBank(spec)
+            pages = list(codes)
             if pages:
-                bank.add_codes(np.concatenate(pages))
+                bank.add_codes(np.concatenate(pages))  # one build: cheaper than many merges
             return bank
         exact = ExactBank(spec)
-        exact.add_digests(digests)
+        exact.add_digests(bytes.fromhex(f) for fields in self._pages(spec) for f in fields)
         return exact
 
     def _apply_changes(self, after: str, until: str) -> None:
