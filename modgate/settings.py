@@ -289,6 +289,11 @@ class HashingSettings(BaseModel):
 
     pdq: Literal["full", "frame", "off"] = "full"
 
+    @property
+    def full_frames(self) -> bool:
+        """Whether frames must be decoded at full size for their PDQ (no JPEG draft)."""
+        return self.pdq == "full"
+
 
 class BankSettings(BaseModel):
     """Hash banks in Redis (``modgate banks``), shared by the fleet: each worker keeps a copy

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from modgate.errors import ErrorCode, ModerationError
@@ -230,7 +230,7 @@ class Pipeline:
             sorted(f"{d.id}:{d.model}:{d.revision}" for d in self.detectors.detectors)
         )
         self._draft_side = self.detectors.draft_side(
-            settings.decode.draft_always, full_frames=settings.hashing.pdq == "full"
+            settings.decode.draft_always, full_frames=settings.hashing.full_frames
         )
         tensor = getattr(self.engine, "tensor", False)
         # The cached entry holds the hashes too: entries from before a change of what is
@@ -455,11 +455,8 @@ class Pipeline:
             if not outcome.pdqs:
                 # An engine whose hashing.pdq is off: no verdict without the hash it promises.
                 raise ModerationError(ErrorCode.DETECTOR_FAILED, "the engine sent no PDQ hash of the frame")
-            first, quality = outcome.pdqs[0]
             hashes = job.hashes or ImageHashes(*exact_hashes(data))
-            job.hashes = replace(
-                hashes, pdq=first, pdq_quality=quality, frame_pdqs=outcome.pdqs, pdq_file=outcome.pdq_file
-            )
+            job.hashes = hashes.with_pdqs(outcome.pdqs, outcome.pdq_file)
             self._match_pdq(job)
         job.timings["hash_ms"] = _ms(job.timings.get("hash_ms", 0.0) / 1000.0 + time.perf_counter() - t)
         job.timings["decode_ms"] = _ms(outcome.decode_s)
@@ -505,10 +502,7 @@ class Pipeline:
         pdqs = tuple(item.inputs.pop(PDQ_KEY) for item in out.frames if PDQ_KEY in item.inputs)
         stored = [item.inputs.pop(PDQ_FILE_KEY, None) for item in out.frames]
         if job.hashes is not None and pdqs:
-            first, quality = pdqs[0]
-            job.hashes = replace(
-                job.hashes, pdq=first, pdq_quality=quality, frame_pdqs=pdqs, pdq_file=stored[0]
-            )
+            job.hashes = job.hashes.with_pdqs(pdqs, stored[0])
         for item in out.frames:
             inputs = item.inputs
             if self._parent_keys and item.frame is not None:
@@ -625,10 +619,7 @@ class Pipeline:
             return False
         t = time.perf_counter()
         if hit.frame_pdqs:
-            first, quality = hit.frame_pdqs[0]
-            job.hashes = replace(
-                job.hashes, pdq=first, pdq_quality=quality, frame_pdqs=hit.frame_pdqs, pdq_file=hit.pdq_file
-            )
+            job.hashes = job.hashes.with_pdqs(hit.frame_pdqs, hit.pdq_file)
             self._match_pdq(job)  # banks as they stand now: matches are never cached
         scored = {k: v.scores for k, v in hit.detectors.items()}
         self._judge(job, dict(hit.detectors), scored, hit.image, hit.frames, t, cached_from=hit.verdict_id)
@@ -648,14 +639,13 @@ class Pipeline:
     def _near_cached(self, job: _Job, decoded: DecodedImage) -> bool:
         """With ``cache.near_duplicate_bits``: an image within that many PDQ bits of a
         cached still image reuses its scores (its own hashes and bank matches stay). True if so."""
-        bits = self.settings.cache.near_duplicate_bits
-        near = self._cache.near if self._cache is not None else None
+        bits, cache = self.settings.cache.near_duplicate_bits, self._cache
         single = self._single_pdq(job)
-        if near is None or bits is None or single is None or decoded.frame_count != 1:
+        if cache is None or cache.near is None or bits is None or single is None or decoded.frame_count != 1:
             return False
         t = time.perf_counter()
-        found = near.find(self._near_context(job), single[0], single[1], bits)
-        hit = self._cache.get(found[0]) if found is not None and self._cache is not None else None
+        found = cache.near.find(self._near_context(job), single[0], single[1], bits)
+        hit = cache.get(found[0]) if found is not None else None
         if hit is None or hit.frames != 1:
             metrics.SCORE_CACHE.labels("near_miss").inc()
             return False

@@ -125,6 +125,12 @@ def test_the_redis_cache_round_trips_and_stays_bounded(redis_server):
     assert 0 < r.ttl(keys.score_cache("k4")) <= 60
     r.set(keys.score_cache("k3"), b"{not json")
     assert cache.get("k3") is None  # an entry written by hand is a miss, not a failed image
+    # Hashes from Redis feed the banks: an entry whose PDQ is not one is a miss too.
+    for bad in (["AB" * 32, 90], ["ab" * 31, 90], ["ab" * 32, "90"], ["ab" * 32, 101]):
+        entry = json.loads(_entry(2).to_json())
+        entry["frame_pdqs"] = [bad]
+        r.set(keys.score_cache("k4"), json.dumps(entry))
+        assert cache.get("k4") is None, bad
     broken = RedisScoreCache(redis.Redis(port=1, socket_connect_timeout=0.2), CacheSettings())
     assert broken.get("k4") is None
     broken.put("k4", _entry(4))  # a Redis outage costs the cache, never the verdict

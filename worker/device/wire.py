@@ -21,7 +21,6 @@ import json
 import math
 import mmap
 import os
-import re
 import socket
 import struct
 from collections.abc import Callable
@@ -33,6 +32,7 @@ import numpy as np
 from modgate.errors import ErrorCode, ModerationError
 from worker.detectors.base import DetectorOutput
 from worker.device.engine import FrameResult, InferredImage
+from worker.ingest.hashing import checked_pdq
 
 PROTOCOL = 2
 _HEAD = struct.Struct("!IQ")
@@ -47,7 +47,6 @@ _DTYPES = frozenset(
 )
 INLINE_MAX = 128 * 1024  # larger JPEGs cross as a memfd
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-_PDQ_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class ProtocolError(ValueError):
@@ -368,19 +367,7 @@ def pdqs_value(v: Any) -> tuple[tuple[str, int], ...]:
     the hashing stage writes them) and an integer quality 0–100, at least one frame."""
     if not isinstance(v, list) or not 1 <= len(v) <= MAX_ARRAYS:
         raise ValueError(f"pdqs is not a list of 1..{MAX_ARRAYS} frames")
-    return tuple(pdq_value(item) for item in v)
-
-
-def pdq_value(v: Any) -> tuple[str, int]:
-    """One PDQ, ``[hex, quality]``, as in ``pdqs`` (and ``pdq_file``)."""
-    if not isinstance(v, list) or len(v) != 2:
-        raise ValueError(f"a PDQ is not [hex, quality]: {v!r:.80}")
-    hex_, quality = v
-    if not isinstance(hex_, str) or not _PDQ_HEX.fullmatch(hex_):
-        raise ValueError(f"not a PDQ hash (64 lowercase hex digits): {hex_!r:.80}")
-    if type(quality) is not int or not 0 <= quality <= 100:
-        raise ValueError(f"not a PDQ quality (0-100): {quality!r:.50}")
-    return hex_, quality
+    return tuple(checked_pdq(item) for item in v)
 
 
 def outcome_from_json(v: Any, detector_ids: frozenset[str]) -> Any:
@@ -412,7 +399,7 @@ def outcome_from_json(v: Any, detector_ids: frozenset[str]) -> Any:
         size = int_value(v["width"]), int_value(v["height"])
         try:
             pdqs = pdqs_value(v["pdqs"]) if "pdqs" in v else None
-            pdq_file = pdq_value(v["pdq_file"]) if "pdq_file" in v else None
+            pdq_file = checked_pdq(v["pdq_file"]) if "pdq_file" in v else None
         except ValueError as exc:
             # The hashes feed the banks: a verdict must never go out with a wrong or missing
             # one, so this image fails as a detector error rather than being re-sent.

@@ -82,6 +82,7 @@ import pdqhash
 from PIL import Image
 
 _PDQ_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_PDQ_LOWER = re.compile(r"[0-9a-f]{64}")
 # What the score cache's entries hold of the hashes; part of its key, so a change (2:
 # ``pdq_file`` of EXIF-rotated files) never reuses entries that lack a hash.
 HASHES_REVISION = 2
@@ -91,19 +92,33 @@ HASHES_REVISION = 2
 class ImageHashes:
     md5: str  # hex of the original bytes
     sha256: str
-    pdq: str | None = None  # first frame: 64 lowercase hex digits, ThreatExchange's order
-    pdq_quality: int | None = None  # 0–100; below 50 a PDQ hash is not matched
     # (hex, quality) of every hashed frame, the first included: an animation matches a bank
-    # on any sampled frame.
+    # on any sampled frame. Hex: 64 lowercase digits, ThreatExchange's order; quality 0–100,
+    # below 50 a PDQ hash is not matched.
     frame_pdqs: tuple[tuple[str, int], ...] = ()
     # (hex, quality) of the first frame's pixels as stored in the file, before its EXIF
     # orientation: ThreatExchange's hash of the file. Only when the orientation is not 1.
     pdq_file: tuple[str, int] | None = None
 
     @property
+    def pdq(self) -> str | None:
+        """The first frame's PDQ (the verdict's ``hashes.pdq``)."""
+        return self.frame_pdqs[0][0] if self.frame_pdqs else None
+
+    @property
+    def pdq_quality(self) -> int | None:
+        return self.frame_pdqs[0][1] if self.frame_pdqs else None
+
+    @property
     def match_pdqs(self) -> tuple[tuple[str, int], ...]:
         """Every PDQ the banks are matched against: each frame's, and ``pdq_file``."""
         return self.frame_pdqs if self.pdq_file is None else (*self.frame_pdqs, self.pdq_file)
+
+    def with_pdqs(
+        self, frame_pdqs: Sequence[tuple[str, int]], pdq_file: tuple[str, int] | None = None
+    ) -> ImageHashes:
+        """These exact hashes with the frames' PDQs (and the file's)."""
+        return replace(self, frame_pdqs=tuple(frame_pdqs), pdq_file=pdq_file)
 
 
 def exact_hashes(data: bytes) -> tuple[str, str]:
@@ -268,6 +283,20 @@ def pdq_from_buffer64(buffer: np.ndarray) -> tuple[str, int]:
     return format(value, "064x"), quality
 
 
+def checked_pdq(v: object) -> tuple[str, int]:
+    """``[hex, quality]`` (or a tuple) that crossed a process boundary (the inference
+    socket, a cache entry in Redis), as written by this module: 64 lowercase hex digits and
+    an integer quality 0–100. ValueError otherwise."""
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ValueError(f"a PDQ is not [hex, quality]: {v!r:.80}")
+    hex_, quality = v
+    if not isinstance(hex_, str) or not _PDQ_LOWER.fullmatch(hex_):
+        raise ValueError(f"not a PDQ hash (64 lowercase hex digits): {hex_!r:.80}")
+    if type(quality) is not int or not 0 <= quality <= 100:
+        raise ValueError(f"not a PDQ quality (0-100): {quality!r:.50}")
+    return hex_, quality
+
+
 def pdq_distance(a: str, b: str) -> int:
     """Hamming distance of two PDQ hashes in hex (0–256); ValueError if either is not 64
     hex digits."""
@@ -285,11 +314,9 @@ def with_pdq(hashes: ImageHashes, frames: Sequence[Image.Image], orientation: in
     """``hashes`` with the PDQ of each frame; the first frame's is ``pdq``, and, where its
     EXIF ``orientation`` (as decode applied it) is not 1, ``pdq_file`` (the first frame's
     only: an animation with an EXIF orientation is rare). No frames: no PDQ."""
-    pdqs = tuple(pdq_hash(frame) for frame in frames)
-    if not pdqs:
-        return replace(hashes, pdq=None, pdq_quality=None, frame_pdqs=(), pdq_file=None)
-    stored = pdq_file_hash(frames[0], orientation) if orientation != 1 else None
-    return replace(hashes, pdq=pdqs[0][0], pdq_quality=pdqs[0][1], frame_pdqs=pdqs, pdq_file=stored)
+    pdqs = [pdq_hash(frame) for frame in frames]
+    stored = pdq_file_hash(frames[0], orientation) if pdqs and orientation != 1 else None
+    return hashes.with_pdqs(pdqs, stored)
 
 
 # Keys of a frame's PDQ, and of its file's (``pdq_file``), among the inputs a decode process

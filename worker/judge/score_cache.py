@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from modgate import keys
 from modgate.settings import CacheSettings
 from modgate.verdict import DetectorResult, ImageInfo
+from worker.ingest.hashing import checked_pdq
 from worker.judge.near_duplicates import MemoryNearIndex, NearIndex, RedisNearIndex
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,10 @@ class CachedScores:
             detectors={str(k): DetectorResult.model_validate(v) for k, v in data["detectors"].items()},
             image=ImageInfo.model_validate(data["image"]),
             frames=int(data["frames"]),
-            frame_pdqs=tuple((str(h), int(q)) for h, q in data.get("frame_pdqs", [])),
+            # Hashes feed the banks: one that is not a hash makes the entry unreadable (a miss).
+            frame_pdqs=tuple(checked_pdq(p) for p in data.get("frame_pdqs", [])),
             # Absent from entries written before it existed (and for upright images).
-            pdq_file=(str(stored[0]), int(stored[1])) if (stored := data.get("pdq_file")) else None,
+            pdq_file=checked_pdq(stored) if (stored := data.get("pdq_file")) is not None else None,
         )
 
 

@@ -265,7 +265,7 @@ def decode_and_prepare(paths: Sequence[Path], settings: Settings, loaded: Loaded
     from modgate.errors import ConfigError, ModerationError
     from worker.ingest.decode import decode_image
 
-    draft_side = loaded.draft_side(settings.decode.draft_always, full_frames=settings.hashing.pdq == "full")
+    draft_side = loaded.draft_side(settings.decode.draft_always, full_frames=settings.hashing.full_frames)
     out = Prepared()
     failed: list[str] = []
     for path in paths:
@@ -582,7 +582,7 @@ def run_bench(
         # How onnxruntime spreads a batch over the cores on CPU (worker/detectors/onnx_torch.py).
         "onnx_cpu_parallel": settings.runtime.onnx_cpu_parallel if device == "cpu" else None,
         "draft_side": loaded.draft_side(
-            settings.decode.draft_always, full_frames=settings.hashing.pdq == "full"
+            settings.decode.draft_always, full_frames=settings.hashing.full_frames
         ),
         "images": {
             "source": images_source,
