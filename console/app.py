@@ -20,7 +20,7 @@ from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlencode
 
-from fastapi import FastAPI, Form, Path, Query, Request
+from fastapi import Depends, FastAPI, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -54,6 +54,16 @@ Csrf = Annotated[str, Form(max_length=256)]
 Category = Annotated[str | None, Query(max_length=64)]
 Tenant = Annotated[str | None, Query(max_length=128)]
 Age = Annotated[float | None, Query(ge=0, le=24 * 366)]
+
+
+def _filters(
+    category: Category = None, tenant: Tenant = None, max_age_h: Age = None, min_age_h: Age = None
+) -> Filters:
+    """The queue filters of a page's query (an empty field is no filter)."""
+    return Filters(category or None, tenant or None, max_age_h, min_age_h)
+
+
+QueryFilters = Annotated[Filters, Depends(_filters)]
 
 
 def webhook_sender(redis_url: str) -> Callable[[Any], None]:
@@ -266,22 +276,10 @@ def create_app(
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
 
-    def filters_of(
-        category: str | None, tenant: str | None, max_age_h: float | None, min_age_h: float | None
-    ) -> Filters:
-        return Filters(category or None, tenant or None, max_age_h, min_age_h)
-
     @app.get("/", response_class=HTMLResponse, summary="The review queue")
-    def queue_page(
-        request: Request,
-        category: Category = None,
-        tenant: Tenant = None,
-        max_age_h: Age = None,
-        min_age_h: Age = None,
-    ) -> Response:
+    def queue_page(request: Request, filters: QueryFilters) -> Response:
         identity = identity_of(request)
         queue.pump()  # what arrived since the background round, bounded by console.read_batch
-        filters = filters_of(category, tenant, max_age_h, min_age_h)
         items = queue.page(identity.reviewer, filters)
         query = {k: v for k, v in vars(filters).items() if v not in (None, "")}
         return render(
@@ -295,16 +293,10 @@ def create_app(
         )
 
     @app.get("/next", response_class=HTMLResponse, summary="Open the next item for this reviewer")
-    def next_item(
-        request: Request,
-        category: Category = None,
-        tenant: Tenant = None,
-        max_age_h: Age = None,
-        min_age_h: Age = None,
-    ) -> Response:
+    def next_item(request: Request, filters: QueryFilters) -> Response:
         identity = identity_of(request)
         queue.pump()
-        for item in queue.page(identity.reviewer, filters_of(category, tenant, max_age_h, min_age_h), 20):
+        for item in queue.page(identity.reviewer, filters, 20):
             if queue.lease(item.verdict_id, identity.reviewer) is None:
                 return RedirectResponse(f"/items/{quote(item.verdict_id)}", status_code=303)
         return RedirectResponse("/", status_code=303)
