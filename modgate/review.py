@@ -325,9 +325,12 @@ def resume_incomplete(
             redis.zrem(keys.REVIEW_INCOMPLETE, verdict_id)
             continue
         log.warning("finishing the review decision on %s cut short by its process", verdict_id)
-        finished.append(
-            _carry_out(redis, settings, verdict, record.decision, record.entry_id, s3, send_task, True)
-        )
+        try:
+            finished.append(
+                _carry_out(redis, settings, verdict, record.decision, record.entry_id, s3, send_task, True)
+            )
+        except Exception as exc:  # left in the set for the next round; the others go on
+            log.warning("review decision on %s not finished yet: %s: %s", verdict_id, type(exc).__name__, exc)
     return finished
 
 

@@ -222,6 +222,32 @@ def test_a_decision_whose_process_died_is_finished_by_the_sweeper(r, settings, c
     assert not decide(r, settings, v, "ana", "unsafe", "violence", send_task=sent).accepted
 
 
+def test_one_decision_that_cannot_be_finished_does_not_hold_up_the_others(r, settings):
+    stuck, other = make_verdict(settings, key="stuck.jpg"), make_verdict(settings, key="other.jpg")
+    for v in (stuck, other):
+        put_meta(r, v.id, ["http://a.example/h"])
+
+    def died(delivery):
+        raise SystemExit("killed")
+
+    for v in (stuck, other):
+        with pytest.raises(SystemExit):
+            decide(r, settings, v, "ana", "unsafe", "violence", send_task=died)
+    r.zadd(keys.REVIEW_INCOMPLETE, {stuck.id: 0})  # the oldest: first in every round
+    sent = Sent()
+
+    def refuses_stuck(delivery):
+        if delivery.verdict_id == stuck.id:
+            raise ConnectionError("its webhook queue is down")
+        sent(delivery)
+
+    known = {stuck.id: stuck, other.id: other}
+    later = time.time() + settings.review.resume_after_s + 1
+    (done,) = resume_incomplete(r, settings, known.get, send_task=refuses_stuck, now=later)
+    assert done.decision.verdict_id == other.id and [d.verdict_id for d in sent] == [other.id]
+    assert [m.decode() for m in r.zrange(keys.REVIEW_INCOMPLETE, 0, -1)] == [stuck.id]  # retried later
+
+
 def test_overturn_to_safe_allow_lists_the_sha256_once_a_confirmation_does_not(r, settings):
     overturned = make_verdict(settings, key="o.jpg", decision="unsafe")
     result = decide(r, settings, overturned, "ana", "safe", None, send_task=Sent())
